@@ -1,0 +1,22 @@
+"""The adapter seam: one file per protocol, each only ever produces validated Readings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from app.models import Reading
+
+
+class ReadingSink(Protocol):
+    """Where adapters put readings (the batching publisher). May apply backpressure by awaiting."""
+
+    async def submit(self, readings: Sequence[Reading]) -> None: ...
+
+
+class Adapter(Protocol):
+    """Reads one connection's devices until cancelled, reconnecting by itself."""
+
+    name: str
+
+    async def run(self, sink: ReadingSink) -> None: ...

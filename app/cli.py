@@ -1,0 +1,127 @@
+"""`wellstream` (= `python -m app`): demo, serve, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from app import logs, server
+from app.adapters.simulator import SimulatorAdapter
+from app.auth.tokens import mint_token
+from app.ingest import Publisher
+from app.main import create_app
+from app.models import is_valid_id
+from app.settings import Settings
+from app.streams.broker import Broker
+
+DEMO_TENANTS = ("acme", "globex")
+DEMO_WELLS = tuple(f"well-{n:02d}" for n in range(1, 6))
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(main)
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        sys.exit(f"wellstream: bad configuration:\n{exc}")
+
+
+def _ids(value: str) -> list[str]:
+    ids = [part.strip() for part in value.split(",") if part.strip()]
+    bad = [part for part in ids if not is_valid_id(part)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"not valid ids: {', '.join(bad)}")
+    return ids
+
+
+def _id(value: str) -> str:
+    if not is_valid_id(value):
+        raise argparse.ArgumentTypeError(f"not a valid id: {value!r}")
+    return value
+
+
+def cmd_token(args: argparse.Namespace) -> None:
+    secret = _settings().secret
+    if not secret:
+        sys.exit("wellstream: set WELLSTREAM_JWT_SECRET to mint tokens")
+    print(mint_token(secret, args.tenant, args.subject, args.wells, args.ttl))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    settings = _settings()
+    if not settings.secret:
+        sys.exit("wellstream: WELLSTREAM_JWT_SECRET must be set for serve")
+    logs.configure(args.log_level)
+    _run(server.run(create_app(settings), settings, args.host, args.port))
+
+
+def simulate(wells: list[tuple[str, str]], interval_s: float) -> Callable[[Broker], Coroutine[Any, Any, None]]:
+    async def job(broker: Broker) -> None:
+        async with Publisher(broker) as publisher:
+            await SimulatorAdapter(wells, interval_s).run(publisher)
+
+    return job
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    settings = _settings()
+    secret = settings.secret or secrets.token_urlsafe(32)
+    auth = settings.auth.model_copy(update={"allow_query_token": True})
+    settings = settings.model_copy(update={"jwt_secret": SecretStr(secret), "auth": auth})
+    logs.configure(args.log_level)
+    wells = [(tenant, well) for tenant in DEMO_TENANTS for well in DEMO_WELLS]
+    app = create_app(settings, background=[simulate(wells, args.interval)])
+    base = f"http://{args.host}:{args.port}"
+    acme = mint_token(secret, "acme", "demo", ttl_s=12 * 3600)
+    globex = mint_token(secret, "globex", "demo", ttl_s=12 * 3600)
+    print(
+        f"wellstream demo ({'redis' if settings.redis_url else 'memory'} broker)\n"
+        f"  dashboard: {base}/#token={acme}\n"
+        f"  token (acme):   {acme}\n"
+        f"  token (globex): {globex}\n"
+        f'  try: curl -N -H "Authorization: Bearer {acme}" {base}/tenants/acme/wells/well-01/stream\n',
+        flush=True,
+    )
+    _run(server.run(app, settings, args.host, args.port))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="wellstream", description="Live SCADA telemetry over Server-Sent Events")
+    commands = root.add_subparsers(dest="command", required=True)
+    for name, func, help_text in (
+        ("demo", cmd_demo, "gateway + simulator in one process, dashboard at /"),
+        ("serve", cmd_serve, "gateway only (Hypercorn, HTTP/1.1 and h2c)"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--host", default="127.0.0.1")
+        sub.add_argument("--port", type=int, default=8000)
+        sub.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        sub.set_defaults(func=func)
+        if name == "demo":
+            sub.add_argument("--interval", type=float, default=1.0, help="seconds between samples of each tag")
+    token = commands.add_parser("token", help="mint a development token (HS256, WELLSTREAM_JWT_SECRET)")
+    token.add_argument("--tenant", required=True, type=_id)
+    token.add_argument("--wells", type=_ids, default=None, help="comma-separated allow-list")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds")
+    token.add_argument("--subject", default="dev", help="the token's sub claim")
+    token.set_defaults(func=cmd_token)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.func(args)

@@ -1,0 +1,170 @@
+"""The ASGI response for one SSE connection: catch up (snapshot or replay), then live.
+
+Why not sse-starlette's EventSourceResponse here: it runs a four-task group per connection
+and a timer per ping, which measured 35-50 % more CPU per event and 2.5x the memory per
+stream (docs/performance.md). This writes pre-built frame bytes straight to ASGI `send`,
+with one helper task per connection (the disconnect watcher) and the hub's sweeper for
+heartbeats and send timeouts.
+
+Ordering guarantee (no gap, no duplicate): the hub subscription is confirmed *before*
+history or the snapshot is read, so every event newer than what the catch-up sent is in the
+queue; queued frames with ids at or below the catch-up cursor are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+
+from starlette.types import Message, Receive, Scope, Send
+
+from app.errors import BrokerError
+from app.models import Snapshot, StreamId, Topic
+from app.settings import HistorySettings, StreamSettings
+from app.streams.broker import Broker
+from app.streams.fanout import Hub, Subscriber
+from app.streams.sse import goodbye_frame, heartbeat_frame, reading_frame, reset_frame, retry_frame, snapshot_frame
+
+logger = logging.getLogger(__name__)
+
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+class EventStream:
+    """One stream of one well. Create per request, after auth and validation have passed."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        broker: Broker,
+        topic: Topic,
+        last_id: StreamId | None,
+        tags: frozenset[str] | None,
+        stream: StreamSettings,
+        history: HistorySettings,
+    ) -> None:
+        self.hub = hub
+        self.broker = broker
+        self.topic = topic
+        self.last_id = last_id
+        self.tags = tags
+        self.stream = stream
+        self.history = history
+        self.events_sent = 0
+        self.end_reason = "client-closed"
+        self._disconnected = False
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.create_task(self._watch(receive, task))
+        sub: Subscriber | None = None
+        try:
+            sub = await self.hub.subscribe(self.topic, self.tags)
+            await self._run(sub, send)
+        except BrokerError as exc:
+            logger.warning("stream on %s failed: %s", self.topic, exc)
+            self.end_reason = "broker-error"
+            await self._fail(send)
+        except asyncio.CancelledError:
+            if not (self._disconnected or (sub is not None and sub.end_reason)):
+                raise
+            task.uncancel()  # we cancelled ourselves: a stuck send or a vanished client
+            if sub is not None and sub.end_reason:
+                self.end_reason = sub.end_reason
+        finally:
+            watcher.cancel()
+            if sub is not None:
+                await self.hub.unsubscribe(sub)
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                self._disconnected = True
+                task.cancel()
+                return
+
+    async def _fail(self, send: Send) -> None:
+        if self._started:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        body = b'{"error":"broker unavailable"}'
+        headers = [(b"content-type", b"application/json"), (b"retry-after", b"2"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _run(self, sub: Subscriber, send: Send) -> None:
+        async for chunk in self._catch_up(sub):
+            if not self._started:
+                await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+                self._started = True
+                chunk = retry_frame(self.stream.retry_ms) + chunk
+            await self._send(sub, send, chunk)
+        await self._live(sub, send)
+
+    async def _catch_up(self, sub: Subscriber) -> AsyncIterator[bytes]:
+        if self.last_id is None:
+            yield await self._snapshot(sub)
+            return
+        cursor = self.last_id
+        page = self.history.replay_page
+        first = True
+        while True:
+            found = await self.broker.history(self.topic, cursor, page)
+            if first and found.truncated:
+                yield reset_frame(self.topic, self.last_id) + await self._snapshot(sub)
+                return
+            first = False
+            if found.events:
+                cursor = found.events[-1].id
+            frames = [reading_frame(e) for e in found.events if self.tags is None or e.tag in self.tags]
+            self.events_sent += len(frames)
+            sub.skip_through = cursor
+            yield b"".join(frames)
+            if len(found.events) < page:
+                return
+
+    async def _snapshot(self, sub: Subscriber) -> bytes:
+        snapshot = await self.broker.snapshot(self.topic)
+        if self.tags is not None:
+            kept = {tag: data for tag, data in snapshot.readings.items() if tag in self.tags}
+            snapshot = Snapshot(snapshot.topic, snapshot.last_id, kept)
+        sub.skip_through = snapshot.last_id
+        return snapshot_frame(snapshot)
+
+    async def _live(self, sub: Subscriber, send: Send) -> None:
+        while True:
+            await sub.wait()
+            if sub.end_reason:
+                break
+            chunks = sub.take()
+            self.events_sent += len(chunks)
+            if sub.heartbeat_due:
+                sub.heartbeat_due = False
+                if not chunks:
+                    chunks = [heartbeat_frame()]
+            if chunks:
+                await self._send(sub, send, b"".join(chunks))
+        self.end_reason = sub.end_reason
+        if sub.end_reason == "drain":
+            spread = self.stream.shutdown_retry_spread_ms
+            retry = self.stream.retry_ms + random.randint(0, spread)
+            await self._send(sub, send, goodbye_frame(retry, "server shutting down"))
+        with contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send(self, sub: Subscriber, send: Send, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        sub.sending_since = loop.time()
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+        sub.sending_since = 0.0
+        sub.last_send = loop.time()

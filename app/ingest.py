@@ -1,0 +1,80 @@
+"""The batching publisher between adapters and the broker: one broker round trip per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from app.errors import BrokerError
+from app.models import Reading
+from app.streams.broker import Broker
+
+logger = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Collects readings for up to `max_delay_s` or `max_batch` readings, then publishes them.
+
+    `submit` applies backpressure: when `max_pending` readings wait (the broker is slow or
+    down), adapters await instead of growing memory without bound. While the broker is down,
+    the current batch is retried with capped backoff, so nothing accepted is dropped.
+    """
+
+    def __init__(self, broker: Broker, max_batch: int = 500, max_delay_s: float = 0.005, max_pending: int = 50_000):
+        self._broker = broker
+        self._max_batch = max_batch
+        self._max_delay_s = max_delay_s
+        self._max_pending = max_pending
+        self._pending: list[Reading] = []
+        self._has_pending = asyncio.Event()
+        self._has_room = asyncio.Event()
+        self._has_room.set()
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0
+
+    async def submit(self, readings: Sequence[Reading]) -> None:
+        while len(self._pending) >= self._max_pending:
+            self._has_room.clear()
+            await self._has_room.wait()
+        self._pending.extend(readings)
+        self._has_pending.set()
+
+    async def __aenter__(self) -> Publisher:
+        self._task = asyncio.create_task(self._run(), name="publisher")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.flush()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def flush(self) -> None:
+        """Publish everything pending now."""
+        while self._pending:
+            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+            await self._publish(batch)
+        self._has_room.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._has_pending.wait()
+            self._has_pending.clear()
+            if len(self._pending) < self._max_batch:
+                await asyncio.sleep(self._max_delay_s)
+            await self.flush()
+
+    async def _publish(self, batch: list[Reading]) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self._broker.publish(batch)
+                self.published += len(batch)
+                return
+            except BrokerError as exc:
+                logger.warning("publish of %d readings failed, retrying in %.2f s: %s", len(batch), backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,100 @@
+"""create_app(settings) -> Starlette: routes, static files, and the broker/hub lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, Mount
+from starlette.staticfiles import StaticFiles
+
+from app.auth.guard import Guard
+from app.auth.tokens import TokenVerifier
+from app.routes import EXCEPTION_HANDLERS, ROUTES
+from app.settings import Settings
+from app.streams.broker import Broker
+from app.streams.fanout import Hub
+from app.streams.memory import MemoryBroker
+from app.streams.redis import RedisBroker
+
+logger = logging.getLogger(__name__)
+
+Background = Callable[[Broker], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Gateway:
+    """What every request handler needs, built once per process by the lifespan."""
+
+    settings: Settings
+    broker: Broker
+    hub: Hub
+    guard: Guard
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
+    """The Redis broker when `redis_url` is set, else the embedded memory broker."""
+    history = settings.history
+    if settings.redis_url:
+        async with RedisBroker.connect(settings.redis_url, history.max_len, history.max_age_s) as broker:
+            yield broker
+        return
+    memory = MemoryBroker(history.max_len, history.max_age_s)
+    try:
+        yield memory
+    finally:
+        await memory.aclose()
+
+
+def create_app(
+    settings: Settings, broker: Broker | None = None, background: list[Background] | None = None
+) -> Starlette:
+    """Build the gateway app.
+
+    Args:
+        settings: loaded once by the caller.
+        broker: use this broker instead of opening one from settings (the demo shares one with
+            its simulator; tests share one between app and publisher).
+        background: coroutines started with the broker once the app is up (the demo's simulator).
+    """
+    secret = settings.secret
+    if not secret:
+        raise ValueError("WELLSTREAM_JWT_SECRET must be set")
+    auth = settings.auth
+    guard = Guard(TokenVerifier(secret, auth.issuer, auth.audience, auth.leeway_s), auth.allow_query_token)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            active = broker if broker is not None else await stack.enter_async_context(open_broker(settings))
+            stream = settings.stream
+            hub = Hub(active, stream.queue_size, stream.heartbeat_s, stream.send_timeout_s)
+            await hub.start()
+            stack.push_async_callback(hub.aclose)
+            app.state.gateway = Gateway(settings, active, hub, guard)
+            await _start_background(stack, active, background or [])
+            logger.info("gateway ready on the %s broker", "redis" if settings.redis_url else "memory")
+            yield
+
+    routes: list[BaseRoute] = list(ROUTES)
+    if settings.static_dir.is_dir():
+        routes.append(Mount("/", StaticFiles(directory=settings.static_dir, html=True), name="static"))
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+
+
+async def _start_background(stack: contextlib.AsyncExitStack, broker: Broker, jobs: list[Background]) -> None:
+    tasks = [asyncio.create_task(job(broker), name=f"background-{i}") for i, job in enumerate(jobs)]
+
+    async def stop() -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    stack.push_async_callback(stop)

@@ -1,0 +1,198 @@
+"""The shared vocabulary: identifiers, readings, stream ids and events.
+
+Everything that crosses a process boundary is validated here once, at ingress, and trusted
+inside. Identifiers end up in Redis key and channel names, so the id rule is the security
+boundary between tenants: nothing that could act as a glob (`* ? [ ]`) or a separator (`:`)
+is ever accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_ID_RE = re.compile(ID_PATTERN)
+_STREAM_ID_RE = re.compile(r"^(\d{1,19})-(\d{1,19})$")
+_UNIT_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,32}$")
+
+Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
+Quality = Literal["GOOD", "BAD", "UNCERTAIN"]
+SourceProtocol = Literal["opcua", "modbus", "mqtt", "simulator"]
+
+
+def is_valid_id(value: str) -> bool:
+    """True if `value` may be used as a tenant, well, tag or connection id."""
+    return _ID_RE.fullmatch(value) is not None
+
+
+def _iso_utc(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        raise ValueError("timestamp must carry a timezone")
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond:06d}Z"
+
+
+def utc_now_iso() -> str:
+    """Current time in the wire format (ISO-8601 UTC, microseconds, trailing Z)."""
+    return _iso_utc(datetime.now(UTC))
+
+
+def _normalize_timestamp(value: object) -> str:
+    if isinstance(value, datetime):
+        return _iso_utc(value)
+    if not isinstance(value, str) or len(value) > 40:
+        raise ValueError("timestamp must be an ISO-8601 string or a datetime")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"timestamp is not ISO-8601: {value!r}") from exc
+    if parsed.tzinfo is None:
+        raise ValueError("timestamp must be UTC (end in Z)")
+    if value.endswith("Z") and "." in value:
+        return value  # already canonical: keep the device's own precision
+    return _iso_utc(parsed)
+
+
+class Reading(BaseModel):
+    """One validated measurement of one tag of one well.
+
+    Serialized in camelCase (the wire format dashboards expect). `value` is a finite float, or
+    None with quality BAD: NaN, +inf and -inf from a device become exactly that, never broken JSON.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+    tenant_id: Identifier
+    well_id: Identifier
+    tag_name: Identifier
+    value: float | None
+    quality: Quality
+    timestamp: str
+    source_protocol: SourceProtocol
+    connection_id: Identifier
+    unit: str | None = None
+    ingested_at: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bad_without_a_finite_value(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        value = data.get("value")
+        if isinstance(value, bool):
+            raise ValueError("value must be a number, not a boolean")
+        if value is None or (isinstance(value, float | int) and not math.isfinite(value)):
+            return {**data, "value": None, "quality": "BAD"}
+        return data
+
+    @field_validator("timestamp", "ingested_at", mode="before")
+    @classmethod
+    def _timestamp(cls, value: object) -> str | None:
+        return None if value is None else _normalize_timestamp(value)
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, value: str | None) -> str | None:
+        if value is not None and not _UNIT_RE.fullmatch(value):
+            raise ValueError("unit must be 1-32 printable characters")
+        return value
+
+    def to_json(self) -> bytes:
+        """Compact camelCase JSON; optional fields left out when unset."""
+        return orjson.dumps(self.model_dump(by_alias=True, exclude_none=True, mode="json") | {"value": self.value})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Reading:
+        return cls.model_validate(orjson.loads(raw))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class StreamId:
+    """A stream entry id, `<milliseconds>-<sequence>`, the same shape for every broker."""
+
+    ms: int
+    seq: int
+
+    @classmethod
+    def parse(cls, text: str) -> StreamId:
+        """Parse an id; raises ValueError on anything that is not exactly `<int>-<int>`."""
+        match = _STREAM_ID_RE.fullmatch(text)
+        if match is None:
+            raise ValueError(f"malformed stream id: {text[:40]!r}")
+        ms, seq = int(match.group(1)), int(match.group(2))
+        if ms >= 2**64 or seq >= 2**64:
+            raise ValueError(f"stream id out of range: {text[:40]!r}")
+        return cls(ms, seq)
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+
+ZERO_ID = StreamId(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """One well of one tenant: the unit of history, latest values and live fan-out."""
+
+    tenant: str
+    well: str
+
+    def __post_init__(self) -> None:
+        if not (is_valid_id(self.tenant) and is_valid_id(self.well)):
+            raise ValueError("tenant and well ids must match " + ID_PATTERN)
+
+    def __str__(self) -> str:
+        return f"{self.tenant}/{self.well}"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """A reading as stored: its stream id, its tag, and its JSON exactly as published.
+
+    `data` is kept as bytes so that fan-out never re-encodes it.
+    """
+
+    id: StreamId
+    tag: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The latest reading of every tag of a well and the id of the newest entry in its log."""
+
+    topic: Topic
+    last_id: StreamId
+    readings: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """Entries after a given id. `truncated` means some of the asked-for entries are gone."""
+
+    events: list[StreamEvent]
+    truncated: bool
+
+
+class Principal(BaseModel):
+    """Who is asking, from verified token claims."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    subject: str = Field(min_length=1, max_length=256)
+    tenant: Identifier
+    wells: frozenset[Identifier] | None = None
+    scopes: frozenset[str] = frozenset()
+    expires_at: float
+
+    def may_see(self, well: str) -> bool:
+        return self.wells is None or well in self.wells

@@ -1,0 +1,62 @@
+"""Runs an app under Hypercorn with our own shutdown trigger.
+
+Hypercorn's own SIGTERM handling would leave streams open until graceful_timeout and then cut
+them; sse-starlette's drain hooks only uvicorn. Here SIGTERM first tells every stream to say
+goodbye (a jittered retry hint, then a clean end), waits for them up to the grace period, and
+only then lets Hypercorn stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from starlette.applications import Starlette
+
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+HYPERCORN_CONFIG = Path("config/hypercorn.toml")
+
+
+def hypercorn_config(settings: Settings, host: str, port: int) -> Config:
+    config = Config.from_toml(HYPERCORN_CONFIG) if HYPERCORN_CONFIG.is_file() else Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.graceful_timeout = settings.stream.shutdown_grace_s + 2
+    config.keep_alive_timeout = max(config.keep_alive_timeout, 75)
+    config.read_timeout = None  # any read timeout kills live streams: clients send nothing while reading
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # our JSON handler, not a second plain one
+    return config
+
+
+async def drain(app: Starlette, grace_s: float) -> None:
+    """Ask every open stream to end, and wait for them up to `grace_s`."""
+    gateway = getattr(app.state, "gateway", None)
+    if gateway is None:
+        return
+    gateway.hub.drain()
+    await gateway.hub.wait_idle(grace_s)
+    logger.info("drained; %d streams still open", gateway.hub.open_streams)
+
+
+async def run(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or until `stop` is set)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        logger.info("shutting down: draining streams")
+        await drain(app, settings.stream.shutdown_grace_s)
+
+    config = hypercorn_config(settings, host, port)
+    logger.info("serving on http://%s:%d", host, port)
+    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]

@@ -1,0 +1,79 @@
+"""All configuration, loaded once: environment (`WELLSTREAM_*`) over an optional TOML file.
+
+Nothing else reads os.environ. Nested groups use `__`, e.g. `WELLSTREAM_STREAM__HEARTBEAT_S=5`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+DEFAULT_CONFIG_FILE = Path("config/wellstream.toml")
+
+
+class HistorySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_len: int = Field(10_000, ge=10, description="stream entries kept per well (approximate on Redis)")
+    max_age_s: float = Field(24 * 3600, ge=0, description="entries older than this are trimmed; 0 keeps by length only")
+    replay_page: int = Field(500, ge=1, le=10_000, description="entries read per history round trip on resume")
+
+
+class StreamSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    heartbeat_s: float = Field(15, gt=0, description="comment line after this much silence")
+    retry_ms: int = Field(2000, ge=100, description="EventSource reconnect delay sent in the first frame")
+    shutdown_retry_spread_ms: int = Field(5000, ge=0, description="on shutdown, retry is jittered over this window")
+    queue_size: int = Field(1024, ge=8, description="frames queued per stream before it is ended as slow")
+    send_timeout_s: float = Field(10, gt=0, description="a send stuck this long ends the stream")
+    shutdown_grace_s: float = Field(3, ge=0, description="time streams get to say goodbye on SIGTERM")
+
+
+class AuthSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret (development)")
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_s: int = Field(30, ge=0, le=300)
+    allow_query_token: bool = Field(False, description="accept ?access_token= (puts tokens in URLs and logs)")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WELLSTREAM_", env_nested_delimiter="__", extra="forbid", frozen=True, toml_file=None
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    redis_url: str | None = Field(None, description="redis://…; unset means the embedded memory broker")
+    # The flat variable the README documents; it takes precedence over auth.jwt_secret.
+    jwt_secret: SecretStr | None = None
+    history: HistorySettings = HistorySettings()
+    stream: StreamSettings = StreamSettings()
+    auth: AuthSettings = AuthSettings()
+    static_dir: Path = Path(__file__).resolve().parent.parent / "static"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_file = Path(os.environ.get("WELLSTREAM_CONFIG_FILE", DEFAULT_CONFIG_FILE))
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def secret(self) -> str | None:
+        chosen = self.jwt_secret or self.auth.jwt_secret
+        return chosen.get_secret_value() if chosen else None

@@ -1,0 +1,77 @@
+"""The broker seam: where readings are stored (history, latest) and announced (live).
+
+Two implementations sit side by side and pass one conformance suite
+(tests/streams/test_broker.py): `MemoryBroker` (embedded, one process) and `RedisBroker`
+(many gateways and ingestion workers on one Redis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import orjson
+
+from app.models import History, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.streams.sse import single_line_json
+
+Deliver = Callable[[Topic, StreamEvent], None]
+"""Called for every live event of a subscribed topic, in stream order, on the event loop.
+
+It must not block or raise: the hub's fan-out is the only intended implementation.
+"""
+
+
+def decode_event(raw_id: bytes, data: bytes) -> StreamEvent:
+    """An event from stored bytes; raises ValueError (or KeyError/TypeError) if it is not a reading."""
+    data = single_line_json(data)
+    tag = orjson.loads(data)["tagName"]
+    if not isinstance(tag, str):
+        raise TypeError("tagName must be a string")
+    return StreamEvent(StreamId.parse(raw_id.decode()), tag, data)
+
+
+class LiveFeed(Protocol):
+    """One upstream subscription set shared by a whole process (one Redis Pub/Sub connection)."""
+
+    async def subscribe(self, topic: Topic) -> None:
+        """Subscribe to a topic; returns once live events for it are guaranteed to be delivered."""
+
+    async def unsubscribe(self, topic: Topic) -> None:
+        """Stop delivery for a topic."""
+
+    async def aclose(self) -> None:
+        """Drop every subscription and the connection behind them."""
+
+
+class Broker(Protocol):
+    """Stores readings per well and announces them.
+
+    Contract shared by every implementation:
+    - `publish` gives each reading an id `<ms>-<seq>`, strictly increasing per topic, and makes
+      it visible in history, in latest, and to live feeds atomically per batch: no feed sees an
+      event that `history` cannot return, and none is announced twice.
+    - history is capped by length and by age; `history(after=id)` says `truncated` when an
+      entry newer than `id` was trimmed, or when `id` is newer than anything ever written.
+    """
+
+    async def publish(self, readings: Sequence[Reading]) -> list[StreamId]:
+        """Store and announce a batch; returns the ids in input order."""
+
+    async def snapshot(self, topic: Topic) -> Snapshot:
+        """Latest reading per tag, consistent with the id of the newest entry."""
+
+    async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
+        """Up to `limit` entries with id > `after`, oldest first."""
+
+    async def wells(self, tenant: str) -> list[str]:
+        """Wells that have received readings for this tenant, sorted."""
+
+    async def open_feed(self, deliver: Deliver) -> LiveFeed:
+        """Open the process's live feed; `deliver` gets every event of every subscribed topic."""
+
+    async def ready(self) -> bool:
+        """True when the backing store answers."""
+
+    async def aclose(self) -> None:
+        """Release connections."""

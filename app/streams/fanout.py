@@ -1,0 +1,265 @@
+"""The hub: one live feed per gateway process, fanned out to every open stream.
+
+Per live event the hub does O(1) work plus one deque append per subscriber: the frame bytes
+are built once and the same `Frame` tuple goes to every subscriber of the topic. A subscriber
+never blocks the hub: when its queue is full it is ended (and counted), and its client
+resumes from history by Last-Event-ID.
+
+Timers are not per connection: one sweeper marks heartbeats due and ends streams whose send
+has been stuck longer than the send timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from app.models import StreamEvent, StreamId, Topic
+from app.streams.broker import Broker, LiveFeed
+from app.streams.sse import reading_frame
+
+logger = logging.getLogger(__name__)
+
+Frame = tuple[StreamId, bytes]
+
+
+class Subscriber:
+    """One open stream's queue and signals. Only the hub and the stream's own task touch it."""
+
+    __slots__ = (
+        "_waiter",
+        "end_reason",
+        "frames",
+        "heartbeat_due",
+        "last_send",
+        "max_queued",
+        "sending_since",
+        "skip_through",
+        "tags",
+        "task",
+        "topic",
+    )
+
+    def __init__(self, topic: Topic, tags: frozenset[str] | None, max_queued: int, now: float) -> None:
+        self.topic = topic
+        self.tags = tags
+        self.max_queued = max_queued
+        self.frames: deque[Frame] = deque()
+        self.task: asyncio.Task[object] | None = asyncio.current_task()
+        self.end_reason: str | None = None
+        self.skip_through: StreamId | None = None
+        self.heartbeat_due = False
+        self.last_send = now
+        self.sending_since = 0.0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def offer(self, tag: str, frame: Frame) -> bool:
+        """Queue a frame; False if the queue was full (the subscriber is then ended)."""
+        if self.tags is not None and tag not in self.tags:
+            return True
+        if len(self.frames) >= self.max_queued:
+            self.end("slow")
+            return False
+        self.frames.append(frame)
+        self._wake()
+        return True
+
+    def take(self) -> list[bytes]:
+        """Everything queued, minus frames already sent by a replay."""
+        frames = self.frames
+        self.frames = deque()
+        skip = self.skip_through
+        if skip is None:
+            return [data for _, data in frames]
+        out = [data for stream_id, data in frames if stream_id > skip]
+        if out:
+            self.skip_through = None  # ids only grow: once one passes, all later ones do
+        return out
+
+    async def wait(self) -> None:
+        """Until something is queued, a heartbeat is due, or the stream must end."""
+        if self.frames or self.heartbeat_due or self.end_reason:
+            return
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def end(self, reason: str) -> None:
+        """Ask the stream to end. 'drain' ends it cleanly; anything else interrupts a stuck send."""
+        if self.end_reason is not None:
+            return
+        self.end_reason = reason
+        if reason != "drain" and self.sending_since and self.task is not None:
+            self.task.cancel()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+@dataclass
+class HubStats:
+    slow_disconnects: int = 0
+    send_timeouts: int = 0
+    events_in: int = 0
+
+
+@dataclass
+class _TopicState:
+    subscribers: set[Subscriber] = field(default_factory=set)
+    ready: asyncio.Future[None] | None = None
+
+
+class Hub:
+    """Reference-counted topic subscriptions on one shared live feed.
+
+    Args:
+        broker: where the live feed comes from.
+        queue_size: frames a subscriber may have queued before it is ended as slow.
+        heartbeat_s: a stream that sent nothing for this long gets a heartbeat.
+        send_timeout_s: a send stuck this long ends the stream (a peer that stopped reading).
+    """
+
+    def __init__(self, broker: Broker, queue_size: int = 1024, heartbeat_s: float = 15, send_timeout_s: float = 10):
+        self._broker = broker
+        self.queue_size = queue_size
+        self.heartbeat_s = heartbeat_s
+        self.send_timeout_s = send_timeout_s
+        self._topics: dict[Topic, _TopicState] = {}
+        self._feed: LiveFeed | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.stats = HubStats()
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self) -> None:
+        self._feed = await self._broker.open_feed(self._deliver)
+        if hasattr(self._feed, "on_gap"):
+            self._feed.on_gap = self._on_gap
+        self._sweeper = asyncio.create_task(self._sweep(), name="hub-sweeper")
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._feed is not None:
+            await self._feed.aclose()
+
+    @property
+    def open_streams(self) -> int:
+        return sum(len(state.subscribers) for state in self._topics.values())
+
+    @property
+    def topics(self) -> int:
+        return len(self._topics)
+
+    def streams_by_tenant(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for topic, state in self._topics.items():
+            counts[topic.tenant] = counts.get(topic.tenant, 0) + len(state.subscribers)
+        return counts
+
+    async def subscribe(self, topic: Topic, tags: frozenset[str] | None = None) -> Subscriber:
+        """Register the current task as a subscriber; returns once live delivery is guaranteed."""
+        assert self._feed is not None, "hub not started"
+        loop = asyncio.get_running_loop()
+        sub = Subscriber(topic, tags, self.queue_size, loop.time())
+        self._idle.clear()
+        state = self._topics.get(topic)
+        if state is None:
+            state = self._topics[topic] = _TopicState(ready=loop.create_future())
+            state.subscribers.add(sub)
+            try:
+                await self._feed.subscribe(topic)
+            except BaseException as exc:
+                assert state.ready is not None
+                state.ready.set_exception(exc)
+                state.ready.exception()  # retrieved here so a lone waiter never logs it
+                self._topics.pop(topic, None)
+                if not self._topics:
+                    self._idle.set()
+                raise
+            assert state.ready is not None
+            state.ready.set_result(None)
+            return sub
+        state.subscribers.add(sub)
+        try:
+            assert state.ready is not None
+            await asyncio.shield(state.ready)
+        except BaseException:
+            await self.unsubscribe(sub)
+            raise
+        return sub
+
+    async def unsubscribe(self, sub: Subscriber) -> None:
+        """Remove a subscriber; the topic's last subscriber also drops the upstream subscription."""
+        state = self._topics.get(sub.topic)
+        if state is None or sub not in state.subscribers:
+            return
+        state.subscribers.discard(sub)
+        sub.frames.clear()
+        if not state.subscribers:
+            del self._topics[sub.topic]
+            if not self._topics:
+                self._idle.set()
+            if self._feed is not None:
+                await self._feed.unsubscribe(sub.topic)
+
+    def _deliver(self, topic: Topic, event: StreamEvent) -> None:
+        state = self._topics.get(topic)
+        self.stats.events_in += 1
+        if state is None:
+            return
+        frame: Frame = (event.id, reading_frame(event))
+        slow = [sub for sub in state.subscribers if not sub.offer(event.tag, frame)]
+        if slow:
+            self.stats.slow_disconnects += len(slow)
+            for sub in slow:
+                logger.warning("stream on %s ended: queue of %d frames full", topic, sub.max_queued)
+
+    def _on_gap(self) -> None:
+        # Live events were missed while the feed was down; every stream resumes from history.
+        for state in self._topics.values():
+            for sub in state.subscribers:
+                sub.end("upstream-gap")
+
+    def drain(self) -> None:
+        """Tell every stream to say goodbye (with a retry hint) and end."""
+        self.draining = True
+        for state in self._topics.values():
+            for sub in state.subscribers:
+                sub.end("drain")
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no stream is open; False if some are still open after `timeout_s`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return self._idle.is_set()
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = min(1.0, self.heartbeat_s / 2)
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for state in list(self._topics.values()):
+                for sub in list(state.subscribers):
+                    self._check(sub, now)
+
+    def _check(self, sub: Subscriber, now: float) -> None:
+        if sub.sending_since and now - sub.sending_since > self.send_timeout_s:
+            self.stats.send_timeouts += 1
+            logger.warning("stream on %s ended: send stuck for %.1f s", sub.topic, now - sub.sending_since)
+            sub.end("send-timeout")
+        elif now - sub.last_send >= self.heartbeat_s and not sub.heartbeat_due:
+            sub.heartbeat_due = True
+            sub._wake()

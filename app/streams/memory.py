@@ -1,0 +1,117 @@
+"""The embedded broker: history, latest values and live fan-out inside one process.
+
+It is a real implementation, not a test double: the demo runs on it, and it passes the same
+conformance suite as the Redis broker, ids and trimming semantics included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from app.models import ZERO_ID, History, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.streams.broker import Deliver, LiveFeed
+
+
+@dataclass
+class _Log:
+    entries: deque[StreamEvent] = field(default_factory=deque)
+    latest: dict[str, bytes] = field(default_factory=dict)
+    last_id: StreamId = ZERO_ID
+    max_deleted: StreamId = ZERO_ID
+
+
+class _MemoryFeed:
+    def __init__(self, broker: MemoryBroker, deliver: Deliver) -> None:
+        self._broker = broker
+        self.deliver = deliver
+        self.topics: set[Topic] = set()
+
+    async def subscribe(self, topic: Topic) -> None:
+        self.topics.add(topic)
+
+    async def unsubscribe(self, topic: Topic) -> None:
+        self.topics.discard(topic)
+
+    async def aclose(self) -> None:
+        self.topics.clear()
+        self._broker.feeds.discard(self)
+
+
+class MemoryBroker:
+    """Per-well bounded history (by length and age), latest per tag, live fan-out.
+
+    Args:
+        max_len: entries kept per well.
+        max_age_s: entries older than this are trimmed on the next publish to that well; 0 keeps all.
+        clock: milliseconds since the epoch; injectable so trimming by age can be tested.
+    """
+
+    def __init__(self, max_len: int = 10_000, max_age_s: float = 0, clock: Callable[[], int] | None = None) -> None:
+        self._max_len = max_len
+        self._max_age_ms = int(max_age_s * 1000)
+        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self._logs: dict[Topic, _Log] = defaultdict(_Log)
+        self._wells: dict[str, set[str]] = defaultdict(set)
+        self.feeds: set[_MemoryFeed] = set()
+
+    async def publish(self, readings: Sequence[Reading]) -> list[StreamId]:
+        stored = [self._append(reading) for reading in readings]
+        for topic, event in stored:
+            for feed in self.feeds:
+                if topic in feed.topics:
+                    feed.deliver(topic, event)
+        return [event.id for _, event in stored]
+
+    def _append(self, reading: Reading) -> tuple[Topic, StreamEvent]:
+        topic = Topic(reading.tenant_id, reading.well_id)
+        log = self._logs[topic]
+        now = self._clock()
+        stream_id = StreamId(now, 0) if now > log.last_id.ms else StreamId(log.last_id.ms, log.last_id.seq + 1)
+        event = StreamEvent(stream_id, reading.tag_name, reading.to_json())
+        log.entries.append(event)
+        log.latest[reading.tag_name] = event.data
+        log.last_id = stream_id
+        self._wells[reading.tenant_id].add(reading.well_id)
+        self._trim(log, now)
+        return topic, event
+
+    def _trim(self, log: _Log, now: int) -> None:
+        horizon = now - self._max_age_ms if self._max_age_ms else None
+        entries = log.entries
+        while entries and (len(entries) > self._max_len or (horizon is not None and entries[0].id.ms < horizon)):
+            log.max_deleted = entries.popleft().id
+
+    async def snapshot(self, topic: Topic) -> Snapshot:
+        log = self._logs.get(topic)
+        if log is None:
+            return Snapshot(topic, ZERO_ID, {})
+        return Snapshot(topic, log.last_id, dict(log.latest))
+
+    async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
+        log = self._logs.get(topic) or _Log()
+        truncated = after < log.max_deleted or after > log.last_id
+        events: list[StreamEvent] = []
+        for event in log.entries:
+            if event.id > after:
+                events.append(event)
+                if len(events) >= limit:
+                    break
+        return History(events, truncated)
+
+    async def wells(self, tenant: str) -> list[str]:
+        return sorted(self._wells.get(tenant, ()))
+
+    async def open_feed(self, deliver: Deliver) -> LiveFeed:
+        feed = _MemoryFeed(self, deliver)
+        self.feeds.add(feed)
+        return feed
+
+    async def ready(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        for feed in list(self.feeds):
+            await feed.aclose()

@@ -1,0 +1,329 @@
+"""The Redis broker: the layout of DESIGN.md, written by one server-side script per batch.
+
+Per (tenant, well), keys share the hash tag `{tenant/well}` so they sit on one Cluster slot:
+- `scada:{t/w}:log`    Stream, one entry per reading (field `r` = reading JSON), capped by
+                        MAXLEN ~ and by age (MINID ~);
+- `scada:{t/w}:latest` Hash, tag -> latest reading JSON;
+- `scada:{t}:wells`    Set of wells that have readings (the registry of what ingestion saw);
+- channel `scada:readings:<t>:<w>`, message `<stream id> <reading JSON>`.
+XADD, HSET, SADD and PUBLISH happen in the same script, so history and live never disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+from redis.exceptions import RedisError
+
+from app.errors import BrokerError
+from app.models import History, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.streams.broker import Deliver, LiveFeed, decode_event
+
+logger = logging.getLogger(__name__)
+
+_PUBLISH = """
+local maxlen, age_ms = ARGV[1], tonumber(ARGV[2])
+local minid = nil
+if age_ms > 0 then
+  local t = redis.call('TIME')
+  minid = (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age_ms) .. '-0'
+end
+local ids = {}
+for i = 0, (#KEYS / 3) - 1 do
+  local log, latest, wells = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local well, tag, channel, json = ARGV[4 * i + 3], ARGV[4 * i + 4], ARGV[4 * i + 5], ARGV[4 * i + 6]
+  local id = redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'r', json)
+  if minid then redis.call('XTRIM', log, 'MINID', '~', minid) end
+  redis.call('HSET', latest, tag, json)
+  redis.call('SADD', wells, well)
+  redis.call('PUBLISH', channel, id .. ' ' .. json)
+  ids[#ids + 1] = id
+end
+return ids
+"""
+
+# Reads the stream's bookkeeping and a page of entries in one atomic step. Trimming does not
+# update max-deleted-entry-id, so truncation is inferred from entries-added vs length.
+_STREAM_STATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'0-0', '0-0', 0, 0, {}, {}} end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local state = {}
+for i = 1, #info, 2 do state[info[i]] = info[i + 1] end
+local first = '0-0'
+if state['first-entry'] then first = state['first-entry'][1] end
+local entries = {}
+if ARGV[1] ~= '' then entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2]) end
+local latest = {}
+if KEYS[2] then latest = redis.call('HGETALL', KEYS[2]) end
+return {state['last-generated-id'], first, state['length'], state['entries-added'], entries, latest}
+"""
+
+
+def log_key(topic: Topic) -> str:
+    return f"scada:{{{topic.tenant}/{topic.well}}}:log"
+
+
+def latest_key(topic: Topic) -> str:
+    return f"scada:{{{topic.tenant}/{topic.well}}}:latest"
+
+
+def wells_key(tenant: str) -> str:
+    return f"scada:{{{tenant}}}:wells"
+
+
+def channel_name(topic: Topic) -> str:
+    return f"scada:readings:{topic.tenant}:{topic.well}"
+
+
+@contextlib.contextmanager
+def _redis_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise BrokerError(action, str(exc)) from exc
+
+
+def _next_id(after: StreamId) -> StreamId | None:
+    if after.seq < 2**64 - 1:
+        return StreamId(after.ms, after.seq + 1)
+    if after.ms < 2**64 - 1:
+        return StreamId(after.ms + 1, 0)
+    return None
+
+
+class RedisBroker:
+    """Broker on one Redis (standalone; one slot per well, so Cluster-ready by key layout)."""
+
+    def __init__(self, client: aioredis.Redis, max_len: int = 10_000, max_age_s: float = 0) -> None:
+        self._client = client
+        self._max_len = max_len
+        self._max_age_ms = int(max_age_s * 1000)
+        self._publish_script = client.register_script(_PUBLISH)
+        self._state_script = client.register_script(_STREAM_STATE)
+        self._feeds: set[RedisFeed] = set()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, url: str, max_len: int = 10_000, max_age_s: float = 0) -> AsyncIterator[RedisBroker]:
+        """`async with RedisBroker.connect(url) as broker:` the usual way to get one."""
+        client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=10)
+        broker = cls(client, max_len, max_age_s)
+        try:
+            yield broker
+        finally:
+            await broker.aclose()
+
+    async def publish(self, readings: Sequence[Reading]) -> list[StreamId]:
+        if not readings:
+            return []
+        keys: list[str] = []
+        args: list[str | bytes | int] = [self._max_len, self._max_age_ms]
+        for reading in readings:
+            topic = Topic(reading.tenant_id, reading.well_id)
+            keys += [log_key(topic), latest_key(topic), wells_key(topic.tenant)]
+            args += [reading.well_id, reading.tag_name, channel_name(topic), reading.to_json()]
+        with _redis_errors("publish"):
+            ids = await self._publish_script(keys=keys, args=args)
+        return [StreamId.parse(raw.decode()) for raw in ids]
+
+    async def _state(self, topic: Topic, start: StreamId | None, limit: int, latest: bool) -> list[Any]:
+        keys = [log_key(topic)] + ([latest_key(topic)] if latest else [])
+        with _redis_errors("read stream"):
+            result: list[Any] = await self._state_script(keys=keys, args=[str(start) if start else "", limit])
+        return result
+
+    async def snapshot(self, topic: Topic) -> Snapshot:
+        last, _first, _length, _added, _entries, flat = await self._state(topic, None, 0, latest=True)
+        readings = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+        return Snapshot(topic, StreamId.parse(last.decode()), readings)
+
+    async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
+        start = _next_id(after)
+        last_raw, first_raw, length, added, entries, _ = await self._state(topic, start, limit, latest=False)
+        last, first = StreamId.parse(last_raw.decode()), StreamId.parse(first_raw.decode())
+        trimmed = int(added) > int(length)
+        truncated = after > last or (trimmed and (after < first or int(length) == 0) and after < last)
+        return History([self._event(raw_id, fields) for raw_id, fields in entries], truncated)
+
+    @staticmethod
+    def _event(raw_id: bytes, fields: list[bytes] | dict[bytes, bytes]) -> StreamEvent:
+        data = fields[b"r"] if isinstance(fields, dict) else fields[1]
+        return decode_event(raw_id, data)
+
+    async def wells(self, tenant: str) -> list[str]:
+        with _redis_errors("list wells"):
+            members = await self._client.smembers(wells_key(tenant))
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    async def open_feed(self, deliver: Deliver) -> LiveFeed:
+        feed = RedisFeed(self._client, deliver, on_close=self._feeds.discard)
+        self._feeds.add(feed)
+        await feed.start()
+        return feed
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._client.ping(), timeout=2))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def aclose(self) -> None:
+        for feed in list(self._feeds):
+            await feed.aclose()
+        await self._client.aclose()
+
+
+class RedisFeed:
+    """The process's one Pub/Sub connection, read by one task.
+
+    A subscribe returns only after Redis confirmed it, which is what lets a stream read history
+    after subscribing and know that no live event fell in between. When the connection drops,
+    the feed reconnects with backoff and resubscribes; events published meanwhile are not on
+    the wire, so `on_gap` tells the hub to resume its streams from history.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        deliver: Deliver,
+        on_close: Callable[[RedisFeed], None],
+        on_gap: Callable[[], None] | None = None,
+        ping_interval_s: float = 5.0,
+    ) -> None:
+        self._client = client
+        self._deliver = deliver
+        self._on_close = on_close
+        self.on_gap = on_gap
+        self._ping_interval_s = ping_interval_s
+        self._topics: dict[bytes, Topic] = {}
+        self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._conn: Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self.reconnects = 0
+
+    async def start(self) -> None:
+        await self._connect()
+        self._task = asyncio.create_task(self._run(), name="redis-feed")
+
+    async def _connect(self) -> None:
+        conn: Connection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        with _redis_errors("connect pubsub"):
+            await conn.connect()  # type: ignore[no-untyped-call]
+            if self._topics:
+                await conn.send_command("SUBSCRIBE", *self._topics)
+        self._conn = conn
+        self._connected.set()
+
+    async def subscribe(self, topic: Topic) -> None:
+        channel = channel_name(topic).encode()
+        self._topics[channel] = topic
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(channel, deque()).append(waiter)
+        try:
+            await self._connected.wait()
+            assert self._conn is not None
+            with _redis_errors("subscribe"):
+                await self._conn.send_command("SUBSCRIBE", channel)
+            await waiter
+        except BaseException:
+            self._topics.pop(channel, None)
+            with contextlib.suppress(ValueError, KeyError):
+                self._pending[channel].remove(waiter)
+            raise
+
+    async def unsubscribe(self, topic: Topic) -> None:
+        channel = channel_name(topic).encode()
+        self._topics.pop(channel, None)
+        if self._conn is not None and self._connected.is_set():
+            with contextlib.suppress(RedisError, OSError):
+                await self._conn.send_command("UNSUBSCRIBE", channel)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._read_until_broken()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("redis pubsub connection lost: %s", exc)
+            self._connected.clear()
+            if self._conn is not None:
+                await self._conn.disconnect()
+            while True:
+                await asyncio.sleep(backoff)
+                try:
+                    await self._connect()
+                    break
+                except BrokerError as exc:
+                    backoff = min(backoff * 2, 5.0)
+                    logger.warning("redis pubsub reconnect failed: %s", exc)
+            backoff = 0.1
+            self.reconnects += 1
+            logger.info("redis pubsub reconnected, %d channels resubscribed", len(self._topics))
+            if self.on_gap is not None:
+                self.on_gap()
+
+    async def _read_until_broken(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        pinger = asyncio.create_task(self._ping(conn))
+        try:
+            while True:
+                response = await conn.read_response(timeout=self._ping_interval_s * 3)
+                if pinger.done():
+                    pinger.result()
+                self._handle(response)
+        finally:
+            pinger.cancel()
+
+    async def _ping(self, conn: Connection) -> None:
+        while True:
+            await asyncio.sleep(self._ping_interval_s)
+            await conn.send_command("PING")
+
+    def _handle(self, response: Any) -> None:
+        kind = response[0]
+        if kind == b"message":
+            topic = self._topics.get(response[1])
+            if topic is None:
+                return
+            raw_id, _, data = response[2].partition(b" ")
+            try:
+                event = decode_event(raw_id, data)
+            except (ValueError, KeyError, TypeError):
+                logger.warning("malformed message on %s dropped", response[1])
+                return
+            self._deliver(topic, event)
+        elif kind == b"subscribe":
+            waiters = self._pending.get(response[1])
+            if waiters:
+                waiters.popleft().set_result(None)
+                if not waiters:
+                    del self._pending[response[1]]
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._conn is not None:
+            await self._conn.disconnect()
+        for waiters in self._pending.values():
+            for waiter in waiters:
+                waiter.cancel()
+        self._pending.clear()
+        self._topics.clear()
+        self._on_close(self)
+
+    @property
+    def subscriptions(self) -> int:
+        return len(self._topics)
