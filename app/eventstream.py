@@ -14,7 +14,6 @@ queue; queued frames with ids at or below the catch-up cursor are skipped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -159,12 +158,12 @@ class EventStream:
             spread = self.stream.shutdown_retry_spread_ms
             retry = self.stream.retry_ms + random.randint(0, spread)
             await self._send(sub, send, goodbye_frame(retry, "server shutting down"))
-        with contextlib.suppress(OSError):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send(sub, send, b"", more_body=False)
 
-    async def _send(self, sub: Subscriber, send: Send, data: bytes) -> None:
+    async def _send(self, sub: Subscriber, send: Send, data: bytes, more_body: bool = True) -> None:
+        # sending_since lets the hub's sweeper interrupt a send to a peer that stopped reading.
         loop = asyncio.get_running_loop()
         sub.sending_since = loop.time()
-        await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": data, "more_body": more_body})
         sub.sending_since = 0.0
         sub.last_send = loop.time()

@@ -45,12 +45,17 @@ async def drain(app: Starlette, grace_s: float) -> None:
     logger.info("drained; %d streams still open", gateway.hub.open_streams)
 
 
-async def run(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or until `stop` is set)."""
-    stop = stop or asyncio.Event()
+async def run(app: Starlette, settings: Settings, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await serve_until(app, settings, host, port, stop)
+
+
+async def serve_until(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set, then drain streams and stop."""
 
     async def shutdown_trigger() -> None:
         await stop.wait()

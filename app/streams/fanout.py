@@ -31,6 +31,7 @@ class Subscriber:
 
     __slots__ = (
         "_waiter",
+        "cancelled",
         "end_reason",
         "frames",
         "heartbeat_due",
@@ -54,6 +55,7 @@ class Subscriber:
         self.heartbeat_due = False
         self.last_send = now
         self.sending_since = 0.0
+        self.cancelled = False
         self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, tag: str, frame: Frame) -> bool:
@@ -90,11 +92,11 @@ class Subscriber:
             self._waiter = None
 
     def end(self, reason: str) -> None:
-        """Ask the stream to end. 'drain' ends it cleanly; anything else interrupts a stuck send."""
-        if self.end_reason is not None:
-            return
-        self.end_reason = reason
-        if reason != "drain" and self.sending_since and self.task is not None:
+        """Ask the stream to end. 'drain' ends it cleanly; anything else also interrupts a stuck send."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        if reason != "drain" and self.sending_since and self.task is not None and not self.cancelled:
+            self.cancelled = True
             self.task.cancel()
         self._wake()
 

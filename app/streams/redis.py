@@ -278,7 +278,7 @@ class RedisFeed:
         pinger = asyncio.create_task(self._ping(conn))
         try:
             while True:
-                response = await conn.read_response(timeout=self._ping_interval_s * 3)
+                response = await conn.read_response(timeout=self._ping_interval_s * 3, push_request=True)
                 if pinger.done():
                     pinger.result()
                 self._handle(response)

@@ -1,0 +1,149 @@
+"""Real servers on loopback: redis-server as a subprocess, the gateway under Hypercorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from starlette.applications import Starlette
+
+from app.auth.tokens import mint_token
+from app.main import create_app
+from app.server import serve_until
+from app.settings import Settings
+from app.streams.broker import Broker
+from app.streams.fanout import Hub
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A redis-server subprocess on a free loopback port, data in a temp dir."""
+
+    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `make test`, which installs it")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.workdir = workdir
+        self._cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        self._cmd += ["--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A clean database for each test."""
+    with redis_server.client() as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def secret() -> str:
+    """Made at test time; never stored anywhere."""
+    return secrets.token_urlsafe(32)
+
+
+@pytest.fixture
+def token(secret: str):
+    def make(tenant: str, wells: list[str] | None = None, ttl_s: int = 600) -> str:
+        return mint_token(secret, tenant, "tester", wells, ttl_s)
+
+    return make
+
+
+def make_settings(secret: str, **overrides: object) -> Settings:
+    return Settings(jwt_secret=secret, **overrides)  # type: ignore[arg-type]
+
+
+@dataclass
+class RunningGateway:
+    url: str
+    app: Starlette
+
+    @property
+    def hub(self) -> Hub:
+        hub: Hub = self.app.state.gateway.hub
+        return hub
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings, broker: Broker | None = None) -> AsyncIterator[RunningGateway]:
+    """The real app under a real Hypercorn on 127.0.0.1."""
+    app = create_app(settings, broker=broker)
+    port = free_port()
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_until(app, settings, "127.0.0.1", port, stop))
+    base = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient() as client:
+        for _ in range(500):
+            if task.done():
+                task.result()
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(f"{base}/healthz")).status_code == 200:
+                    break
+            await asyncio.sleep(0.01)
+        else:
+            raise RuntimeError("gateway did not start")
+    try:
+        yield RunningGateway(base, app)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)

@@ -1,0 +1,159 @@
+"""One conformance suite, run against the memory broker and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import redis
+
+from app.models import ZERO_ID, Reading, StreamEvent, StreamId, Topic
+from app.streams.broker import Broker
+from app.streams.memory import MemoryBroker
+from app.streams.redis import RedisBroker, channel_name, latest_key, log_key
+
+pytestmark = pytest.mark.anyio
+
+
+def reading(tenant: str = "acme", well: str = "w1", tag: str = "p", value: float | None = 1.0) -> Reading:
+    return Reading(
+        tenant_id=tenant,
+        well_id=well,
+        tag_name=tag,
+        value=value,
+        quality="GOOD",
+        timestamp="2026-11-27T10:00:00.123Z",
+        source_protocol="simulator",
+        connection_id="c1",
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_broker(kind: str, redis_url: str, max_len: int = 10_000) -> AsyncIterator[Broker]:
+    if kind == "memory":
+        broker = MemoryBroker(max_len=max_len)
+        yield broker
+        await broker.aclose()
+    else:
+        async with RedisBroker.connect(redis_url, max_len=max_len) as redis_broker:
+            yield redis_broker
+
+
+@pytest.fixture(params=["memory", "redis"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def url(kind: str, request: pytest.FixtureRequest) -> str:
+    # Only the Redis variant starts (and flushes) a redis-server.
+    return str(request.getfixturevalue("redis_url")) if kind == "redis" else ""
+
+
+async def test_ids_increase_per_topic_and_history_returns_them_in_order(kind: str, url: str) -> None:
+    with anyio.fail_after(5):
+        async with open_broker(kind, url) as broker:
+            ids = await broker.publish([reading(value=float(i)) for i in range(50)])
+            ids += await broker.publish([reading(value=float(i)) for i in range(50, 100)])
+            assert ids == sorted(ids) and len(set(ids)) == 100
+            found = await broker.history(Topic("acme", "w1"), ZERO_ID, 1000)
+            assert [e.id for e in found.events] == ids
+            assert [Reading.from_json(e.data).value for e in found.events] == [float(i) for i in range(100)]
+            assert not found.truncated
+
+
+async def test_history_after_an_id_is_exclusive_and_paged(kind: str, url: str) -> None:
+    with anyio.fail_after(5):
+        async with open_broker(kind, url) as broker:
+            ids = await broker.publish([reading(value=float(i)) for i in range(30)])
+            page = await broker.history(Topic("acme", "w1"), ids[9], 10)
+            assert [e.id for e in page.events] == ids[10:20]
+            rest = await broker.history(Topic("acme", "w1"), ids[-1], 10)
+            assert rest.events == [] and not rest.truncated
+
+
+async def test_snapshot_holds_latest_per_tag_and_newest_id(kind: str, url: str) -> None:
+    with anyio.fail_after(5):
+        async with open_broker(kind, url) as broker:
+            empty = await broker.snapshot(Topic("acme", "w1"))
+            assert empty.readings == {} and empty.last_id == ZERO_ID
+            await broker.publish(
+                [reading(tag="p", value=1.0), reading(tag="t", value=2.0), reading(tag="p", value=3.0)]
+            )
+            ids = await broker.publish([reading(tag="t", value=None)])
+            snap = await broker.snapshot(Topic("acme", "w1"))
+            assert snap.last_id == ids[-1]
+            assert {tag: Reading.from_json(data).value for tag, data in snap.readings.items()} == {"p": 3.0, "t": None}
+            assert Reading.from_json(snap.readings["t"]).quality == "BAD"
+
+
+async def test_tenants_with_the_same_well_id_are_kept_apart(kind: str, url: str) -> None:
+    with anyio.fail_after(5):
+        async with open_broker(kind, url) as broker:
+            await broker.publish([reading("acme", "w1", value=1.0), reading("globex", "w1", value=2.0)])
+            acme = await broker.history(Topic("acme", "w1"), ZERO_ID, 10)
+            globex = await broker.history(Topic("globex", "w1"), ZERO_ID, 10)
+            assert [Reading.from_json(e.data).tenant_id for e in acme.events] == ["acme"]
+            assert [Reading.from_json(e.data).tenant_id for e in globex.events] == ["globex"]
+            assert await broker.wells("acme") == ["w1"]
+            assert await broker.wells("nobody") == []
+
+
+async def test_trimmed_history_is_reported_as_truncated(kind: str, url: str) -> None:
+    with anyio.fail_after(5):
+        async with open_broker(kind, url, max_len=10) as broker:
+            ids: list[StreamId] = []
+            for i in range(300):  # one by one, so Redis's approximate MAXLEN ~ gets to trim whole nodes
+                ids += await broker.publish([reading(value=float(i))])
+            topic = Topic("acme", "w1")
+            assert (await broker.history(topic, ids[0], 1000)).truncated
+            kept = await broker.history(topic, ids[-5], 1000)
+            assert not kept.truncated and [e.id for e in kept.events] == ids[-4:]
+            future = StreamId(ids[-1].ms + 10_000, 0)
+            assert (await broker.history(topic, future, 10)).truncated, "an id never issued is unknown, not current"
+
+
+async def test_live_feed_delivers_subscribed_topics_only_in_order(kind: str, url: str) -> None:
+    with anyio.fail_after(5):
+        async with open_broker(kind, url) as broker:
+            got: list[tuple[Topic, StreamEvent]] = []
+            feed = await broker.open_feed(lambda topic, event: got.append((topic, event)))
+            await feed.subscribe(Topic("acme", "w1"))
+            ids = await broker.publish([reading(value=float(i)) for i in range(20)] + [reading(well="w2")])
+            while len(got) < 20:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert [event.id for _, event in got] == ids[:20]
+            assert {topic for topic, _ in got} == {Topic("acme", "w1")}
+            assert got[0][1].tag == "p" and Reading.from_json(got[0][1].data).value == 0.0
+            await feed.unsubscribe(Topic("acme", "w1"))
+            await asyncio.sleep(0.05)
+            await broker.publish([reading()])
+            await asyncio.sleep(0.05)
+            assert len(got) == 20
+            await feed.aclose()
+
+
+async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
+    with anyio.fail_after(5):
+        async with RedisBroker.connect(redis_url) as broker:
+            client = redis.asyncio.Redis.from_url(redis_url)
+            pubsub = client.pubsub()
+            await pubsub.subscribe(channel_name(Topic("acme", "w1")))
+            await pubsub.get_message(timeout=1)  # the subscribe confirmation
+            [stream_id] = await broker.publish([reading(tag="p", value=4.5)])
+            message = await pubsub.get_message(timeout=2)
+            assert message is not None
+            raw_id, _, data = message["data"].partition(b" ")
+            assert raw_id.decode() == str(stream_id)
+            assert Reading.from_json(data).value == 4.5
+            assert log_key(Topic("acme", "w1")) == "scada:{acme/w1}:log"
+            [(entry_id, fields)] = await client.xrange("scada:{acme/w1}:log")
+            assert entry_id.decode() == str(stream_id) and fields[b"r"] == data
+            assert await client.hget(latest_key(Topic("acme", "w1")), "p") == data
+            assert await client.smembers("scada:{acme}:wells") == {b"w1"}
+            await pubsub.aclose()
+            await client.aclose()
