@@ -54,9 +54,9 @@ async def site(kind: str, redis_url: str, secret: str, token: str, **overrides: 
     headers = {"Authorization": f"Bearer {token}"}
     if kind == "memory":
         settings = make_settings(secret, **overrides)
-        broker = MemoryBroker(settings.history.max_len)
-        async with running_gateway(settings, broker) as gateway:
-            yield Site(gateway, broker, headers)
+        memory = MemoryBroker(settings.history.max_len)
+        async with running_gateway(settings, memory) as gateway:
+            yield Site(gateway, memory, headers)
     else:
         settings = make_settings(secret, redis_url=redis_url, **overrides)
         async with RedisBroker.connect(redis_url, settings.history.max_len) as broker:
@@ -95,7 +95,8 @@ async def test_snapshot_first_then_live_readings_in_order(kind: str, url: str, s
                 got = [await events.next_event("reading") for _ in range(20)]
                 assert [e.id for e in got] == [str(i) for i in ids]
                 assert [e.json()["value"] for e in got] == [float(i) for i in range(20)]
-                assert got[0].json()["tenantId"] == "acme" and got[0].json()["unit"] == "psi"
+                assert got[0].json()["tenantId"] == "acme"
+                assert got[0].json()["unit"] == "psi"
 
 
 async def _publish_slowly(broker: Broker, values: range, every: int = 25) -> list[StreamId]:
@@ -151,9 +152,11 @@ async def test_resume_from_a_trimmed_id_gets_reset_and_snapshot(kind: str, url: 
             async with c.stream("GET", s.url + STREAM, headers=headers) as response:
                 events = SSEReader(response)
                 reset = await events.next_event()
-                assert reset.event == "reset" and reset.json()["reason"] == "history-truncated"
+                assert reset.event == "reset"
+                assert reset.json()["reason"] == "history-truncated"
                 snapshot = await events.next_event()
-                assert snapshot.event == "snapshot" and snapshot.id == str(ids[-1])
+                assert snapshot.event == "snapshot"
+                assert snapshot.id == str(ids[-1])
                 assert snapshot.json()["readings"][0]["value"] == 299.0
 
 
@@ -179,7 +182,8 @@ async def test_heartbeat_comments_keep_an_idle_stream_alive(kind: str, url: str,
                 events = SSEReader(response)
                 await events.next_event("snapshot")
                 block = await anext(aiter(events))
-                assert block.comments and not block.data
+                assert block.comments
+                assert not block.data
 
 
 async def test_latest_endpoint_answers_json(kind: str, url: str, secret: str, token) -> None:
@@ -227,7 +231,8 @@ async def test_a_token_of_another_tenant_is_refused(redis_url: str, secret: str,
                 assert response.status_code == 403, path
                 assert "1.0" not in response.text
             own = await client.get(s.url + "/tenants/globex/wells/w1/latest", headers=s.headers)
-            assert own.status_code == 200 and own.json()["readings"] == [], "same well id, other tenant: no data"
+            assert own.status_code == 200
+            assert own.json()["readings"] == [], "same well id, other tenant: no data"
 
 
 async def test_missing_expired_or_forged_tokens_get_401(redis_url: str, secret: str, token) -> None:
@@ -236,7 +241,8 @@ async def test_missing_expired_or_forged_tokens_get_401(redis_url: str, secret: 
     with anyio.fail_after(10):
         async with site("redis", redis_url, secret, token("acme")) as s, httpx.AsyncClient(timeout=5) as client:
             response = await client.get(s.url + STREAM)
-            assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"].startswith("Bearer")
             for bad in (token("acme", ttl_s=-120), mint_token("another-secret-of-enough-length!", "acme"), "x.y.z"):
                 response = await client.get(s.url + STREAM, headers={"Authorization": f"Bearer {bad}"})
                 assert response.status_code == 401

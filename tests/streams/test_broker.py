@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -58,7 +59,8 @@ async def test_ids_increase_per_topic_and_history_returns_them_in_order(kind: st
         async with open_broker(kind, url) as broker:
             ids = await broker.publish([reading(value=float(i)) for i in range(50)])
             ids += await broker.publish([reading(value=float(i)) for i in range(50, 100)])
-            assert ids == sorted(ids) and len(set(ids)) == 100
+            assert ids == sorted(ids)
+            assert len(set(ids)) == 100
             found = await broker.history(Topic("acme", "w1"), ZERO_ID, 1000)
             assert [e.id for e in found.events] == ids
             assert [Reading.from_json(e.data).value for e in found.events] == [float(i) for i in range(100)]
@@ -72,14 +74,16 @@ async def test_history_after_an_id_is_exclusive_and_paged(kind: str, url: str) -
             page = await broker.history(Topic("acme", "w1"), ids[9], 10)
             assert [e.id for e in page.events] == ids[10:20]
             rest = await broker.history(Topic("acme", "w1"), ids[-1], 10)
-            assert rest.events == [] and not rest.truncated
+            assert rest.events == []
+            assert not rest.truncated
 
 
 async def test_snapshot_holds_latest_per_tag_and_newest_id(kind: str, url: str) -> None:
     with anyio.fail_after(5):
         async with open_broker(kind, url) as broker:
             empty = await broker.snapshot(Topic("acme", "w1"))
-            assert empty.readings == {} and empty.last_id == ZERO_ID
+            assert empty.readings == {}
+            assert empty.last_id == ZERO_ID
             await broker.publish(
                 [reading(tag="p", value=1.0), reading(tag="t", value=2.0), reading(tag="p", value=3.0)]
             )
@@ -111,7 +115,8 @@ async def test_trimmed_history_is_reported_as_truncated(kind: str, url: str) -> 
             topic = Topic("acme", "w1")
             assert (await broker.history(topic, ids[0], 1000)).truncated
             kept = await broker.history(topic, ids[-5], 1000)
-            assert not kept.truncated and [e.id for e in kept.events] == ids[-4:]
+            assert not kept.truncated
+            assert [e.id for e in kept.events] == ids[-4:]
             future = StreamId(ids[-1].ms + 10_000, 0)
             assert (await broker.history(topic, future, 10)).truncated, "an id never issued is unknown, not current"
 
@@ -120,15 +125,22 @@ async def test_live_feed_delivers_subscribed_topics_only_in_order(kind: str, url
     with anyio.fail_after(5):
         async with open_broker(kind, url) as broker:
             got: list[tuple[Topic, StreamEvent]] = []
-            feed = await broker.open_feed(lambda topic, event: got.append((topic, event)))
+            twenty = asyncio.Event()
+
+            def deliver(topic: Topic, event: StreamEvent) -> None:
+                got.append((topic, event))
+                if len(got) >= 20:
+                    twenty.set()
+
+            feed = await broker.open_feed(deliver)
             await feed.subscribe(Topic("acme", "w1"))
             ids = await broker.publish([reading(value=float(i)) for i in range(20)] + [reading(well="w2")])
-            while len(got) < 20:
-                await asyncio.sleep(0.01)
+            await twenty.wait()
             await asyncio.sleep(0.05)
             assert [event.id for _, event in got] == ids[:20]
             assert {topic for topic, _ in got} == {Topic("acme", "w1")}
-            assert got[0][1].tag == "p" and Reading.from_json(got[0][1].data).value == 0.0
+            assert got[0][1].tag == "p"
+            assert Reading.from_json(got[0][1].data).value == 0.0
             await feed.unsubscribe(Topic("acme", "w1"))
             await asyncio.sleep(0.05)
             await broker.publish([reading()])
@@ -151,9 +163,11 @@ async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
             assert raw_id.decode() == str(stream_id)
             assert Reading.from_json(data).value == 4.5
             assert log_key(Topic("acme", "w1")) == "scada:{acme/w1}:log"
-            [(entry_id, fields)] = await client.xrange("scada:{acme/w1}:log")
-            assert entry_id.decode() == str(stream_id) and fields[b"r"] == data
+            entries: Any = await client.xrange("scada:{acme/w1}:log")
+            [(entry_id, fields)] = entries
+            assert entry_id.decode() == str(stream_id)
+            assert fields[b"r"] == data
             assert await client.hget(latest_key(Topic("acme", "w1")), "p") == data
             assert await client.smembers("scada:{acme}:wells") == {b"w1"}
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
             await client.aclose()
