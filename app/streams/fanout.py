@@ -60,7 +60,7 @@ class Subscriber:
 
     def offer(self, tag: str, frame: Frame) -> bool:
         """Queue a frame; False if the queue was full (the subscriber is then ended)."""
-        if self.tags is not None and tag not in self.tags:
+        if (self.tags is not None and tag not in self.tags) or self.end_reason is not None:
             return True
         if len(self.frames) >= self.max_queued:
             self.end("slow")

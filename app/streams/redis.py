@@ -111,9 +111,14 @@ class RedisBroker:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, url: str, max_len: int = 10_000, max_age_s: float = 0) -> AsyncIterator[RedisBroker]:
+    async def connect(
+        cls, url: str, max_len: int = 10_000, max_age_s: float = 0, max_connections: int = 32
+    ) -> AsyncIterator[RedisBroker]:
         """`async with RedisBroker.connect(url) as broker:` the usual way to get one."""
-        client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=10)
+        # A blocking pool: a burst of stream opens waits for one of a bounded set of connections
+        # instead of failing with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10)
+        client = aioredis.Redis(connection_pool=pool, decode_responses=False, health_check_interval=10)
         broker = cls(client, max_len, max_age_s)
         try:
             yield broker
@@ -177,7 +182,7 @@ class RedisBroker:
     async def aclose(self) -> None:
         for feed in list(self._feeds):
             await feed.aclose()
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
 
 class RedisFeed:
