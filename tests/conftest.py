@@ -9,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,3 +147,9 @@ async def running_gateway(settings: Settings, broker: Broker | None = None) -> A
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+async def wait_until(condition: Callable[[], bool], interval_s: float = 0.01) -> None:
+    """Poll a condition the server changes asynchronously (the caller bounds the time)."""
+    while not condition():  # noqa: ASYNC110 - there is no event to wait on for another process's state
+        await asyncio.sleep(interval_s)

@@ -9,11 +9,10 @@ import anyio
 import httpx
 import pytest
 
-from app.models import Reading
+from app.models import Reading, Topic
 from app.settings import StreamSettings
 from app.streams.redis import RedisBroker, channel_name
-from app.models import Topic
-from tests.conftest import RedisServer, make_settings, running_gateway
+from tests.conftest import RedisServer, make_settings, running_gateway, wait_until
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
@@ -68,13 +67,11 @@ async def test_200_streams_on_20_wells_share_one_subscription_each_and_leave_non
                 assert numsub(redis_server, wells) == dict.fromkeys(wells, 1), "one subscription per well per process"
                 async with RedisBroker.connect(redis_url) as publisher:
                     await publisher.publish([reading(w, 7.0) for w in wells])
-                    while len(got_live) < 200:
-                        await asyncio.sleep(0.01)  # noqa: ASYNC110 - polling a test counter
+                    await wait_until(lambda: len(got_live) == 200)
                 release.set()
                 await asyncio.gather(*tasks)
             assert got_live == [7] * 200
-            while hub.open_streams:
-                await asyncio.sleep(0.01)  # noqa: ASYNC110 - the server notices closes asynchronously
+            await wait_until(lambda: hub.open_streams == 0)
             assert hub.topics == 0
             await asyncio.sleep(0.1)  # UNSUBSCRIBE is confirmed by redis asynchronously
             assert numsub(redis_server, wells) == dict.fromkeys(wells, 0)
@@ -96,8 +93,7 @@ async def test_a_stream_that_stops_reading_is_ended_while_others_keep_flowing(
             stalled.sendall(
                 f"GET /tenants/acme/wells/w1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n\r\n".encode()
             )
-            while gateway.hub.open_streams < 1:
-                await asyncio.sleep(0.01)  # noqa: ASYNC110 - waiting for the raw socket's stream
+            await wait_until(lambda: gateway.hub.open_streams == 1)
 
             async def publish() -> None:
                 for start in range(0, total, 100):
