@@ -48,6 +48,13 @@ def _ids(value: str) -> list[str]:
     return ids
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return number
+
+
 def _id(value: str) -> str:
     if not is_valid_id(value):
         raise argparse.ArgumentTypeError(f"not a valid id: {value!r}")
@@ -116,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="mint a development token (HS256, WELLSTREAM_JWT_SECRET)")
     token.add_argument("--tenant", required=True, type=_id)
     token.add_argument("--wells", type=_ids, default=None, help="comma-separated allow-list")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds")
+    token.add_argument("--ttl", type=_positive, default=3600, help="seconds")
     token.add_argument("--subject", default="dev", help="the token's sub claim")
     token.set_defaults(func=cmd_token)
     return root

@@ -20,7 +20,9 @@ from pydantic.alias_generators import to_camel
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ID_RE = re.compile(ID_PATTERN)
-_STREAM_ID_RE = re.compile(r"^(\d{1,19})-(\d{1,19})$")
+_STREAM_ID_RE = re.compile(r"^(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})$")
+# Kept verbatim (the device's own precision); anything else ISO-8601 is normalized.
+_CANONICAL_TS_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{1,9}Z$")
 _UNIT_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,32}$")
 
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -56,8 +58,8 @@ def _normalize_timestamp(value: object) -> str:
         raise ValueError(f"timestamp is not ISO-8601: {value!r}") from exc
     if parsed.tzinfo is None:
         raise ValueError("timestamp must be UTC (end in Z)")
-    if value.endswith("Z") and "." in value:
-        return value  # already canonical: keep the device's own precision
+    if _CANONICAL_TS_RE.fullmatch(value):
+        return value
     return _iso_utc(parsed)
 
 
@@ -87,11 +89,19 @@ class Reading(BaseModel):
         if not isinstance(data, dict):
             return data
         value = data.get("value")
+        if value is None:
+            return {**data, "quality": "BAD"}
         if isinstance(value, bool):
             raise ValueError("value must be a number, not a boolean")
-        if value is None or (isinstance(value, float | int) and not math.isfinite(value)):
+        if not isinstance(value, float | int):
+            raise ValueError("value must be a number or null")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
             return {**data, "value": None, "quality": "BAD"}
-        return data
+        return {**data, "value": number}
 
     @field_validator("timestamp", "ingested_at", mode="before")
     @classmethod

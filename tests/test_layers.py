@@ -1,0 +1,167 @@
+"""The layering rules, checked on the source of every module under app/ with `ast`.
+
+- `redis` only under app/streams/, `joserfc` only under app/auth/;
+- each field protocol library only in its own adapter file;
+- app/models.py imports nothing from `app`;
+- adapters import from `app` only the models, other adapters and the errors;
+- nothing but app/settings.py reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+APP = Path(__file__).resolve().parent.parent / "app"
+MODULES = sorted(APP.rglob("*.py"))
+
+# third-party top-level package -> the only app/ files (relative, POSIX) or folders (ending in /) that may import it
+CONFINED = {
+    "redis": ("streams/",),
+    "joserfc": ("auth/",),
+    "asyncua": ("adapters/opcua.py",),
+    "pymodbus": ("adapters/modbus.py",),
+    "aiomqtt": ("adapters/mqtt.py",),
+}
+ADAPTER_MAY_IMPORT = ("app.models", "app.adapters", "app.errors")
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(APP).as_posix()
+
+
+def module_name(path: Path) -> str:
+    parts = ("app", *path.relative_to(APP).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def imports_in(tree: ast.Module, package: str) -> set[str]:
+    """Every module a tree imports, absolute (relative ones resolved against `package`), with
+    `from x import y` as both `x` and `x.y`; imports inside functions and `if TYPE_CHECKING:` count."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, node.module] if node.module else anchor)
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return found
+
+
+def imported_modules(path: Path) -> set[str]:
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    return imports_in(parse(path), package)
+
+
+def top_levels(path: Path) -> set[str]:
+    return {name.partition(".")[0] for name in imported_modules(path)}
+
+
+def app_imports(path: Path) -> set[str]:
+    """The `app` modules (or names from them) that `path` imports."""
+    return {name for name in imported_modules(path) if name == "app" or name.startswith("app.")}
+
+
+def reads_environ(path: Path) -> list[int]:
+    """Line numbers where `os.environ` or a bare `environ` (from os import environ) is used,
+    plus `os.getenv`/`getenv` calls, which read the same thing."""
+    lines = []
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.Attribute) and node.attr in {"environ", "getenv", "environb", "getenvb"}:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Name) and node.id in {"environ", "getenv", "environb", "getenvb"}:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            if any(alias.name in {"environ", "getenv", "environb", "getenvb"} for alias in node.names):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_app_has_modules_to_check() -> None:
+    names = {rel(path) for path in MODULES}
+
+    assert {"models.py", "settings.py", "streams/redis.py", "auth/tokens.py", "adapters/simulator.py"} <= names
+
+
+def test_helper_finds_redis_in_the_redis_broker() -> None:
+    found = imported_modules(APP / "streams" / "redis.py")
+
+    assert "redis" in top_levels(APP / "streams" / "redis.py")
+    assert "redis.asyncio" in found
+    assert "app.models" in found
+    assert "app.errors.BrokerError" in found
+
+
+def test_helper_finds_joserfc_and_app_imports_in_tokens() -> None:
+    assert "joserfc" in top_levels(APP / "auth" / "tokens.py")
+    assert "app.models" in app_imports(APP / "auth" / "tokens.py")
+
+
+def test_helper_resolves_relative_imports() -> None:
+    source = "from . import base\nfrom ..streams import redis\nfrom .. import settings\nimport redis as r\n"
+
+    found = imports_in(ast.parse(source), "app.adapters")
+
+    assert {"app.adapters.base", "app.streams.redis", "app.settings", "redis"} <= found
+    assert module_name(APP / "adapters" / "simulator.py") == "app.adapters.simulator"
+    assert module_name(APP / "adapters" / "__init__.py") == "app.adapters"
+
+
+def test_helper_finds_every_way_of_reading_the_environment(tmp_path: Path) -> None:
+    for source in ("import os\nos.environ['X']", "from os import environ\n", "import os\nos.getenv('X')"):
+        module = tmp_path / "probe.py"
+        module.write_text(source, encoding="utf-8")
+        assert reads_environ(module), source
+    module.write_text("import os\nos.path.join('a')\n", encoding="utf-8")
+    assert reads_environ(module) == []
+
+
+def test_helper_finds_environ_reads_in_settings() -> None:
+    assert reads_environ(APP / "settings.py")
+
+
+@pytest.mark.parametrize("library", sorted(CONFINED))
+def test_third_party_libraries_stay_in_their_layer(library: str) -> None:
+    allowed = CONFINED[library]
+    offenders = [
+        rel(path)
+        for path in MODULES
+        if library in top_levels(path)
+        and not any(rel(path).startswith(place) if place.endswith("/") else rel(path) == place for place in allowed)
+    ]
+
+    assert offenders == [], f"{library} may only be imported in {', '.join(allowed)}"
+
+
+def test_models_import_nothing_from_app() -> None:
+    assert app_imports(APP / "models.py") == set()
+
+
+@pytest.mark.parametrize("path", sorted(APP.glob("adapters/*.py")), ids=rel)
+def test_adapters_import_only_models_adapters_and_errors(path: Path) -> None:
+    # `from app import models` records both `app` and `app.models`; the second is what is judged
+    offenders = sorted(
+        name
+        for name in app_imports(path) - {"app"}
+        if not any(name == allowed or name.startswith(allowed + ".") for allowed in ADAPTER_MAY_IMPORT)
+    )
+
+    assert offenders == []
+
+
+def test_only_settings_reads_the_environment() -> None:
+    offenders = {rel(path): lines for path in MODULES if rel(path) != "settings.py" and (lines := reads_environ(path))}
+
+    assert offenders == {}, "read configuration through app.settings.Settings, not os.environ"
