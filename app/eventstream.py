@@ -29,6 +29,8 @@ from app.streams.sse import goodbye_frame, heartbeat_frame, reading_frame, reset
 
 logger = logging.getLogger(__name__)
 
+SUBSCRIBE_TIMEOUT_S = 5.0
+
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -67,7 +69,11 @@ class EventStream:
         watcher = asyncio.create_task(self._watch(receive, task))
         sub: Subscriber | None = None
         try:
-            sub = await self.hub.subscribe(self.topic, self.tags)
+            try:
+                async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+                    sub = await self.hub.subscribe(self.topic, self.tags)
+            except TimeoutError:
+                raise BrokerError("subscribe", f"no confirmation within {SUBSCRIBE_TIMEOUT_S} s") from None
             await self._run(sub, send)
         except BrokerError as exc:
             logger.warning("stream on %s failed: %s", self.topic, exc)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,7 +35,6 @@ class Gateway:
     broker: Broker
     hub: Hub
     guard: Guard
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 @contextlib.asynccontextmanager

@@ -68,6 +68,8 @@ async def stream(request: Request) -> Response | EventStream:
     gateway.guard.authorize(request, topic.tenant, topic.well)
     if gateway.hub.draining:
         return JSONResponse({"error": "server shutting down"}, status_code=503, headers={"Retry-After": "1"})
+    if request.method == "HEAD":
+        return Response(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
     settings = gateway.settings
     return EventStream(gateway.hub, gateway.broker, topic, last_id, tags, settings.stream, settings.history)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -153,3 +155,38 @@ async def wait_until(condition: Callable[[], bool], interval_s: float = 0.01) ->
     """Poll a condition the server changes asynchronously (the caller bounds the time)."""
     while not condition():  # noqa: ASYNC110 - there is no event to wait on for another process's state
         await asyncio.sleep(interval_s)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class GatewayProcess:
+    url: str
+    process: asyncio.subprocess.Process
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(secret: str, **env_overrides: str) -> AsyncIterator[GatewayProcess]:
+    """`python -m app serve` as a real child process on a free port; killed if still running at the end."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env |= {"WELLSTREAM_JWT_SECRET": secret, **env_overrides}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "serve", "--port", str(port), cwd=ROOT, env=env
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+            while True:
+                if process.returncode is not None:
+                    raise RuntimeError(f"gateway exited with {process.returncode}")
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get(url + "/readyz")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+        yield GatewayProcess(url, process)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

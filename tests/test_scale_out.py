@@ -8,15 +8,14 @@ import pytest
 
 from app.models import Reading
 from app.streams.redis import RedisBroker
-from tests.conftest import make_settings, running_gateway
+from tests.conftest import gateway_process
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_two_gateways_both_deliver_a_reading_published_once(redis_url: str, secret: str, token) -> None:
+async def test_two_gateway_processes_both_deliver_a_reading_published_once(redis_url: str, secret: str, token) -> None:
     headers = {"Authorization": f"Bearer {token('acme')}"}
-    settings = make_settings(secret, redis_url=redis_url)
     reading = Reading(
         tenant_id="acme",
         well_id="w1",
@@ -27,14 +26,15 @@ async def test_two_gateways_both_deliver_a_reading_published_once(redis_url: str
         source_protocol="simulator",
         connection_id="c1",
     )
-    with anyio.fail_after(15):
+    path = "/tenants/acme/wells/w1/stream"
+    with anyio.fail_after(30):
         async with (
-            running_gateway(settings) as first,
-            running_gateway(settings) as second,
+            gateway_process(secret, WELLSTREAM_REDIS_URL=redis_url) as first,
+            gateway_process(secret, WELLSTREAM_REDIS_URL=redis_url) as second,
             RedisBroker.connect(redis_url) as publisher,
             httpx.AsyncClient(timeout=10) as client,
-            client.stream("GET", first.url + "/tenants/acme/wells/w1/stream", headers=headers) as one,
-            client.stream("GET", second.url + "/tenants/acme/wells/w1/stream", headers=headers) as two,
+            client.stream("GET", first.url + path, headers=headers) as one,
+            client.stream("GET", second.url + path, headers=headers) as two,
         ):
             readers = [SSEReader(one), SSEReader(two)]
             for reader in readers:
@@ -44,3 +44,4 @@ async def test_two_gateways_both_deliver_a_reading_published_once(redis_url: str
                 event = await reader.next_event("reading")
                 assert event.id == str(stream_id)
                 assert event.json()["value"] == 42.5
+            assert first.process.pid != second.process.pid

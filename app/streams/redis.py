@@ -242,6 +242,10 @@ class RedisFeed:
             self._topics.pop(channel, None)
             with contextlib.suppress(ValueError, KeyError):
                 self._pending[channel].remove(waiter)
+            if self._conn is not None and self._connected.is_set():
+                # The SUBSCRIBE may have gone out: take it back so no orphan subscription stays.
+                with contextlib.suppress(RedisError, OSError):
+                    await self._conn.send_command("UNSUBSCRIBE", channel)
             raise
 
     async def unsubscribe(self, topic: Topic) -> None:

@@ -33,13 +33,13 @@ def reading(tenant: str = "acme", well: str = "w1", tag: str = "p", value: float
 
 
 @contextlib.asynccontextmanager
-async def open_broker(kind: str, redis_url: str, max_len: int = 10_000) -> AsyncIterator[Broker]:
+async def open_broker(kind: str, redis_url: str, max_len: int = 10_000, max_age_s: float = 0) -> AsyncIterator[Broker]:
     if kind == "memory":
-        broker = MemoryBroker(max_len=max_len)
+        broker = MemoryBroker(max_len=max_len, max_age_s=max_age_s)
         yield broker
         await broker.aclose()
     else:
-        async with RedisBroker.connect(redis_url, max_len=max_len) as redis_broker:
+        async with RedisBroker.connect(redis_url, max_len=max_len, max_age_s=max_age_s) as redis_broker:
             yield redis_broker
 
 
@@ -119,6 +119,19 @@ async def test_trimmed_history_is_reported_as_truncated(kind: str, url: str) -> 
             assert [e.id for e in kept.events] == ids[-4:]
             future = StreamId(ids[-1].ms + 10_000, 0)
             assert (await broker.history(topic, future, 10)).truncated, "an id never issued is unknown, not current"
+
+
+async def test_history_is_trimmed_by_age(kind: str, url: str) -> None:
+    with anyio.fail_after(10):
+        async with open_broker(kind, url, max_age_s=0.5) as broker:
+            old = await broker.publish([reading(value=float(i)) for i in range(300)])
+            await asyncio.sleep(0.7)
+            new = await broker.publish([reading(value=1000.0)])
+            topic = Topic("acme", "w1")
+            assert (await broker.history(topic, old[0], 1000)).truncated
+            found = await broker.history(topic, ZERO_ID, 1000)
+            assert found.events[-1].id == new[0]
+            assert len(found.events) < 100, "whole nodes of old entries are gone (Redis trims MINID ~ by node)"
 
 
 async def test_live_feed_delivers_subscribed_topics_only_in_order(kind: str, url: str) -> None:
