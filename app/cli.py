@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not settings.secret:
         sys.exit("wellstream: WELLSTREAM_JWT_SECRET must be set for serve")
     logs.configure(args.log_level)
-    _run(server.run(create_app(settings), settings, args.host, args.port))
+    _run(server.run(create_app(settings), settings, args.host, args.port, args.server))
 
 
 def simulate(wells: list[tuple[str, str]], interval_s: float) -> Callable[[Broker], Coroutine[Any, Any, None]]:
@@ -103,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f'  try: curl -N -H "Authorization: Bearer {acme}" {base}/tenants/acme/wells/well-01/stream\n',
         flush=True,
     )
-    _run(server.run(app, settings, args.host, args.port))
+    _run(server.run(app, settings, args.host, args.port, args.server))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -117,6 +117,9 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--host", default="127.0.0.1")
         sub.add_argument("--port", type=int, default=8000)
         sub.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        sub.add_argument(
+            "--server", default="hypercorn", choices=server.SERVERS, help="ASGI server (uvicorn, granian: extras)"
+        )
         sub.set_defaults(func=func)
         if name == "demo":
             sub.add_argument("--interval", type=float, default=1.0, help="seconds between samples of each tag")

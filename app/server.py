@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import Literal
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -31,6 +32,7 @@ def hypercorn_config(settings: Settings, host: str, port: int) -> Config:
     config.keep_alive_timeout = max(config.keep_alive_timeout, 75)
     config.read_timeout = None  # any read timeout kills live streams: clients send nothing while reading
     config.accesslog = None
+    config.backlog = max(config.backlog, 4096)  # a reconnect storm must not overflow the accept queue
     config.errorlog = logging.getLogger("hypercorn.error")  # our JSON handler, not a second plain one
     return config
 
@@ -45,17 +47,78 @@ async def drain(app: Starlette, grace_s: float) -> None:
     logger.info("drained; %d streams still open", gateway.hub.open_streams)
 
 
-async def run(app: Starlette, settings: Settings, host: str, port: int) -> None:
+ServerName = Literal["hypercorn", "uvicorn", "granian"]
+SERVERS: tuple[ServerName, ...] = ("hypercorn", "uvicorn", "granian")
+
+
+async def run(app: Starlette, settings: Settings, host: str, port: int, server: ServerName = "hypercorn") -> None:
     """Serve until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve_until(app, settings, host, port, stop)
+    if server == "uvicorn":
+        await _serve_uvicorn(app, settings, host, port, stop)
+    elif server == "granian":
+        await _serve_granian(app, settings, host, port, stop)
+    else:
+        await serve_until(app, settings, host, port, stop)
+
+
+async def _serve_uvicorn(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
+    import uvicorn
+
+    loop = asyncio.get_running_loop()
+
+    class Server(uvicorn.Server):
+        # uvicorn installs its own signal handlers while it serves; route them to our drain first.
+        def handle_exit(self, sig: int, frame: object) -> None:
+            loop.call_soon_threadsafe(stop.set)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        backlog=4096,
+        timeout_graceful_shutdown=int(settings.stream.shutdown_grace_s) + 2,
+    )
+    server = Server(config)
+
+    async def stop_after_drain() -> None:
+        await stop.wait()
+        await drain(app, settings.stream.shutdown_grace_s)
+        server.should_exit = True
+
+    stopper = asyncio.create_task(stop_after_drain())
+    logger.info("serving on http://%s:%d (uvicorn)", host, port)
+    try:
+        await server.serve()
+    finally:
+        stopper.cancel()
+
+
+async def _serve_granian(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    server = Server(app, address=host, port=port, interface=Interfaces.ASGI, backlog=4096, backpressure=65536)
+    serving = asyncio.create_task(server.serve())
+    logger.info("serving on http://%s:%d (granian, embedded)", host, port)
+    waiting = asyncio.create_task(stop.wait())
+    await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
+    if not serving.done():
+        await drain(app, settings.stream.shutdown_grace_s)
+        server.stop()  # type: ignore[no-untyped-call]
+    waiting.cancel()
+    await serving
 
 
 async def serve_until(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
-    """Serve until `stop` is set, then drain streams and stop."""
+    """Serve on Hypercorn until `stop` is set, then drain streams and stop."""
 
     async def shutdown_trigger() -> None:
         await stop.wait()

@@ -1,0 +1,282 @@
+"""The fan-out benchmark: one command, wellstream and the baseline in the same run.
+
+    python -m bench [--quick] [--systems a,b] [--scenarios N:R,N:R] [--duration S] [--out FILE]
+
+Layout (the machine has 2 cores): the gateway under test is pinned to core 1; redis-server,
+the publisher and the load generator share core 0. 100 wells; N streams spread evenly over
+them; R readings/s published through wellstream's own broker code. Each scenario gets a
+fresh gateway process. All traffic stays on 127.0.0.1; every phase is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from app.auth.tokens import mint_token
+
+ROOT = Path(__file__).resolve().parent.parent
+WELLS = 100
+TENANT = "bench"
+STREAMS_PER_WORKER = 5000
+
+SYSTEMS = {
+    # name: (command, extra environment)
+    "wellstream-hypercorn": (["-m", "app", "serve", "--server", "hypercorn"], {}),
+    "wellstream-uvicorn": (["-m", "app", "serve", "--server", "uvicorn"], {}),
+    "wellstream-granian": (["-m", "app", "serve", "--server", "granian"], {}),
+    "baseline": (["-m", "bench.baseline"], {}),
+}
+FULL = [(1000, 100), (1000, 1000), (5000, 1000), (10000, 500), (10000, 1000)]
+QUICK = [(1000, 100), (1000, 1000), (2000, 1000)]
+
+
+@dataclass
+class Result:
+    system: str
+    streams: int
+    rate: int
+    opened: int
+    open_s: float
+    expected_eps: float
+    delivered_eps: float
+    loss_pct: float
+    dropped: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    rss_mib: float
+    kib_per_stream: float
+    cpu_pct: float
+    publisher_lag_ms: float
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pinned(core: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(core), *argv] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else argv  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(pinned(0, [*cmd, "--dir", str(workdir)]), stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, 10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout_s} s")
+
+
+def wait_healthy(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"gateway on {port} not healthy after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def gateway(system: str, redis_url: str, secret: str) -> Iterator[tuple[int, psutil.Process]]:
+    args, extra = SYSTEMS[system]
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env |= {
+        "WELLSTREAM_REDIS_URL": redis_url,
+        "WELLSTREAM_JWT_SECRET": secret,
+        "WELLSTREAM_HISTORY__MAX_LEN": "1000",
+        "WELLSTREAM_HISTORY__MAX_AGE_S": "0",
+        "WELLSTREAM_STREAM__QUEUE_SIZE": "4096",
+        **extra,
+    }
+    cmd = [sys.executable, *args, "--port", str(port)]
+    if system == "baseline":
+        cmd += ["--redis-url", redis_url]
+    proc = subprocess.Popen(pinned(1, cmd), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(port, 30)
+        yield port, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tree(process: psutil.Process) -> list[psutil.Process]:
+    return [process, *process.children(recursive=True)]
+
+
+def rss(process: psutil.Process) -> int:
+    return sum(p.memory_info().rss for p in tree(process))
+
+
+def cpu_seconds(process: psutil.Process) -> float:
+    return sum(sum(p.cpu_times()[:2]) for p in tree(process))
+
+
+def percentile(ordered: array[float] | list[float], q: float) -> float:
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_scenario(
+    system: str, streams: int, rate: int, redis_url: str, secret: str, duration_s: float, workdir: Path
+) -> Result:
+    token = mint_token(secret, TENANT, "bench", ttl_s=3600)
+    with gateway(system, redis_url, secret) as (port, server):
+        time.sleep(0.5)
+        rss_before = rss(server)
+        workers = []
+        started = time.monotonic()
+        for index, first in enumerate(range(0, streams, STREAMS_PER_WORKER)):
+            count = min(STREAMS_PER_WORKER, streams - first)
+            cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--streams", str(count)]
+            cmd += ["--first", str(first), "--wells", str(WELLS), "--tenant", TENANT, "--token", token]
+            cmd += ["--samples", str(workdir / f"lat-{index}.bin")]
+            workers.append(
+                subprocess.Popen(pinned(0, cmd), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            )
+        opened = [json.loads(w.stdout.readline() or "{}") for w in workers]  # type: ignore[union-attr]
+        open_s = time.monotonic() - started
+        connected = sum(o.get("opened", 0) for o in opened)
+        time.sleep(2)
+        rss_after = rss(server)
+        for w in workers:
+            w.stdin.write('{"cmd": "measure"}\n')  # type: ignore[union-attr]
+            w.stdin.flush()  # type: ignore[union-attr]
+        cpu_before, t0 = cpu_seconds(server), time.monotonic()
+        pub = subprocess.run(
+            pinned(0, [sys.executable, "-m", "bench.publish", "--redis-url", redis_url, "--tenant", TENANT,
+                       "--wells", str(WELLS), "--rate", str(rate), "--duration", str(duration_s)]),
+            cwd=ROOT, capture_output=True, text=True, check=True, timeout=duration_s + 60,
+        )  # fmt: skip
+        time.sleep(1.0)  # let queued frames arrive
+        cpu_after, t1 = cpu_seconds(server), time.monotonic()
+        reports = []
+        for w in workers:
+            w.stdin.write('{"cmd": "report"}\n')  # type: ignore[union-attr]
+            w.stdin.flush()  # type: ignore[union-attr]
+            reports.append(json.loads(w.stdout.readline() or "{}"))  # type: ignore[union-attr]
+            w.wait(30)
+    published = json.loads(pub.stdout)
+    latencies = array("d")
+    for index in range(len(workers)):
+        path = workdir / f"lat-{index}.bin"
+        with path.open("rb") as data:
+            latencies.frombytes(data.read())
+    ordered = sorted(latencies)
+    events = sum(r.get("events", 0) for r in reports)
+    expected = published["published"] * connected / WELLS
+    return Result(
+        system=system,
+        streams=streams,
+        rate=rate,
+        opened=connected,
+        open_s=round(open_s, 1),
+        expected_eps=round(expected / duration_s),
+        delivered_eps=round(events / duration_s),
+        loss_pct=round(100 * (1 - events / expected), 2) if expected else math.nan,
+        dropped=sum(r.get("dropped", 0) for r in reports),
+        p50_ms=round(percentile(ordered, 0.50) * 1000, 1),
+        p99_ms=round(percentile(ordered, 0.99) * 1000, 1),
+        max_ms=round((ordered[-1] if ordered else math.nan) * 1000, 1),
+        rss_mib=round(rss_after / 2**20, 1),
+        kib_per_stream=round((rss_after - rss_before) / 1024 / max(connected, 1), 1),
+        cpu_pct=round(100 * (cpu_after - cpu_before) / (t1 - t0), 1),
+        publisher_lag_ms=published["max_lag_ms"],
+    )
+
+
+COLUMNS = [
+    ("system", "system"), ("streams", "N"), ("rate", "R/s"), ("opened", "opened"), ("open_s", "open s"),
+    ("expected_eps", "ev/s expected"), ("delivered_eps", "ev/s delivered"), ("loss_pct", "loss %"),
+    ("dropped", "dropped"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
+    ("rss_mib", "RSS MiB"), ("kib_per_stream", "KiB/stream"), ("cpu_pct", "CPU %"),
+]  # fmt: skip
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for result in results:
+        row = asdict(result)
+        lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown cpu"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    return f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--systems", default="baseline,wellstream-hypercorn,wellstream-uvicorn,wellstream-granian")
+    parser.add_argument("--scenarios", default=None, help="N:R pairs, e.g. 1000:100,10000:1000")
+    parser.add_argument("--quick", action="store_true", help="small scenarios only (a few minutes)")
+    parser.add_argument("--duration", type=float, default=15, help="seconds of publishing per scenario")
+    parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    scenarios = QUICK if args.quick else FULL
+    if args.scenarios:
+        scenarios = [(int(n), int(r)) for n, r in (pair.split(":") for pair in args.scenarios.split(","))]
+    systems = args.systems.split(",")
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown systems: {unknown}; known: {sorted(SYSTEMS)}")
+    secret = secrets.token_urlsafe(32)
+    results: list[Result] = []
+    header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}; `python -m bench {' '.join(argv or sys.argv[1:])}`"
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
+        for streams, rate in scenarios:
+            for system in systems:
+                result = run_scenario(system, streams, rate, redis_url, secret, args.duration, Path(tmp))
+                results.append(result)
+                print(json.dumps(asdict(result)), flush=True)
+    output = header + "\n\n" + table(results) + "\n"
+    print(output)
+    if args.out:
+        args.out.write_text(output)
