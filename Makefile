@@ -27,7 +27,7 @@ run: $(STAMP)
 check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy app tests
+	$(BIN)/mypy app tests bench
 
 pytest: $(STAMP) system-deps
 	$(BIN)/pytest

@@ -62,39 +62,44 @@ class EventStream:
         self.end_reason = "client-closed"
         self._disconnected = False
         self._started = False
+        self._sub: Subscriber | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.create_task(self._watch(receive, task))
-        sub: Subscriber | None = None
         try:
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
-                    sub = await self.hub.subscribe(self.topic, self.tags)
+                    self._sub = await self.hub.subscribe(self.topic, self.tags)
             except TimeoutError:
                 raise BrokerError("subscribe", f"no confirmation within {SUBSCRIBE_TIMEOUT_S} s") from None
-            await self._run(sub, send)
+            if self._disconnected:
+                self._sub.end("client-closed")  # the watcher's cancel may have been swallowed on the way
+            await self._run(self._sub, send)
         except BrokerError as exc:
             logger.warning("stream on %s failed: %s", self.topic, exc)
             self.end_reason = "broker-error"
             await self._fail(send)
         except asyncio.CancelledError:
-            if not (self._disconnected or (sub is not None and sub.end_reason)):
+            sub = self._sub
+            # Only a cancel we issued ourselves (client gone, stuck send) ends the stream quietly.
+            if not (self._disconnected or (sub is not None and sub.cancelled)):
                 raise
-            task.uncancel()  # we cancelled ourselves: a stuck send or a vanished client
-            if sub is not None and sub.end_reason:
-                self.end_reason = sub.end_reason
+            task.uncancel()
+            self.end_reason = sub.end_reason if sub is not None and sub.end_reason else "client-closed"
         finally:
             watcher.cancel()
-            if sub is not None:
-                await self.hub.unsubscribe(sub)
+            if self._sub is not None:
+                await self.hub.unsubscribe(self._sub)
 
     async def _watch(self, receive: Receive, task: asyncio.Task[object]) -> None:
         while True:
             message: Message = await receive()
             if message["type"] == "http.disconnect":
                 self._disconnected = True
+                if self._sub is not None:
+                    self._sub.end("client-closed")
                 task.cancel()
                 return
 
@@ -109,33 +114,35 @@ class EventStream:
 
     async def _run(self, sub: Subscriber, send: Send) -> None:
         async for chunk in self._catch_up(sub):
-            if not self._started:
-                await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-                self._started = True
-                chunk = retry_frame(self.stream.retry_ms) + chunk
-            await self._send(sub, send, chunk)
+            await self._send(sub, send, await self._start(send, chunk))
+        if first := await self._start(send, b""):  # catch-up ended before it sent anything
+            await self._send(sub, send, first)
         await self._live(sub, send)
+
+    async def _start(self, send: Send, chunk: bytes) -> bytes:
+        """Sends the response head once; the first chunk then gets the retry: line in front."""
+        if self._started:
+            return chunk
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        self._started = True
+        return retry_frame(self.stream.retry_ms) + chunk
 
     async def _catch_up(self, sub: Subscriber) -> AsyncIterator[bytes]:
         if self.last_id is None:
             yield await self._snapshot(sub)
             return
         cursor = self.last_id
-        page = self.history.replay_page
-        first = True
-        while True:
-            found = await self.broker.history(self.topic, cursor, page)
-            if first and found.truncated:
-                yield reset_frame(self.topic, self.last_id) + await self._snapshot(sub)
+        while not sub.end_reason:
+            found = await self.broker.history(self.topic, cursor, self.history.replay_page)
+            if found.truncated:  # on any page: a slow replay can be overtaken by trimming
+                yield reset_frame(self.topic, cursor) + await self._snapshot(sub)
                 return
-            first = False
-            if found.events:
-                cursor = found.events[-1].id
+            cursor = found.cursor
             frames = [reading_frame(e) for e in found.events if self.tags is None or e.tag in self.tags]
             self.events_sent += len(frames)
             sub.skip_through = cursor
             yield b"".join(frames)
-            if len(found.events) < page:
+            if not found.more:
                 return
 
     async def _snapshot(self, sub: Subscriber) -> bytes:
@@ -147,7 +154,7 @@ class EventStream:
         return snapshot_frame(snapshot)
 
     async def _live(self, sub: Subscriber, send: Send) -> None:
-        while True:
+        while not sub.end_reason:
             await sub.wait()
             if sub.end_reason:
                 break
@@ -159,7 +166,9 @@ class EventStream:
                     chunks = [heartbeat_frame()]
             if chunks:
                 await self._send(sub, send, b"".join(chunks))
-        self.end_reason = sub.end_reason
+        self.end_reason = sub.end_reason or "ended"
+        if sub.end_reason == "client-closed":
+            return
         if sub.end_reason == "drain":
             spread = self.stream.shutdown_retry_spread_ms
             retry = self.stream.retry_ms + random.randint(0, spread)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -32,6 +31,7 @@ class Publisher:
         self._has_room = asyncio.Event()
         self._has_room.set()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.published = 0
 
     async def submit(self, readings: Sequence[Reading]) -> None:
@@ -46,26 +46,26 @@ class Publisher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.flush()
+        # Let the one task that publishes finish what is pending: cancelling it mid-batch
+        # would drop or reorder readings.
+        self._closing = True
+        self._has_pending.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
 
-    async def flush(self) -> None:
-        """Publish everything pending now."""
+    async def _run(self) -> None:
+        while not (self._closing and not self._pending):
+            await self._has_pending.wait()
+            self._has_pending.clear()
+            if len(self._pending) < self._max_batch and not self._closing:
+                await asyncio.sleep(self._max_delay_s)
+            await self._flush()
+
+    async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
             await self._publish(batch)
         self._has_room.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._has_pending.wait()
-            self._has_pending.clear()
-            if len(self._pending) < self._max_batch:
-                await asyncio.sleep(self._max_delay_s)
-            await self.flush()
 
     async def _publish(self, batch: list[Reading]) -> None:
         backoff = 0.05

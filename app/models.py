@@ -187,10 +187,16 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """Entries after a given id. `truncated` means some of the asked-for entries are gone."""
+    """A page of entries after a given id.
+
+    `truncated`: some of the asked-for entries are gone. `cursor`: the id to ask after for the
+    next page (past entries that were skipped as unreadable). `more`: the page was full.
+    """
 
     events: list[StreamEvent]
     truncated: bool
+    cursor: StreamId
+    more: bool
 
 
 class Principal(BaseModel):

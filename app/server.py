@@ -43,7 +43,9 @@ async def drain(app: Starlette, grace_s: float) -> None:
     if gateway is None:
         return
     gateway.hub.drain()
-    await gateway.hub.wait_idle(grace_s)
+    if not await gateway.hub.wait_idle(grace_s * 0.7):
+        gateway.hub.abort()  # streams stuck sending to a peer that stopped reading get no goodbye
+        await gateway.hub.wait_idle(grace_s * 0.3)
     logger.info("drained; %d streams still open", gateway.hub.open_streams)
 
 

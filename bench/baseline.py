@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import uvloop
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
-from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse

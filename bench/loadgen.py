@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import sys
 import time
 from array import array
 from datetime import datetime
+from pathlib import Path
 from typing import cast
 
 MARKER = b"event: reading"
@@ -99,7 +101,7 @@ async def run(args: argparse.Namespace) -> None:
         opened: asyncio.Future[bool] = loop.create_future()
         try:
             _, protocol = await loop.create_connection(
-                lambda r=request, o=opened: StreamProtocol(r, counters, o), host, port  # type: ignore[misc]
+                functools.partial(StreamProtocol, request, counters, opened), host, port
             )
         except OSError:
             opened.set_result(False)
@@ -109,7 +111,7 @@ async def run(args: argparse.Namespace) -> None:
         futures.append(opened)
         if len(futures) % 200 == 0:
             await asyncio.sleep(0)  # let responses in while still connecting
-    done, pending = await asyncio.wait(futures, timeout=args.open_timeout)
+    done, _ = await asyncio.wait(futures, timeout=args.open_timeout)
     ok = sum(1 for f in done if f.result())
     emit({"opened": ok, "failed": len(futures) - ok, "seconds": round(time.monotonic() - started, 2)})
     reader = asyncio.StreamReader()
@@ -125,8 +127,7 @@ async def run(args: argparse.Namespace) -> None:
         elif command == "report":
             counters.measuring = False
             per_stream = [s.events for s in streams] or [0]
-            with open(args.samples, "wb") as out:
-                counters.latencies.tofile(out)
+            await asyncio.to_thread(Path(args.samples).write_bytes, counters.latencies.tobytes())
             emit(
                 {
                     "events": counters.events,

@@ -38,7 +38,7 @@ WELLS = 100
 TENANT = "bench"
 STREAMS_PER_WORKER = 5000
 
-SYSTEMS = {
+SYSTEMS: dict[str, tuple[list[str], dict[str, str]]] = {
     # name: (command, extra environment)
     "wellstream-hypercorn": (["-m", "app", "serve", "--server", "hypercorn"], {}),
     "wellstream-uvicorn": (["-m", "app", "serve", "--server", "uvicorn"], {}),
@@ -77,7 +77,10 @@ def free_port() -> int:
 
 
 def pinned(core: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(core), *argv] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else argv  # type: ignore[operator]
+    """Pin to one core where there are two or more (the layout the figures are defined for)."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(core), *argv]
+    return argv
 
 
 @contextlib.contextmanager
@@ -248,7 +251,8 @@ def machine() -> str:
     cpu = platform.processor() or "unknown cpu"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
         cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    return f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+    memory = psutil.virtual_memory().total / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> None:

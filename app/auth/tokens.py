@@ -47,7 +47,7 @@ class TokenVerifier:
             self._registry.validate(decoded.claims)
         except JoseError as exc:
             raise AuthError(f"invalid token: {exc.error}") from exc
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:
             raise AuthError("malformed token") from exc
         return principal_from_claims(decoded.claims)
 
@@ -55,15 +55,21 @@ class TokenVerifier:
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
     tenant = claims.get("tenant_id", claims.get("tenantId"))
     scope = claims.get("scope", "")
+    wells = claims.get("wells")
+    exp = claims.get("exp")
+    if wells is not None and not (isinstance(wells, list) and all(isinstance(w, str) for w in wells)):
+        raise AuthError("token claim wells must be a list of well ids")
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not 0 < exp < 2**40:
+        raise AuthError("token claim exp must be a NumericDate")
     try:
         return Principal(
-            subject=claims.get("sub") or "anonymous",
+            subject=str(claims.get("sub") or "anonymous"),
             tenant=tenant,
-            wells=frozenset(claims["wells"]) if "wells" in claims else None,
+            wells=frozenset(wells) if wells is not None else None,
             scopes=frozenset(scope.split()) if isinstance(scope, str) else frozenset(),
-            expires_at=float(claims["exp"]),
+            expires_at=float(exp),
         )
-    except (ValidationError, TypeError, ValueError, KeyError) as exc:
+    except (ValidationError, TypeError, ValueError) as exc:
         raise AuthError("token claims are not valid (tenant_id, wells)") from exc
 
 

@@ -17,6 +17,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
+from app.errors import BrokerError
 from app.models import StreamEvent, StreamId, Topic
 from app.streams.broker import Broker, LiveFeed
 from app.streams.sse import reading_frame
@@ -24,6 +25,12 @@ from app.streams.sse import reading_frame
 logger = logging.getLogger(__name__)
 
 Frame = tuple[StreamId, bytes]
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    # Every subscriber may have left before the upstream subscribe failed: nobody else reads it.
+    if not task.cancelled():
+        task.exception()
 
 
 class Subscriber:
@@ -116,7 +123,7 @@ class HubStats:
 @dataclass
 class _TopicState:
     subscribers: set[Subscriber] = field(default_factory=set)
-    ready: asyncio.Future[None] | None = None
+    ready: asyncio.Task[None] | None = None
 
 
 class Hub:
@@ -171,28 +178,19 @@ class Hub:
         return counts
 
     async def subscribe(self, topic: Topic, tags: frozenset[str] | None = None) -> Subscriber:
-        """Register the current task as a subscriber; returns once live delivery is guaranteed."""
+        """Register the current task as a subscriber; returns once live delivery is guaranteed.
+
+        Raises BrokerError when the upstream subscription fails. The upstream subscribe runs in
+        a task owned by the hub: one caller going away cannot fail the others waiting on it.
+        """
         assert self._feed is not None, "hub not started"
-        loop = asyncio.get_running_loop()
-        sub = Subscriber(topic, tags, self.queue_size, loop.time())
+        sub = Subscriber(topic, tags, self.queue_size, asyncio.get_running_loop().time())
         self._idle.clear()
         state = self._topics.get(topic)
         if state is None:
-            state = self._topics[topic] = _TopicState(ready=loop.create_future())
-            state.subscribers.add(sub)
-            try:
-                await self._feed.subscribe(topic)
-            except BaseException as exc:
-                assert state.ready is not None
-                state.ready.set_exception(exc)
-                state.ready.exception()  # retrieved here so a lone waiter never logs it
-                self._topics.pop(topic, None)
-                if not self._topics:
-                    self._idle.set()
-                raise
-            assert state.ready is not None
-            state.ready.set_result(None)
-            return sub
+            state = self._topics[topic] = _TopicState()
+            state.ready = asyncio.create_task(self._upstream(topic, state), name=f"subscribe {topic}")
+            state.ready.add_done_callback(_retrieve)
         state.subscribers.add(sub)
         try:
             assert state.ready is not None
@@ -202,19 +200,35 @@ class Hub:
             raise
         return sub
 
+    async def _upstream(self, topic: Topic, state: _TopicState) -> None:
+        assert self._feed is not None
+        try:
+            await self._feed.subscribe(topic)
+        except BaseException as exc:
+            if self._topics.get(topic) is state:  # nobody else may join a failed subscription
+                del self._topics[topic]
+                self._update_idle()
+            if isinstance(exc, BrokerError | asyncio.CancelledError):
+                raise
+            raise BrokerError("subscribe", repr(exc)) from exc
+
     async def unsubscribe(self, sub: Subscriber) -> None:
         """Remove a subscriber; the topic's last subscriber also drops the upstream subscription."""
+        sub.frames.clear()
         state = self._topics.get(sub.topic)
         if state is None or sub not in state.subscribers:
+            self._update_idle()
             return
         state.subscribers.discard(sub)
-        sub.frames.clear()
         if not state.subscribers:
             del self._topics[sub.topic]
-            if not self._topics:
-                self._idle.set()
+            self._update_idle()
             if self._feed is not None:
                 await self._feed.unsubscribe(sub.topic)
+
+    def _update_idle(self) -> None:
+        if not self._topics:
+            self._idle.set()
 
     def _deliver(self, topic: Topic, event: StreamEvent) -> None:
         state = self._topics.get(topic)
@@ -230,16 +244,21 @@ class Hub:
 
     def _on_gap(self) -> None:
         # Live events were missed while the feed was down; every stream resumes from history.
-        for state in self._topics.values():
-            for sub in state.subscribers:
-                sub.end("upstream-gap")
+        self._end_all("upstream-gap")
 
     def drain(self) -> None:
         """Tell every stream to say goodbye (with a retry hint) and end."""
         self.draining = True
+        self._end_all("drain")
+
+    def abort(self) -> None:
+        """End every stream now, interrupting sends that are stuck (the end of a shutdown grace)."""
+        self._end_all("shutdown")
+
+    def _end_all(self, reason: str) -> None:
         for state in self._topics.values():
             for sub in state.subscribers:
-                sub.end("drain")
+                sub.end(reason)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no stream is open; False if some are still open after `timeout_s`."""

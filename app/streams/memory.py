@@ -99,7 +99,8 @@ class MemoryBroker:
                 events.append(event)
                 if len(events) >= limit:
                     break
-        return History(events, truncated)
+        cursor = events[-1].id if events else after
+        return History(events, truncated, cursor, more=len(events) >= limit)
 
     async def wells(self, tenant: str) -> list[str]:
         return sorted(self._wells.get(tenant, ()))

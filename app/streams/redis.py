@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -99,7 +100,11 @@ def _next_id(after: StreamId) -> StreamId | None:
 
 
 class RedisBroker:
-    """Broker on one Redis (standalone; one slot per well, so Cluster-ready by key layout)."""
+    """Broker on one standalone Redis.
+
+    Each well's keys share one hash slot, but a batch spans wells and the tenant's wells set,
+    so Redis Cluster would need batches grouped by slot first (not done).
+    """
 
     def __init__(self, client: aioredis.Redis, max_len: int = 10_000, max_age_s: float = 0) -> None:
         self._client = client
@@ -155,12 +160,19 @@ class RedisBroker:
         last, first = StreamId.parse(last_raw.decode()), StreamId.parse(first_raw.decode())
         trimmed = int(added) > int(length)
         truncated = after > last or (trimmed and (after < first or int(length) == 0) and after < last)
-        return History([self._event(raw_id, fields) for raw_id, fields in entries], truncated)
+        events = [event for raw_id, fields in entries if (event := self._event(topic, raw_id, fields)) is not None]
+        cursor = StreamId.parse(entries[-1][0].decode()) if entries else after
+        return History(events, truncated, cursor, more=len(entries) >= limit)
 
     @staticmethod
-    def _event(raw_id: bytes, fields: list[bytes] | dict[bytes, bytes]) -> StreamEvent:
-        data = fields[b"r"] if isinstance(fields, dict) else fields[1]
-        return decode_event(raw_id, data)
+    def _event(topic: Topic, raw_id: bytes, fields: list[bytes]) -> StreamEvent | None:
+        # Another producer may have written something else: skip it rather than break every resume.
+        try:
+            named = dict(zip(fields[::2], fields[1::2], strict=True))
+            return decode_event(raw_id, named[b"r"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("skipped malformed entry %s in the log of %s", raw_id, topic)
+            return None
 
     async def wells(self, tenant: str) -> list[str]:
         with _redis_errors("list wells"):
@@ -185,13 +197,25 @@ class RedisBroker:
         await self._client.aclose(close_connection_pool=True)
 
 
+def _release(waiters: deque[asyncio.Future[None]], _: asyncio.Future[None]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+
+
 class RedisFeed:
-    """The process's one Pub/Sub connection, read by one task.
+    """The process's one Pub/Sub connection: one reader task, one writer task.
+
+    Request tasks never write to the connection: they queue SUBSCRIBE/UNSUBSCRIBE for the
+    writer, so a client that disconnects mid-subscribe cannot interrupt a half-written
+    command or cancel someone else's confirmation. Every SUBSCRIBE gets exactly one reply, and
+    replies are matched to waiters per channel in order; a waiter whose caller went away stays
+    in line (done) so the next reply goes to the right one.
 
     A subscribe returns only after Redis confirmed it, which is what lets a stream read history
-    after subscribing and know that no live event fell in between. When the connection drops,
-    the feed reconnects with backoff and resubscribes; events published meanwhile are not on
-    the wire, so `on_gap` tells the hub to resume its streams from history.
+    after subscribing and know that no live event fell in between. When the connection drops
+    (or stops answering pings), the feed reconnects with backoff and resubscribes; events
+    published meanwhile were not on the wire, so `on_gap` tells the hub.
     """
 
     def __init__(
@@ -209,60 +233,79 @@ class RedisFeed:
         self._ping_interval_s = ping_interval_s
         self._topics: dict[bytes, Topic] = {}
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
+        self._commands: asyncio.Queue[tuple[bytes, ...]] = asyncio.Queue()
         self._conn: Connection | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
+        self._closing = False
         self.reconnects = 0
 
     async def start(self) -> None:
         await self._connect()
-        self._task = asyncio.create_task(self._run(), name="redis-feed")
+        self._tasks = [
+            asyncio.create_task(self._read_forever(), name="redis-feed-reader"),
+            asyncio.create_task(self._write_forever(), name="redis-feed-writer"),
+        ]
 
     async def _connect(self) -> None:
         conn: Connection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         with _redis_errors("connect pubsub"):
             await conn.connect()  # type: ignore[no-untyped-call]
             if self._topics:
+                self._realign_waiters()
                 await conn.send_command("SUBSCRIBE", *self._topics)
         self._conn = conn
         self._connected.set()
 
+    def _realign_waiters(self) -> None:
+        # Commands sent before the drop will never be answered: one resubscribe reply per
+        # channel now stands for all of them.
+        loop = asyncio.get_running_loop()
+        for channel in list(self._pending):
+            waiters = self._pending.pop(channel)
+            if channel not in self._topics:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                continue
+            joined: asyncio.Future[None] = loop.create_future()
+            joined.add_done_callback(functools.partial(_release, waiters))
+            self._pending[channel] = deque([joined])
+
     async def subscribe(self, topic: Topic) -> None:
         channel = channel_name(topic).encode()
         self._topics[channel] = topic
-        waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel, deque()).append(waiter)
-        try:
-            await self._connected.wait()
-            assert self._conn is not None
-            with _redis_errors("subscribe"):
-                await self._conn.send_command("SUBSCRIBE", channel)
-            await waiter
-        except BaseException:
-            self._topics.pop(channel, None)
-            with contextlib.suppress(ValueError, KeyError):
-                self._pending[channel].remove(waiter)
-            if self._conn is not None and self._connected.is_set():
-                # The SUBSCRIBE may have gone out: take it back so no orphan subscription stays.
-                with contextlib.suppress(RedisError, OSError):
-                    await self._conn.send_command("UNSUBSCRIBE", channel)
-            raise
+        self._commands.put_nowait((b"SUBSCRIBE", channel))
+        await waiter
 
     async def unsubscribe(self, topic: Topic) -> None:
         channel = channel_name(topic).encode()
-        self._topics.pop(channel, None)
-        if self._conn is not None and self._connected.is_set():
-            with contextlib.suppress(RedisError, OSError):
-                await self._conn.send_command("UNSUBSCRIBE", channel)
+        if self._topics.pop(channel, None) is not None:
+            self._commands.put_nowait((b"UNSUBSCRIBE", channel))
 
-    async def _run(self) -> None:
+    async def _write_forever(self) -> None:
+        while not self._closing:  # redis-py may swallow our cancel inside send_command
+            command = await self._commands.get()
+            await self._connected.wait()
+            assert self._conn is not None
+            try:
+                await self._conn.send_command(*command)
+            except Exception as exc:  # redis-py raises AttributeError, not ConnectionError, on a closed socket
+                # The reader notices the broken connection; reconnecting resubscribes what is wanted.
+                logger.debug("pubsub command %s not sent: %s", command[0], exc)
+
+    async def _read_forever(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             try:
                 await self._read_until_broken()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._closing:  # redis-py may turn our cancel into a connection error
+                    return
                 logger.warning("redis pubsub connection lost: %s", exc)
             self._connected.clear()
             if self._conn is not None:
@@ -284,20 +327,19 @@ class RedisFeed:
     async def _read_until_broken(self) -> None:
         conn = self._conn
         assert conn is not None
-        pinger = asyncio.create_task(self._ping(conn))
+        pinger = asyncio.create_task(self._ping())
         try:
             while True:
+                # Pongs arrive every ping interval, so silence for three of them means a frozen peer.
                 response = await conn.read_response(timeout=self._ping_interval_s * 3, push_request=True)
-                if pinger.done():
-                    pinger.result()
                 self._handle(response)
         finally:
             pinger.cancel()
 
-    async def _ping(self, conn: Connection) -> None:
+    async def _ping(self) -> None:
         while True:
             await asyncio.sleep(self._ping_interval_s)
-            await conn.send_command("PING")
+            self._commands.put_nowait((b"PING",))
 
     def _handle(self, response: Any) -> None:
         kind = response[0]
@@ -314,16 +356,19 @@ class RedisFeed:
             self._deliver(topic, event)
         elif kind == b"subscribe":
             waiters = self._pending.get(response[1])
-            if waiters:
-                waiters.popleft().set_result(None)
-                if not waiters:
-                    del self._pending[response[1]]
+            if not waiters:
+                return
+            waiter = waiters.popleft()
+            if not waiters:
+                del self._pending[response[1]]
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._conn is not None:
             await self._conn.disconnect()
         for waiters in self._pending.values():

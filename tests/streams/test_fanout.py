@@ -49,13 +49,15 @@ async def test_200_streams_on_20_wells_share_one_subscription_each_and_leave_non
             opened = asyncio.Event()
             release = asyncio.Event()
             got_live: list[int] = []
+            snapshots: list[str] = []
 
             async def one_stream(client: httpx.AsyncClient, well: str) -> None:
                 url = f"{gateway.url}/tenants/acme/wells/{well}/stream"
                 async with client.stream("GET", url, headers=headers) as response:
                     events = SSEReader(response)
-                    await events.next_event("snapshot")
-                    if hub.open_streams == len(wells) * 10:
+                    await events.next_event("snapshot")  # its subscription is confirmed by now
+                    snapshots.append(well)
+                    if len(snapshots) == len(wells) * 10:
                         opened.set()
                     got_live.append(int((await events.next_event("reading")).json()["value"]))
                     await release.wait()

@@ -1,0 +1,86 @@
+"""Clients that go away mid-subscribe must not disturb anyone else (regressions from review)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from app.models import Topic
+from app.streams.fanout import Hub
+from app.streams.redis import RedisBroker
+from tests.conftest import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: it gets frozen with SIGSTOP."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@contextlib.asynccontextmanager
+async def started_hub(url: str) -> AsyncIterator[Hub]:
+    async with RedisBroker.connect(url) as broker:
+        hub = Hub(broker)
+        await hub.start()
+        try:
+            yield hub
+        finally:
+            await hub.aclose()
+
+
+@pytest.mark.parametrize("yields", range(6))
+async def test_a_subscribe_cancelled_at_any_step_leaves_the_feed_and_other_streams_alone(
+    redis_url: str, yields: int
+) -> None:
+    with anyio.fail_after(10):
+        async with started_hub(redis_url) as hub:
+            steady = await hub.subscribe(Topic("acme", "w1"))
+            leaving = asyncio.create_task(hub.subscribe(Topic("acme", "w2")))
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            leaving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hub.unsubscribe(await leaving)
+            await asyncio.sleep(0.3)
+            assert steady.end_reason is None
+            assert hub._feed is not None
+            assert getattr(hub._feed, "reconnects", 0) == 0
+            assert hub.topics == 1
+            late = await hub.subscribe(Topic("acme", "w2"))  # the channel still works
+            await hub.unsubscribe(late)
+            await hub.unsubscribe(steady)
+
+
+async def test_the_first_subscriber_leaving_does_not_fail_those_waiting_with_it(own_redis: RedisServer) -> None:
+    assert own_redis.process is not None
+    with anyio.fail_after(15):
+        async with started_hub(own_redis.url) as hub:
+            os.kill(own_redis.process.pid, signal.SIGSTOP)  # confirmations now wait
+            try:
+                first = asyncio.create_task(hub.subscribe(Topic("acme", "w9")))
+                await asyncio.sleep(0.05)
+                joiner = asyncio.create_task(hub.subscribe(Topic("acme", "w9")))
+                await asyncio.sleep(0.05)
+                first.cancel()
+                await asyncio.sleep(0.05)
+            finally:
+                os.kill(own_redis.process.pid, signal.SIGCONT)
+            sub = await joiner
+            assert sub.end_reason is None
+            assert hub.open_streams == 1
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            await hub.unsubscribe(sub)
+            assert hub.topics == 0

@@ -1,0 +1,70 @@
+"""Catch-up paths of one stream, driven directly on the memory broker and a real hub."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from app.eventstream import EventStream
+from app.models import Reading, StreamId, Topic
+from app.settings import HistorySettings, StreamSettings
+from app.streams.fanout import Hub
+from app.streams.memory import MemoryBroker
+
+pytestmark = pytest.mark.anyio
+
+TOPIC = Topic("acme", "w1")
+
+
+def reading(value: float) -> Reading:
+    return Reading(
+        tenant_id="acme",
+        well_id="w1",
+        tag_name="p",
+        value=value,
+        quality="GOOD",
+        timestamp="2026-11-27T10:00:00.000Z",
+        source_protocol="simulator",
+        connection_id="c1",
+    )
+
+
+async def test_trimming_that_overtakes_a_paged_replay_is_reported_not_skipped() -> None:
+    broker = MemoryBroker(max_len=100)
+    hub = Hub(broker)
+    await hub.start()
+    with anyio.fail_after(5):
+        ids: list[StreamId] = await broker.publish([reading(float(i)) for i in range(100)])
+        stream = EventStream(hub, broker, TOPIC, ids[10], None, StreamSettings(), HistorySettings(replay_page=10))
+        sub = await hub.subscribe(TOPIC)
+        pages = stream._catch_up(sub)
+        first = await anext(pages)
+        assert first.count(b"event: reading") == 10
+        await broker.publish([reading(float(i)) for i in range(100, 250)])  # trims what is not sent yet
+        second = await anext(pages)
+        assert second.startswith(b"event: reset")
+        assert b"event: snapshot" in second
+        with pytest.raises(StopAsyncIteration):
+            await anext(pages)
+        await hub.unsubscribe(sub)
+    await hub.aclose()
+
+
+async def test_unreadable_entries_are_skipped_and_the_replay_goes_on(redis_url: str) -> None:
+    import redis.asyncio as aioredis
+
+    from app.streams.redis import RedisBroker, log_key
+
+    with anyio.fail_after(5):
+        async with RedisBroker.connect(redis_url) as broker:
+            client = aioredis.Redis.from_url(redis_url)
+            first = await broker.publish([reading(1.0)])
+            await client.xadd(log_key(TOPIC), {"r": b"not json"})
+            await client.xadd(log_key(TOPIC), {"other": b"x"})
+            last = await broker.publish([reading(2.0)])
+            found = await broker.history(TOPIC, first[0], 1)
+            assert found.events == []
+            assert found.cursor > first[0], "the cursor moves past what it skipped"
+            found = await broker.history(TOPIC, first[0], 10)
+            assert [e.id for e in found.events] == last
+            await client.aclose()
