@@ -30,6 +30,7 @@ from app.streams.sse import goodbye_frame, heartbeat_frame, reading_frame, reset
 logger = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
+GOODBYES = {"drain": "server shutting down", "upstream-gap": "live feed interrupted, resume from history"}
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -169,10 +170,11 @@ class EventStream:
         self.end_reason = sub.end_reason or "ended"
         if sub.end_reason == "client-closed":
             return
-        if sub.end_reason == "drain":
+        if sub.end_reason in GOODBYES:
+            # Many streams end at once here: spread their returns so they do not come back as one storm.
             spread = self.stream.shutdown_retry_spread_ms
             retry = self.stream.retry_ms + random.randint(0, spread)
-            await self._send(sub, send, goodbye_frame(retry, "server shutting down"))
+            await self._send(sub, send, goodbye_frame(retry, GOODBYES[sub.end_reason]))
         await self._send(sub, send, b"", more_body=False)
 
     async def _send(self, sub: Subscriber, send: Send, data: bytes, more_body: bool = True) -> None:
