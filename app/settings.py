@@ -33,6 +33,16 @@ class StreamSettings(BaseModel):
     shutdown_grace_s: float = Field(3, ge=0, description="time streams get to say goodbye on SIGTERM")
 
 
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gc_threshold: tuple[int, int, int] | None = Field(
+        (100_000, 50, 100),
+        description="gc.set_threshold for serve/demo; None keeps Python's (700, 10, 10)",
+    )
+    gc_freeze: bool = Field(True, description="gc.freeze() once started, so start-up objects are never rescanned")
+
+
 class AuthSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -55,6 +65,7 @@ class Settings(BaseSettings):
     jwt_secret: SecretStr | None = None
     history: HistorySettings = HistorySettings()
     stream: StreamSettings = StreamSettings()
+    server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
     static_dir: Path = Path(__file__).resolve().parent.parent / "static"
 

@@ -45,6 +45,9 @@ SYSTEMS: dict[str, tuple[list[str], dict[str, str]]] = {
     "wellstream-granian": (["-m", "app", "serve", "--server", "granian"], {}),
     "baseline": (["-m", "bench.baseline"], {}),
 }
+DEFAULT_GC = {"WELLSTREAM_SERVER__GC_THRESHOLD": "null", "WELLSTREAM_SERVER__GC_FREEZE": "false"}
+for _name in ("hypercorn", "uvicorn", "granian"):
+    SYSTEMS[f"wellstream-{_name}-defaultgc"] = (SYSTEMS[f"wellstream-{_name}"][0], DEFAULT_GC)
 FULL = [(1000, 100), (1000, 1000), (5000, 1000), (10000, 500), (10000, 1000)]
 QUICK = [(1000, 100), (1000, 1000), (2000, 1000)]
 
