@@ -30,6 +30,7 @@ from app.streams.sse import goodbye_frame, heartbeat_frame, reading_frame, reset
 logger = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
+RAW_SEND = "wellstream.raw_send"  # the server's own send, put in the scope by app.main.GatewayApp
 GOODBYES = {"drain": "server shutting down", "upstream-gap": "live feed interrupted, resume from history"}
 
 HEADERS = [
@@ -37,6 +38,10 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+async def _not_started(message: Message) -> None:
+    raise RuntimeError("EventStream sends only from within __call__")
 
 
 class EventStream:
@@ -64,10 +69,12 @@ class EventStream:
         self._disconnected = False
         self._started = False
         self._sub: Subscriber | None = None
+        self._send_body: Send = _not_started
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
+        self._send_body = scope.get(RAW_SEND, send)
         watcher = asyncio.create_task(self._watch(receive, task))
         try:
             try:
@@ -155,6 +162,10 @@ class EventStream:
         return snapshot_frame(snapshot)
 
     async def _live(self, sub: Subscriber, send: Send) -> None:
+        # The per-connection hot loop: _send is written out inline to save a coroutine frame
+        # per chunk, and body chunks skip Starlette's send wrappers (RAW_SEND).
+        loop = asyncio.get_running_loop()
+        send_body = self._send_body
         while not sub.end_reason:
             await sub.wait()
             if sub.end_reason:
@@ -166,7 +177,10 @@ class EventStream:
                 if not chunks:
                     chunks = [heartbeat_frame()]
             if chunks:
-                await self._send(sub, send, b"".join(chunks))
+                sub.sending_since = now = loop.time()
+                await send_body({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+                sub.sending_since = 0.0
+                sub.last_send = now
         self.end_reason = sub.end_reason or "ended"
         if sub.end_reason == "client-closed":
             return
@@ -181,6 +195,6 @@ class EventStream:
         # sending_since lets the hub's sweeper interrupt a send to a peer that stopped reading.
         loop = asyncio.get_running_loop()
         sub.sending_since = loop.time()
-        await send({"type": "http.response.body", "body": data, "more_body": more_body})
+        await self._send_body({"type": "http.response.body", "body": data, "more_body": more_body})
         sub.sending_since = 0.0
         sub.last_send = loop.time()

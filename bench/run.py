@@ -166,8 +166,30 @@ def percentile(ordered: array[float] | list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def start_profile(
+    profile_dir: Path | None, system: str, streams: int, rate: int, pid: int, duration_s: float
+) -> subprocess.Popen[bytes] | None:
+    """py-spy on the gateway for the middle of the publishing window (a flame graph SVG)."""
+    if profile_dir is None:
+        return None
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    raw = os.environ.get("BENCH_PROFILE_FORMAT") == "raw"  # collapsed stacks, for reading by script
+    out = profile_dir / f"{system}-{streams}-{rate}.{'txt' if raw else 'svg'}"
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    cmd = [spy, "record", "--nonblocking", "--rate", "100", "--pid", str(pid), "-o", str(out)]
+    cmd += ["--duration", str(max(1, int(duration_s) - 2))] + (["--format", "raw"] if raw else [])
+    return subprocess.Popen(pinned(0, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_scenario(
-    system: str, streams: int, rate: int, redis_url: str, secret: str, duration_s: float, workdir: Path
+    system: str,
+    streams: int,
+    rate: int,
+    redis_url: str,
+    secret: str,
+    duration_s: float,
+    workdir: Path,
+    profile_dir: Path | None = None,
 ) -> Result:
     token = mint_token(secret, TENANT, "bench", ttl_s=3600)
     with gateway(system, redis_url, secret) as (port, server):
@@ -192,6 +214,7 @@ def run_scenario(
             w.stdin.write('{"cmd": "measure"}\n')  # type: ignore[union-attr]
             w.stdin.flush()  # type: ignore[union-attr]
         cpu_before, t0 = cpu_seconds(server), time.monotonic()
+        profiler = start_profile(profile_dir, system, streams, rate, server.pid, duration_s)
         pub = subprocess.run(
             pinned(0, [sys.executable, "-m", "bench.publish", "--redis-url", redis_url, "--tenant", TENANT,
                        "--wells", str(WELLS), "--rate", str(rate), "--duration", str(duration_s)]),
@@ -199,6 +222,8 @@ def run_scenario(
         )  # fmt: skip
         time.sleep(1.0)  # let queued frames arrive
         cpu_after, t1 = cpu_seconds(server), time.monotonic()
+        if profiler is not None:
+            profiler.wait(60)
         reports = []
         for w in workers:
             w.stdin.write('{"cmd": "report"}\n')  # type: ignore[union-attr]
@@ -265,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small scenarios only (a few minutes)")
     parser.add_argument("--duration", type=float, default=15, help="seconds of publishing per scenario")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument("--profile", type=Path, default=None, help="write py-spy flame graphs of each gateway here")
     args = parser.parse_args(argv)
     scenarios = QUICK if args.quick else FULL
     if args.scenarios:
@@ -280,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
         for streams, rate in scenarios:
             for system in systems:
-                result = run_scenario(system, streams, rate, redis_url, secret, args.duration, Path(tmp))
+                result = run_scenario(system, streams, rate, redis_url, secret, args.duration, Path(tmp), args.profile)
                 results.append(result)
                 print(json.dumps(asdict(result)), flush=True)
     output = header + "\n\n" + table(results) + "\n"

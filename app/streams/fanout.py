@@ -37,7 +37,7 @@ class Subscriber:
     """One open stream's queue and signals. Only the hub and the stream's own task touch it."""
 
     __slots__ = (
-        "_waiter",
+        "waiter",
         "cancelled",
         "end_reason",
         "frames",
@@ -63,18 +63,7 @@ class Subscriber:
         self.last_send = now
         self.sending_since = 0.0
         self.cancelled = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def offer(self, tag: str, frame: Frame) -> bool:
-        """Queue a frame; False if the queue was full (the subscriber is then ended)."""
-        if (self.tags is not None and tag not in self.tags) or self.end_reason is not None:
-            return True
-        if len(self.frames) >= self.max_queued:
-            self.end("slow")
-            return False
-        self.frames.append(frame)
-        self._wake()
-        return True
+        self.waiter: asyncio.Future[None] | None = None
 
     def take(self) -> list[bytes]:
         """Everything queued, minus frames already sent by a replay."""
@@ -92,11 +81,11 @@ class Subscriber:
         """Until something is queued, a heartbeat is due, or the stream must end."""
         if self.frames or self.heartbeat_due or self.end_reason:
             return
-        self._waiter = asyncio.get_running_loop().create_future()
+        self.waiter = asyncio.get_running_loop().create_future()
         try:
-            await self._waiter
+            await self.waiter
         finally:
-            self._waiter = None
+            self.waiter = None
 
     def end(self, reason: str) -> None:
         """Ask the stream to end. 'drain' ends it cleanly; anything else also interrupts a stuck send."""
@@ -105,10 +94,10 @@ class Subscriber:
         if reason != "drain" and self.sending_since and self.task is not None and not self.cancelled:
             self.cancelled = True
             self.task.cancel()
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
-        waiter = self._waiter
+    def wake(self) -> None:
+        waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -231,16 +220,26 @@ class Hub:
             self._idle.set()
 
     def _deliver(self, topic: Topic, event: StreamEvent) -> None:
-        state = self._topics.get(topic)
+        # The hot loop: once per event per subscriber, so it is written out inline.
         self.stats.events_in += 1
+        state = self._topics.get(topic)
         if state is None:
             return
         frame: Frame = (event.id, reading_frame(event))
-        slow = [sub for sub in state.subscribers if not sub.offer(event.tag, frame)]
-        if slow:
-            self.stats.slow_disconnects += len(slow)
-            for sub in slow:
+        tag = event.tag
+        for sub in state.subscribers:
+            if sub.end_reason is not None or (sub.tags is not None and tag not in sub.tags):
+                continue
+            frames = sub.frames
+            if len(frames) >= sub.max_queued:
+                self.stats.slow_disconnects += 1
                 logger.warning("stream on %s ended: queue of %d frames full", topic, sub.max_queued)
+                sub.end("slow")
+                continue
+            frames.append(frame)
+            waiter = sub.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _on_gap(self) -> None:
         # Live events were missed while the feed was down; every stream resumes from history.
@@ -283,4 +282,4 @@ class Hub:
             sub.end("send-timeout")
         elif now - sub.last_send >= self.heartbeat_s and not sub.heartbeat_due:
             sub.heartbeat_due = True
-            sub._wake()
+            sub.wake()
