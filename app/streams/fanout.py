@@ -37,7 +37,6 @@ class Subscriber:
     """One open stream's queue and signals. Only the hub and the stream's own task touch it."""
 
     __slots__ = (
-        "waiter",
         "cancelled",
         "end_reason",
         "frames",
@@ -49,6 +48,7 @@ class Subscriber:
         "tags",
         "task",
         "topic",
+        "waiter",
     )
 
     def __init__(self, topic: Topic, tags: frozenset[str] | None, max_queued: int, now: float) -> None:
