@@ -30,7 +30,6 @@ from app.streams.sse import goodbye_frame, heartbeat_frame, reading_frame, reset
 logger = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
-RAW_SEND = "wellstream.raw_send"  # the server's own send, put in the scope by app.main.GatewayApp
 GOODBYES = {"drain": "server shutting down", "upstream-gap": "live feed interrupted, resume from history"}
 
 HEADERS = [
@@ -38,10 +37,6 @@ HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-
-
-async def _not_started(message: Message) -> None:
-    raise RuntimeError("EventStream sends only from within __call__")
 
 
 class EventStream:
@@ -69,7 +64,6 @@ class EventStream:
         self._disconnected = False
         self._started = False
         self._sub: Subscriber | None = None
-        self._send_body: Send = _not_started
         self._watching = False
         self._abandoned = False
 
@@ -80,7 +74,6 @@ class EventStream:
         # is most of the per-event cost at 100,000 events/s (docs/performance.md).
         task = asyncio.current_task()
         assert task is not None
-        self._send_body = scope.get(RAW_SEND, send)
         writer = asyncio.create_task(self._write(send), name=f"sse {self.topic}")
         writer.add_done_callback(lambda _: task.cancel() if self._watching else None)
         self._watching = True
@@ -181,10 +174,8 @@ class EventStream:
         return snapshot_frame(snapshot)
 
     async def _live(self, sub: Subscriber, send: Send) -> None:
-        # The per-connection hot loop: _send is written out inline to save a coroutine frame
-        # per chunk, and body chunks skip Starlette's send wrappers (RAW_SEND).
+        # The per-connection hot loop: _send is written out inline to save a coroutine frame per chunk.
         loop = asyncio.get_running_loop()
-        send_body = self._send_body
         while not sub.end_reason:
             await sub.wait()
             if sub.end_reason:
@@ -197,7 +188,7 @@ class EventStream:
                     chunks = [heartbeat_frame()]
             if chunks:
                 sub.sending_since = now = loop.time()
-                await send_body({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+                await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
                 sub.sending_since = 0.0
                 sub.last_send = now
         self.end_reason = sub.end_reason or "ended"
@@ -214,6 +205,6 @@ class EventStream:
         # sending_since lets the hub's sweeper interrupt a send to a peer that stopped reading.
         loop = asyncio.get_running_loop()
         sub.sending_since = loop.time()
-        await self._send_body({"type": "http.response.body", "body": data, "more_body": more_body})
+        await send({"type": "http.response.body", "body": data, "more_body": more_body})
         sub.sending_since = 0.0
         sub.last_send = loop.time()

@@ -16,8 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.auth.guard import Guard
 from app.auth.tokens import TokenVerifier
-from app.eventstream import RAW_SEND
-from app.routes import EXCEPTION_HANDLERS, ROUTES
+from app.routes import EXCEPTION_HANDLERS, ROUTES, STREAM_PATH, serve_stream
 from app.settings import Settings
 from app.streams.broker import Broker
 from app.streams.fanout import Hub
@@ -30,16 +29,16 @@ Background = Callable[[Broker], Coroutine[Any, Any, None]]
 
 
 class GatewayApp(Starlette):
-    """Starlette, plus the server's own `send` in the scope.
-
-    Starlette wraps `send` twice (error and exception middleware) to learn whether a response
-    has started. A stream sends its start through those wrappers, then writes every body chunk
-    with the server's `send` directly: at 100,000 events/s the two wrapper frames per chunk
-    were about a tenth of the gateway's CPU (docs/performance.md).
-    """
+    """Starlette, with the stream route taken before the middleware stack (routes.serve_stream)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[RAW_SEND] = send
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            match = STREAM_PATH.match(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                scope["path_params"] = {"tenant": match[1], "well": match[2]}
+                await serve_stream(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from app.errors import AuthError, BrokerError
 from app.eventstream import EventStream
@@ -133,6 +135,29 @@ async def on_broker_error(request: Request, exc: Exception) -> Response:
 
 
 EXCEPTION_HANDLERS = {BadRequest: on_bad_request, AuthError: on_auth_error, BrokerError: on_broker_error}
+
+STREAM_PATH = re.compile(r"^/tenants/([^/]+)/wells/([^/]+)/stream$")
+
+
+async def serve_stream(scope: Scope, receive: Receive, send: Send) -> None:
+    """The stream route, called by app.main.GatewayApp without Starlette's middleware and routing.
+
+    A stream's request task stays suspended for hours; under the usual stack it would hold a
+    dozen coroutine frames and their objects per connection (docs/performance.md). Errors are
+    answered by the same handlers as everywhere else.
+    """
+    request = Request(scope, receive)
+    try:
+        response: Response | EventStream = await stream(request)
+    except Exception as exc:
+        handler = EXCEPTION_HANDLERS.get(type(exc))
+        if handler is None:
+            logger.exception("%s %s failed", request.method, request.url.path)
+            response = JSONResponse({"error": "internal error"}, status_code=500)
+        else:
+            response = await handler(request, exc)
+    await response(scope, receive, send)
+
 
 ROUTES = [
     Route("/healthz", healthz),

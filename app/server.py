@@ -118,10 +118,14 @@ async def _serve_uvicorn(app: Starlette, settings: Settings, host: str, port: in
 
 
 async def _serve_granian(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
     from granian.server.embed import Server
 
-    server = Server(app, address=host, port=port, interface=Interfaces.ASGI, backlog=4096, backpressure=65536)
+    # HTTP/2 support costs granian about 10 KiB more per connection (docs/performance.md): opt in.
+    http = HTTPModes.auto if settings.server.granian_http2 else HTTPModes.http1
+    server = Server(
+        app, address=host, port=port, interface=Interfaces.ASGI, backlog=4096, backpressure=65536, http=http
+    )
     serving = asyncio.create_task(server.serve())
     logger.info("serving on http://%s:%d (granian, embedded)", host, port)
     waiting = asyncio.create_task(stop.wait())

@@ -41,6 +41,7 @@ class ServerSettings(BaseModel):
         description="gc.set_threshold for serve/demo; None keeps Python's (700, 10, 10)",
     )
     gc_freeze: bool = Field(True, description="gc.freeze() once started, so start-up objects are never rescanned")
+    granian_http2: bool = Field(False, description="--server granian also speaks HTTP/2 (h2c); costs memory per stream")
 
 
 class AuthSettings(BaseModel):

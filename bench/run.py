@@ -45,6 +45,7 @@ SYSTEMS: dict[str, tuple[list[str], dict[str, str]]] = {
     "wellstream-granian": (["-m", "app", "serve", "--server", "granian"], {}),
     "baseline": (["-m", "bench.baseline"], {}),
 }
+SYSTEMS["wellstream-granian-h2"] = (SYSTEMS["wellstream-granian"][0], {"WELLSTREAM_SERVER__GRANIAN_HTTP2": "true"})
 DEFAULT_GC = {"WELLSTREAM_SERVER__GC_THRESHOLD": "null", "WELLSTREAM_SERVER__GC_FREEZE": "false"}
 for _name in ("hypercorn", "uvicorn", "granian"):
     SYSTEMS[f"wellstream-{_name}-defaultgc"] = (SYSTEMS[f"wellstream-{_name}"][0], DEFAULT_GC)
