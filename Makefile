@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 APT_PACKAGES := redis-server curl
 
-.PHONY: run test check pytest system-deps clean
+.PHONY: run test check pytest bench system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ pytest: $(STAMP) system-deps
 	$(BIN)/pytest
 
 test: check pytest
+
+# The fan-out benchmark (about 12 minutes; BENCH_ARGS=--quick for about 3). Pins to cores 0 and 1.
+bench: $(STAMP) system-deps
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
