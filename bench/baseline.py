@@ -25,7 +25,8 @@ from starlette.routing import Route
 
 
 def create_app(redis_url: str) -> Starlette:
-    pool = aioredis.ConnectionPool.from_url(redis_url)
+    # One connection per open stream: the pool must not cap them (redis-py's default is 100).
+    pool = aioredis.ConnectionPool.from_url(redis_url, max_connections=100_000)
 
     async def events(tenant: str, well: str) -> AsyncIterator[ServerSentEvent]:
         client = aioredis.Redis(connection_pool=pool)

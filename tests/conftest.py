@@ -167,13 +167,15 @@ class GatewayProcess:
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(secret: str, **env_overrides: str) -> AsyncIterator[GatewayProcess]:
+async def gateway_process(
+    secret: str, server: str = "hypercorn", **env_overrides: str
+) -> AsyncIterator[GatewayProcess]:
     """`python -m app serve` as a real child process on a free port; killed if still running at the end."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
     env |= {"WELLSTREAM_JWT_SECRET": secret, **env_overrides}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", "serve", "--port", str(port), cwd=ROOT, env=env
+        sys.executable, "-m", "app", "serve", "--server", server, "--port", str(port), cwd=ROOT, env=env
     )
     url = f"http://127.0.0.1:{port}"
     try:

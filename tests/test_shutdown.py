@@ -17,12 +17,13 @@ from tests.sse_client import Event, SSEReader
 pytestmark = pytest.mark.anyio
 
 
-async def test_sigterm_ends_every_stream_cleanly_and_exits_within_5_s(secret: str) -> None:
+@pytest.mark.parametrize("server", ["hypercorn", "uvicorn", "granian"])
+async def test_sigterm_ends_every_stream_cleanly_and_exits_within_5_s(secret: str, server: str) -> None:
     headers = {"Authorization": f"Bearer {mint_token(secret, 'acme')}"}
     limits = httpx.Limits(max_connections=None)
     with anyio.fail_after(60):
         async with (
-            gateway_process(secret, WELLSTREAM_STREAM__SHUTDOWN_GRACE_S="2") as gateway,
+            gateway_process(secret, server, WELLSTREAM_STREAM__SHUTDOWN_GRACE_S="2") as gateway,
             httpx.AsyncClient(timeout=20, limits=limits) as client,
         ):
             opened = 0
