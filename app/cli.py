@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import secrets
 import sys
 from collections.abc import Callable, Coroutine
@@ -73,7 +74,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not settings.secret:
         sys.exit("wellstream: WELLSTREAM_JWT_SECRET must be set for serve")
     logs.configure(args.log_level)
+    _require_server(args.server)
     _run(server.run(create_app(settings), settings, args.host, args.port, args.server))
+
+
+def _require_server(name: str) -> None:
+    if name != "hypercorn" and importlib.util.find_spec(name) is None:
+        sys.exit(f"wellstream: --server {name} needs the {name} extra: pip install 'wellstream[{name}]'")
 
 
 def simulate(wells: list[tuple[str, str]], interval_s: float) -> Callable[[Broker], Coroutine[Any, Any, None]]:
@@ -103,6 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         f'  try: curl -N -H "Authorization: Bearer {acme}" {base}/tenants/acme/wells/well-01/stream\n',
         flush=True,
     )
+    _require_server(args.server)
     _run(server.run(app, settings, args.host, args.port, args.server))
 
 
