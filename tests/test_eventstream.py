@@ -6,27 +6,15 @@ import anyio
 import pytest
 
 from app.eventstream import EventStream
-from app.models import Reading, StreamId, Topic
+from app.models import StreamId, Topic
 from app.settings import HistorySettings, StreamSettings
 from app.streams.fanout import Hub
 from app.streams.memory import MemoryBroker
+from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
 
 TOPIC = Topic("acme", "w1")
-
-
-def reading(value: float) -> Reading:
-    return Reading(
-        tenant_id="acme",
-        well_id="w1",
-        tag_name="p",
-        value=value,
-        quality="GOOD",
-        timestamp="2026-11-27T10:00:00.000Z",
-        source_protocol="simulator",
-        connection_id="c1",
-    )
 
 
 async def test_trimming_that_overtakes_a_paged_replay_is_reported_not_skipped() -> None:

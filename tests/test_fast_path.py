@@ -7,24 +7,20 @@ import asyncio
 import anyio
 import pytest
 
-from app.models import Reading
 from app.streams.memory import MemoryBroker
 from tests.conftest import make_settings, running_gateway, wait_until
+from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
 
 
-def reading(value: float) -> Reading:
-    return Reading(
-        tenant_id="acme",
-        well_id="w1",
-        tag_name="p",
-        value=value,
-        quality="GOOD",
-        timestamp="2026-11-27T10:00:00.000Z",
-        source_protocol="simulator",
-        connection_id="c1",
-    )
+async def open_stream(url: str, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw HTTP/1.1 stream request, so the test sees the response's chunks as sent."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    request = f"GET /tenants/acme/wells/w1/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+    writer.write(request.encode())
+    return reader, writer
 
 
 async def read_chunks(reader: asyncio.StreamReader, until: bytes) -> list[bytes]:
@@ -41,12 +37,7 @@ async def test_a_burst_is_written_in_few_sends_and_in_order(secret: str, token) 
     broker = MemoryBroker()
     with anyio.fail_after(20):
         async with running_gateway(make_settings(secret), broker) as gateway:
-            host, port = gateway.url.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(
-                f"GET /tenants/acme/wells/w1/stream HTTP/1.1\r\nHost: x\r\n"
-                f"Authorization: Bearer {token('acme')}\r\n\r\n".encode()
-            )
+            reader, writer = await open_stream(gateway.url, token("acme"))
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200")
             assert b"transfer-encoding: chunked" in head.lower()
@@ -68,12 +59,7 @@ async def test_a_client_that_leaves_mid_stream_frees_its_subscription(secret: st
     broker = MemoryBroker()
     with anyio.fail_after(10):
         async with running_gateway(make_settings(secret), broker) as gateway:
-            host, port = gateway.url.removeprefix("http://").split(":")
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(
-                f"GET /tenants/acme/wells/w1/stream HTTP/1.1\r\nHost: x\r\n"
-                f"Authorization: Bearer {token('acme')}\r\n\r\n".encode()
-            )
+            reader, writer = await open_stream(gateway.url, token("acme"))
             await reader.readuntil(b"event: snapshot")
             assert gateway.hub.open_streams == 1
             writer.close()

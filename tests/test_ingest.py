@@ -13,23 +13,11 @@ from app.models import ZERO_ID, Reading, Topic
 from app.streams.memory import MemoryBroker
 from app.streams.redis import RedisBroker
 from tests.conftest import RedisServer
+from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
 
 TOPIC = Topic("acme", "w1")
-
-
-def reading(value: float) -> Reading:
-    return Reading(
-        tenant_id="acme",
-        well_id="w1",
-        tag_name="p",
-        value=value,
-        quality="GOOD",
-        timestamp="2026-11-27T10:00:00.000Z",
-        source_protocol="simulator",
-        connection_id="c1",
-    )
 
 
 async def test_batches_keep_order_and_exit_publishes_everything_pending() -> None:

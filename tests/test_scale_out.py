@@ -6,9 +6,9 @@ import anyio
 import httpx
 import pytest
 
-from app.models import Reading
 from app.streams.redis import RedisBroker
 from tests.conftest import gateway_process
+from tests.factories import make_reading
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
@@ -16,16 +16,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_two_gateway_processes_both_deliver_a_reading_published_once(redis_url: str, secret: str, token) -> None:
     headers = {"Authorization": f"Bearer {token('acme')}"}
-    reading = Reading(
-        tenant_id="acme",
-        well_id="w1",
-        tag_name="p",
-        value=42.5,
-        quality="GOOD",
-        timestamp="2026-11-27T10:00:00.000Z",
-        source_protocol="simulator",
-        connection_id="c1",
-    )
+    reading = make_reading(42.5)
     path = "/tenants/acme/wells/w1/stream"
     with anyio.fail_after(30):
         async with (

@@ -11,31 +11,18 @@ import anyio
 import httpx
 import pytest
 
-from app.models import Reading, StreamId
+from app.models import StreamId
 from app.settings import HistorySettings, StreamSettings
 from app.streams.broker import Broker
 from app.streams.memory import MemoryBroker
 from app.streams.redis import RedisBroker
 from tests.conftest import RunningGateway, make_settings, running_gateway
+from tests.factories import make_reading as reading
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
 
 STREAM = "/tenants/acme/wells/w1/stream"
-
-
-def reading(value: float, tag: str = "p", tenant: str = "acme", well: str = "w1") -> Reading:
-    return Reading(
-        tenant_id=tenant,
-        well_id=well,
-        tag_name=tag,
-        value=value,
-        quality="GOOD",
-        timestamp="2026-11-27T10:00:00.000Z",
-        source_protocol="simulator",
-        connection_id="c1",
-        unit="psi",
-    )
 
 
 @dataclass

@@ -15,21 +15,9 @@ from app.models import ZERO_ID, Reading, StreamEvent, StreamId, Topic
 from app.streams.broker import Broker
 from app.streams.memory import MemoryBroker
 from app.streams.redis import RedisBroker, channel_name, latest_key, log_key
+from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
-
-
-def reading(tenant: str = "acme", well: str = "w1", tag: str = "p", value: float | None = 1.0) -> Reading:
-    return Reading(
-        tenant_id=tenant,
-        well_id=well,
-        tag_name=tag,
-        value=value,
-        quality="GOOD",
-        timestamp="2026-11-27T10:00:00.123Z",
-        source_protocol="simulator",
-        connection_id="c1",
-    )
 
 
 @contextlib.asynccontextmanager
@@ -57,8 +45,8 @@ def url(kind: str, request: pytest.FixtureRequest) -> str:
 async def test_ids_increase_per_topic_and_history_returns_them_in_order(kind: str, url: str) -> None:
     with anyio.fail_after(5):
         async with open_broker(kind, url) as broker:
-            ids = await broker.publish([reading(value=float(i)) for i in range(50)])
-            ids += await broker.publish([reading(value=float(i)) for i in range(50, 100)])
+            ids = await broker.publish([reading(float(i)) for i in range(50)])
+            ids += await broker.publish([reading(float(i)) for i in range(50, 100)])
             assert ids == sorted(ids)
             assert len(set(ids)) == 100
             found = await broker.history(Topic("acme", "w1"), ZERO_ID, 1000)
@@ -70,7 +58,7 @@ async def test_ids_increase_per_topic_and_history_returns_them_in_order(kind: st
 async def test_history_after_an_id_is_exclusive_and_paged(kind: str, url: str) -> None:
     with anyio.fail_after(5):
         async with open_broker(kind, url) as broker:
-            ids = await broker.publish([reading(value=float(i)) for i in range(30)])
+            ids = await broker.publish([reading(float(i)) for i in range(30)])
             page = await broker.history(Topic("acme", "w1"), ids[9], 10)
             assert [e.id for e in page.events] == ids[10:20]
             rest = await broker.history(Topic("acme", "w1"), ids[-1], 10)
@@ -84,10 +72,8 @@ async def test_snapshot_holds_latest_per_tag_and_newest_id(kind: str, url: str) 
             empty = await broker.snapshot(Topic("acme", "w1"))
             assert empty.readings == {}
             assert empty.last_id == ZERO_ID
-            await broker.publish(
-                [reading(tag="p", value=1.0), reading(tag="t", value=2.0), reading(tag="p", value=3.0)]
-            )
-            ids = await broker.publish([reading(tag="t", value=None)])
+            await broker.publish([reading(1.0, "p"), reading(2.0, "t"), reading(3.0, "p")])
+            ids = await broker.publish([reading(None, "t")])
             snap = await broker.snapshot(Topic("acme", "w1"))
             assert snap.last_id == ids[-1]
             assert {tag: Reading.from_json(data).value for tag, data in snap.readings.items()} == {"p": 3.0, "t": None}
@@ -97,7 +83,7 @@ async def test_snapshot_holds_latest_per_tag_and_newest_id(kind: str, url: str) 
 async def test_tenants_with_the_same_well_id_are_kept_apart(kind: str, url: str) -> None:
     with anyio.fail_after(5):
         async with open_broker(kind, url) as broker:
-            await broker.publish([reading("acme", "w1", value=1.0), reading("globex", "w1", value=2.0)])
+            await broker.publish([reading(1.0, tenant="acme", well="w1"), reading(2.0, tenant="globex", well="w1")])
             acme = await broker.history(Topic("acme", "w1"), ZERO_ID, 10)
             globex = await broker.history(Topic("globex", "w1"), ZERO_ID, 10)
             assert [Reading.from_json(e.data).tenant_id for e in acme.events] == ["acme"]
@@ -111,7 +97,7 @@ async def test_trimmed_history_is_reported_as_truncated(kind: str, url: str) -> 
         async with open_broker(kind, url, max_len=10) as broker:
             ids: list[StreamId] = []
             for i in range(300):  # one by one, so Redis's approximate MAXLEN ~ gets to trim whole nodes
-                ids += await broker.publish([reading(value=float(i))])
+                ids += await broker.publish([reading(float(i))])
             topic = Topic("acme", "w1")
             assert (await broker.history(topic, ids[0], 1000)).truncated
             kept = await broker.history(topic, ids[-5], 1000)
@@ -124,9 +110,9 @@ async def test_trimmed_history_is_reported_as_truncated(kind: str, url: str) -> 
 async def test_history_is_trimmed_by_age(kind: str, url: str) -> None:
     with anyio.fail_after(10):
         async with open_broker(kind, url, max_age_s=0.5) as broker:
-            old = await broker.publish([reading(value=float(i)) for i in range(300)])
+            old = await broker.publish([reading(float(i)) for i in range(300)])
             await asyncio.sleep(0.7)
-            new = await broker.publish([reading(value=1000.0)])
+            new = await broker.publish([reading(1000.0)])
             topic = Topic("acme", "w1")
             assert (await broker.history(topic, old[0], 1000)).truncated
             found = await broker.history(topic, ZERO_ID, 1000)
@@ -147,7 +133,7 @@ async def test_live_feed_delivers_subscribed_topics_only_in_order(kind: str, url
 
             feed = await broker.open_feed(deliver)
             await feed.subscribe(Topic("acme", "w1"))
-            ids = await broker.publish([reading(value=float(i)) for i in range(20)] + [reading(well="w2")])
+            ids = await broker.publish([reading(float(i)) for i in range(20)] + [reading(well="w2")])
             await twenty.wait()
             await asyncio.sleep(0.05)
             assert [event.id for _, event in got] == ids[:20]
@@ -169,7 +155,7 @@ async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
             pubsub = client.pubsub()
             await pubsub.subscribe(channel_name(Topic("acme", "w1")))
             await pubsub.get_message(timeout=1)  # the subscribe confirmation
-            [stream_id] = await broker.publish([reading(tag="p", value=4.5)])
+            [stream_id] = await broker.publish([reading(4.5, "p")])
             message = await pubsub.get_message(timeout=2)
             assert message is not None
             raw_id, _, data = message["data"].partition(b" ")

@@ -9,26 +9,14 @@ import anyio
 import httpx
 import pytest
 
-from app.models import Reading, Topic
+from app.models import Topic
 from app.settings import StreamSettings
 from app.streams.redis import RedisBroker, channel_name
 from tests.conftest import RedisServer, make_settings, running_gateway, wait_until
+from tests.factories import make_reading as reading
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
-
-
-def reading(well: str, value: float, tag: str = "p", pad: int = 0) -> Reading:
-    return Reading(
-        tenant_id="acme",
-        well_id=well,
-        tag_name=tag,
-        value=value,
-        quality="GOOD",
-        timestamp="2026-11-27T10:00:00.000Z",
-        source_protocol="simulator",
-        connection_id="c" * max(1, min(pad, 64)),
-    )
 
 
 def numsub(server: RedisServer, wells: list[str]) -> dict[str, int]:
@@ -68,7 +56,7 @@ async def test_200_streams_on_20_wells_share_one_subscription_each_and_leave_non
                 assert hub.topics == 20
                 assert numsub(redis_server, wells) == dict.fromkeys(wells, 1), "one subscription per well per process"
                 async with RedisBroker.connect(redis_url) as publisher:
-                    await publisher.publish([reading(w, 7.0) for w in wells])
+                    await publisher.publish([reading(7.0, well=w) for w in wells])
                     await wait_until(lambda: len(got_live) == 200)
                 release.set()
                 await asyncio.gather(*tasks)
@@ -99,7 +87,9 @@ async def test_a_stream_that_stops_reading_is_ended_while_others_keep_flowing(
 
             async def publish() -> None:
                 for start in range(0, total, 100):
-                    await publisher.publish([reading("w1", float(v), pad=60) for v in range(start, start + 100)])
+                    await publisher.publish(
+                        [reading(float(v), well="w1", connection="c" * 60) for v in range(start, start + 100)]
+                    )
                     await asyncio.sleep(0.002)
 
             publishing: asyncio.Task[None] | None = None

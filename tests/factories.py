@@ -1,0 +1,27 @@
+"""Readings for tests: valid by default, each test says only what it cares about."""
+
+from __future__ import annotations
+
+from app.models import Reading
+
+
+def make_reading(
+    value: float | None = 1.0,
+    tag: str = "p",
+    *,
+    tenant: str = "acme",
+    well: str = "w1",
+    connection: str = "c1",
+    timestamp: str = "2026-11-27T10:00:00.123Z",
+) -> Reading:
+    return Reading(
+        tenant_id=tenant,
+        well_id=well,
+        tag_name=tag,
+        value=value,
+        quality="GOOD",
+        timestamp=timestamp,
+        source_protocol="simulator",
+        connection_id=connection,
+        unit="psi",
+    )
