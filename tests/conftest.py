@@ -97,6 +97,18 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
+@pytest.fixture(params=["memory", "redis"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Run a test once on each broker."""
+    return str(request.param)
+
+
+@pytest.fixture
+def url(kind: str, request: pytest.FixtureRequest) -> str:
+    """The Redis URL for the redis variant; only that variant starts (and flushes) a redis-server."""
+    return str(request.getfixturevalue("redis_url")) if kind == "redis" else ""
+
+
 @pytest.fixture(scope="session")
 def secret() -> str:
     """Made at test time; never stored anywhere."""

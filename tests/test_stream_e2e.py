@@ -51,16 +51,6 @@ async def site(kind: str, redis_url: str, secret: str, token: str, **overrides: 
                 yield Site(gateway, broker, headers)
 
 
-@pytest.fixture(params=["memory", "redis"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def url(kind: str, request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue("redis_url")) if kind == "redis" else ""
-
-
 async def test_snapshot_first_then_live_readings_in_order(kind: str, url: str, secret: str, token) -> None:
     with anyio.fail_after(10):
         async with site(kind, url, secret, token("acme")) as s, httpx.AsyncClient(timeout=5) as client:

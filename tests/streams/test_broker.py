@@ -31,17 +31,6 @@ async def open_broker(kind: str, redis_url: str, max_len: int = 10_000, max_age_
             yield redis_broker
 
 
-@pytest.fixture(params=["memory", "redis"])
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def url(kind: str, request: pytest.FixtureRequest) -> str:
-    # Only the Redis variant starts (and flushes) a redis-server.
-    return str(request.getfixturevalue("redis_url")) if kind == "redis" else ""
-
-
 async def test_ids_increase_per_topic_and_history_returns_them_in_order(kind: str, url: str) -> None:
     with anyio.fail_after(5):
         async with open_broker(kind, url) as broker:
