@@ -1,10 +1,10 @@
 """The ASGI response for one SSE connection: catch up (snapshot or replay), then live.
 
 Why not sse-starlette's EventSourceResponse here: it runs a four-task group per connection
-and a timer per ping, which measured 35-50 % more CPU per event and 2.5x the memory per
-stream (docs/performance.md). This writes pre-built frame bytes straight to ASGI `send`,
-with one helper task per connection (the disconnect watcher) and the hub's sweeper for
-heartbeats and send timeouts.
+and a timer per ping; the benchmark's sse-starlette baseline holds 82 KiB per stream where
+this holds 16-27 KiB (docs/performance.md). This writes pre-built frame bytes straight to
+ASGI `send`: the request's task only watches for the disconnect, one writer task per stream
+does the rest, and the hub's one sweeper provides heartbeats and send timeouts.
 
 Ordering guarantee (no gap, no duplicate): the hub subscription is confirmed *before*
 history or the snapshot is read, so every event newer than what the catch-up sent is in the
