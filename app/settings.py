@@ -44,14 +44,34 @@ class ServerSettings(BaseModel):
     granian_http2: bool = Field(False, description="--server granian also speaks HTTP/2 (h2c); costs memory per stream")
 
 
+class LimitSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    streams_per_subject: int = Field(50, ge=1, description="concurrent streams of one token subject (429)")
+    streams_per_tenant: int = Field(5000, ge=1, description="concurrent streams of one tenant, all gateways (429)")
+    streams_per_process: int = Field(15000, ge=1, description="open streams in this gateway (503, try another)")
+    connects_per_s: float = Field(5, gt=0, description="connection attempts per client address and per subject")
+    connect_burst: int = Field(30, ge=1, description="token bucket size for connection attempts")
+
+
 class AuthSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret (development)")
+    public_key_file: Path | None = Field(None, description="PEM public key: RS256 (RSA) or ES256 (P-256)")
+    jwks_file: Path | None = Field(None, description="a JWKS document on disk")
+    jwks_url: str | None = Field(None, description="https URL of a JWKS, cached, refreshed on an unknown kid")
+    jwks_ca_file: Path | None = Field(None, description="CA bundle for jwks_url (default: the system's)")
+    jwks_cache_s: float = Field(300, gt=0, description="how long a fetched JWKS is trusted")
+    jwks_min_refresh_s: float = Field(10, ge=0, description="at most one refetch per this interval (unknown kids)")
     issuer: str | None = None
     audience: str | None = None
     leeway_s: int = Field(30, ge=0, le=300)
     allow_query_token: bool = Field(False, description="accept ?access_token= (puts tokens in URLs and logs)")
+    cookie_name: str = Field("wellstream_session", pattern=r"^[A-Za-z0-9_]{1,64}$")
+    ticket_ttl_s: int = Field(60, ge=5, le=600, description="life of a single-use stream ticket")
+    cors_origins: list[str] = Field(default_factory=list, description="dashboard origins allowed cross-origin")
+    limits: LimitSettings = LimitSettings()
 
 
 class Settings(BaseSettings):
