@@ -97,21 +97,37 @@ def cmd_demo(args: argparse.Namespace) -> None:
     auth = settings.auth.model_copy(update={"allow_query_token": True})
     settings = settings.model_copy(update={"jwt_secret": SecretStr(secret), "auth": auth})
     logs.configure(args.log_level)
+    _require_server(args.server)
     wells = [(tenant, well) for tenant in DEMO_TENANTS for well in DEMO_WELLS]
-    app = create_app(settings, background=[simulate(wells, args.interval)])
     base = f"http://{args.host}:{args.port}"
     acme = mint_token(secret, "acme", "demo", ttl_s=12 * 3600)
     globex = mint_token(secret, "globex", "demo", ttl_s=12 * 3600)
-    print(
+    banner = (
         f"wellstream demo ({'redis' if settings.redis_url else 'memory'} broker)\n"
         f"  dashboard: {base}/#token={acme}\n"
         f"  token (acme):   {acme}\n"
         f"  token (globex): {globex}\n"
-        f'  try: curl -N -H "Authorization: Bearer {acme}" {base}/tenants/acme/wells/well-01/stream\n',
-        flush=True,
+        f'  try: curl -N -H "Authorization: Bearer {acme}" {base}/tenants/acme/wells/well-01/stream\n'
     )
-    _require_server(args.server)
-    _run(server.run(app, settings, args.host, args.port, args.server))
+    jobs = [simulate(wells, args.interval), announce(banner, args.host, args.port)]
+    _run(server.run(create_app(settings, background=jobs), settings, args.host, args.port, args.server))
+
+
+def announce(text: str, host: str, port: int) -> Callable[[Broker], Coroutine[Any, Any, None]]:
+    """Print `text` once the server accepts connections, so what it says to try works at once."""
+
+    async def job(broker: Broker) -> None:
+        for _ in range(600):
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            break
+        print(text, flush=True)
+
+    return job
 
 
 def parser() -> argparse.ArgumentParser:
