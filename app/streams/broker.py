@@ -65,7 +65,19 @@ class Broker(Protocol):
         """Up to `limit` entries with id > `after`, oldest first."""
 
     async def wells(self, tenant: str) -> list[str]:
-        """Wells that have received readings for this tenant, sorted."""
+        """The tenant's registered wells (configured, or seen by ingestion), sorted."""
+
+    async def has_well(self, tenant: str, well: str) -> bool:
+        """Whether the well is registered for the tenant."""
+
+    async def register_wells(self, tenant: str, wells: Sequence[str]) -> None:
+        """Add wells to the tenant's registry (publishing registers its wells too)."""
+
+    async def put_ticket(self, key: str, payload: bytes, ttl_s: int) -> None:
+        """Store a stream ticket under `key` (a hash of the ticket) for `ttl_s` seconds."""
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        """Fetch and delete a ticket in one step: a ticket redeems at most once, on any gateway."""
 
     async def open_feed(self, deliver: Deliver) -> LiveFeed:
         """Open the process's live feed; `deliver` gets every event of every subscribed topic."""

@@ -55,6 +55,7 @@ class MemoryBroker:
         self._clock = clock or (lambda: time.time_ns() // 1_000_000)
         self._logs: dict[Topic, _Log] = defaultdict(_Log)
         self._wells: dict[str, set[str]] = defaultdict(set)
+        self._tickets: dict[str, tuple[bytes, float]] = {}
         self.feeds: set[_MemoryFeed] = set()
 
     async def publish(self, readings: Sequence[Reading]) -> list[StreamId]:
@@ -104,6 +105,25 @@ class MemoryBroker:
 
     async def wells(self, tenant: str) -> list[str]:
         return sorted(self._wells.get(tenant, ()))
+
+    async def has_well(self, tenant: str, well: str) -> bool:
+        return well in self._wells.get(tenant, ())
+
+    async def register_wells(self, tenant: str, wells: Sequence[str]) -> None:
+        self._wells[tenant].update(wells)
+
+    async def put_ticket(self, key: str, payload: bytes, ttl_s: int) -> None:
+        now = time.monotonic()
+        # Expired tickets are dropped as new ones arrive, so the dict stays as small as the live set.
+        for stale in [k for k, (_, expiry) in self._tickets.items() if expiry <= now]:
+            del self._tickets[stale]
+        self._tickets[key] = (payload, now + ttl_s)
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        entry = self._tickets.pop(key, None)
+        if entry is None or entry[1] <= time.monotonic():
+            return None
+        return entry[0]
 
     async def open_feed(self, deliver: Deliver) -> LiveFeed:
         feed = _MemoryFeed(self, deliver)

@@ -4,7 +4,8 @@ Per (tenant, well), keys share the hash tag `{tenant/well}` so they sit on one C
 - `scada:{t/w}:log`    Stream, one entry per reading (field `r` = reading JSON), capped by
                         MAXLEN ~ and by age (MINID ~);
 - `scada:{t/w}:latest` Hash, tag -> latest reading JSON;
-- `scada:{t}:wells`    Set of wells that have readings (the registry of what ingestion saw);
+- `scada:{t}:wells`    Set of the tenant's wells (configured, and what ingestion saw);
+- `scada:ticket:<sha256 of a ticket>`  single-use stream ticket, with a TTL;
 - channel `scada:readings:<t>:<w>`, message `<stream id> <reading JSON>`.
 XADD, HSET, SADD and PUBLISH happen in the same script, so history and live never disagree.
 """
@@ -77,6 +78,10 @@ def latest_key(topic: Topic) -> str:
 
 def wells_key(tenant: str) -> str:
     return f"scada:{{{tenant}}}:wells"
+
+
+def ticket_key(key: str) -> str:
+    return f"scada:ticket:{key}"
 
 
 def channel_name(topic: Topic) -> str:
@@ -178,6 +183,24 @@ class RedisBroker:
         with _redis_errors("list wells"):
             members = await self._client.smembers(wells_key(tenant))
         return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    async def has_well(self, tenant: str, well: str) -> bool:
+        with _redis_errors("check well"):
+            return bool(await self._client.sismember(wells_key(tenant), well))
+
+    async def register_wells(self, tenant: str, wells: Sequence[str]) -> None:
+        if wells:
+            with _redis_errors("register wells"):
+                await self._client.sadd(wells_key(tenant), *wells)
+
+    async def put_ticket(self, key: str, payload: bytes, ttl_s: int) -> None:
+        with _redis_errors("store ticket"):
+            await self._client.set(ticket_key(key), payload, ex=ttl_s)
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        with _redis_errors("redeem ticket"):
+            payload = await self._client.getdel(ticket_key(key))
+        return payload.encode() if isinstance(payload, str) else payload
 
     async def open_feed(self, deliver: Deliver) -> LiveFeed:
         feed = RedisFeed(self._client, deliver, on_close=self._feeds.discard)

@@ -159,3 +159,25 @@ async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
             assert await client.smembers("scada:{acme}:wells") == {b"w1"}
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             await client.aclose()
+
+
+async def test_the_well_registry_is_per_tenant(kind: str, url: str) -> None:
+    with anyio.fail_after(5):
+        async with open_broker(kind, url) as broker:
+            await broker.register_wells("acme", ["w1", "w2"])
+            await broker.publish([reading(well="w3")])
+            assert await broker.wells("acme") == ["w1", "w2", "w3"]
+            assert await broker.has_well("acme", "w3")
+            assert not await broker.has_well("globex", "w1")
+
+
+async def test_a_ticket_redeems_once_and_expires(kind: str, url: str) -> None:
+    with anyio.fail_after(10):
+        async with open_broker(kind, url) as broker:
+            await broker.put_ticket("k1", b"payload", ttl_s=5)
+            assert await broker.take_ticket("k1") == b"payload"
+            assert await broker.take_ticket("k1") is None, "single use"
+            await broker.put_ticket("k2", b"short", ttl_s=1)
+            await asyncio.sleep(1.2)
+            assert await broker.take_ticket("k2") is None, "expired"
+            assert await broker.take_ticket("never") is None
