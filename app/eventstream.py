@@ -16,16 +16,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 
 from starlette.types import Message, Receive, Scope, Send
 
+from app.auth.audit import audit
+from app.auth.limits import Lease
 from app.errors import BrokerError
-from app.models import Snapshot, StreamId, Topic
+from app.models import Principal, Snapshot, StreamId, Topic
 from app.settings import HistorySettings, StreamSettings
 from app.streams.broker import Broker
 from app.streams.fanout import Hub, Subscriber
-from app.streams.sse import goodbye_frame, heartbeat_frame, reading_frame, reset_frame, retry_frame, snapshot_frame
+from app.streams.sse import (
+    auth_expired_frame,
+    goodbye_frame,
+    heartbeat_frame,
+    reading_frame,
+    reset_frame,
+    retry_frame,
+    snapshot_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +62,11 @@ class EventStream:
         tags: frozenset[str] | None,
         stream: StreamSettings,
         history: HistorySettings,
+        principal: Principal | None = None,
+        lease: Lease | None = None,
     ) -> None:
+        self.principal = principal
+        self.lease = lease
         self.hub = hub
         self.broker = broker
         self.topic = topic
@@ -74,6 +89,7 @@ class EventStream:
         # is most of the per-event cost at 100,000 events/s (docs/performance.md).
         task = asyncio.current_task()
         assert task is not None
+        opened = time.monotonic()
         writer = asyncio.create_task(self._write(send), name=f"sse {self.topic}")
         writer.add_done_callback(lambda _: task.cancel() if self._watching else None)
         self._watching = True
@@ -94,7 +110,21 @@ class EventStream:
             task.uncancel()  # the writer finished and woke us from receive()
         finally:
             self._watching = False
-        await writer
+        try:
+            await writer
+        finally:
+            if self.lease is not None:
+                self.lease.release()
+            principal = self.principal
+            audit(
+                "disconnect",
+                sub=principal.subject if principal else None,
+                tenant=self.topic.tenant,
+                well=self.topic.well,
+                reason=self.end_reason,
+                duration_s=round(time.monotonic() - opened, 3),
+                events_sent=self.events_sent,
+            )
 
     async def _write(self, send: Send) -> None:
         task = asyncio.current_task()
@@ -102,7 +132,8 @@ class EventStream:
         try:
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
-                    self._sub = await self.hub.subscribe(self.topic, self.tags)
+                    expires_at = self.principal.expires_at if self.principal else None
+                    self._sub = await self.hub.subscribe(self.topic, self.tags, expires_at)
             except TimeoutError:
                 raise BrokerError("subscribe", f"no confirmation within {SUBSCRIBE_TIMEOUT_S} s") from None
             if self._disconnected:
@@ -194,6 +225,9 @@ class EventStream:
         self.end_reason = sub.end_reason or "ended"
         if sub.end_reason == "client-closed":
             return
+        if sub.end_reason == "auth-expired":
+            # The dashboard fetches a fresh ticket and resumes from the id it has.
+            await self._send(sub, send, auth_expired_frame(self.topic))
         if sub.end_reason in GOODBYES:
             # Many streams end at once here: spread their returns so they do not come back as one storm.
             spread = self.stream.shutdown_retry_spread_ms

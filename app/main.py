@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.auth.guard import Guard
+from app.auth.limits import StreamLimits
 from app.auth.tokens import TokenVerifier
 from app.routes import EXCEPTION_HANDLERS, ROUTES, STREAM_PATH, serve_stream
 from app.settings import Settings
@@ -29,7 +32,12 @@ Background = Callable[[Broker], Coroutine[Any, Any, None]]
 
 
 class GatewayApp(Starlette):
-    """Starlette, with the stream route taken before the middleware stack (routes.serve_stream)."""
+    """Starlette, with the stream route taken before the middleware stack (routes.serve_stream).
+
+    CORS, the one middleware a stream needs, is applied to it directly.
+    """
+
+    stream_app: ASGIApp  # set by create_app: serve_stream, wrapped in CORS when origins are configured
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
@@ -37,7 +45,7 @@ class GatewayApp(Starlette):
             if match is not None:
                 scope["app"] = self
                 scope["path_params"] = {"tenant": match[1], "well": match[2]}
-                await serve_stream(scope, receive, send)
+                await self.stream_app(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -50,6 +58,7 @@ class Gateway:
     broker: Broker
     hub: Hub
     guard: Guard
+    limits: StreamLimits
 
 
 @contextlib.asynccontextmanager
@@ -78,11 +87,7 @@ def create_app(
             its simulator; tests share one between app and publisher).
         background: coroutines started with the broker once the app is up (the demo's simulator).
     """
-    secret = settings.secret
-    if not secret:
-        raise ValueError("WELLSTREAM_JWT_SECRET must be set")
-    auth = settings.auth
-    guard = Guard(TokenVerifier(secret, auth.issuer, auth.audience, auth.leeway_s), auth.allow_query_token)
+    verifier = build_verifier(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -92,7 +97,10 @@ def create_app(
             hub = Hub(active, stream.queue_size, stream.heartbeat_s, stream.send_timeout_s)
             await hub.start()
             stack.push_async_callback(hub.aclose)
-            app.state.gateway = Gateway(settings, active, hub, guard)
+            for tenant, wells in settings.wells.items():
+                await active.register_wells(tenant, wells)
+            guard = Guard(verifier, active, settings.auth)
+            app.state.gateway = Gateway(settings, active, hub, guard, StreamLimits(settings.auth.limits))
             await _start_background(stack, active, background or [])
             logger.info("gateway ready on the %s broker", "redis" if settings.redis_url else "memory")
             yield
@@ -100,7 +108,28 @@ def create_app(
     routes: list[BaseRoute] = list(ROUTES)
     if settings.static_dir.is_dir():
         routes.append(Mount("/", StaticFiles(directory=settings.static_dir, html=True), name="static"))
-    return GatewayApp(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    middleware = [Middleware(CORSMiddleware, **cors_options(settings))] if settings.auth.cors_origins else []
+    app = GatewayApp(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
+    app.stream_app = (
+        CORSMiddleware(serve_stream, **cors_options(settings)) if settings.auth.cors_origins else serve_stream
+    )
+    return app
+
+
+def cors_options(settings: Settings) -> dict[str, Any]:
+    """Configured dashboard origins only, with credentials so the session cookie goes along."""
+    return {
+        "allow_origins": settings.auth.cors_origins,
+        "allow_credentials": True,
+        "allow_methods": ["GET", "POST", "DELETE"],
+        "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID"],
+        "max_age": 600,
+    }
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    """Raises ValueError naming the options when no key is configured."""
+    return TokenVerifier.from_settings(settings.auth, settings.secret)
 
 
 async def _start_background(stack: contextlib.AsyncExitStack, broker: Broker, jobs: list[Background]) -> None:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import TYPE_CHECKING
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from app.auth.audit import audit
+from app.auth.guard import client_address
+from app.auth.limits import LimitError
 from app.errors import AuthError, BrokerError
 from app.eventstream import EventStream
 from app.models import StreamId, Topic, is_valid_id
@@ -65,22 +70,86 @@ def _tags(request: Request) -> frozenset[str] | None:
 
 async def stream(request: Request) -> Response | EventStream:
     gateway = _gateway(request)
+    gateway.limits.check_attempt(client_address(request))
     topic = _topic(request)
     last_id, tags = _last_event_id(request), _tags(request)
-    gateway.guard.authorize(request, topic.tenant, topic.well)
+    principal = await gateway.guard.authorize(request, topic.tenant, topic.well, tickets=True)
     if gateway.hub.draining:
         return JSONResponse({"error": "server shutting down"}, status_code=503, headers={"Retry-After": "1"})
     if request.method == "HEAD":
         return Response(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
+    lease = gateway.limits.admit(principal)
+    audit("connect", sub=principal.subject, tenant=topic.tenant, well=topic.well, client=client_address(request))
     settings = gateway.settings
-    return EventStream(gateway.hub, gateway.broker, topic, last_id, tags, settings.stream, settings.history)
+    return EventStream(
+        gateway.hub, gateway.broker, topic, last_id, tags, settings.stream, settings.history, principal, lease
+    )
+
+
+async def stream_tickets(request: Request) -> Response:
+    """POST /tenants/{tenant}/stream-tickets {"wells": [...]} -> {"ticket", "expiresIn"}."""
+    gateway = _gateway(request)
+    tenant = request.path_params["tenant"]
+    if not is_valid_id(tenant):
+        raise BadRequest(404, "unknown tenant")
+    principal = await gateway.guard.authorize(request, tenant)
+    wells = _wells_body(await _json_body(request))
+    ticket = await gateway.guard.issue_ticket(principal, wells)
+    expires_in = gateway.settings.auth.ticket_ttl_s
+    return JSONResponse({"ticket": ticket, "expiresIn": expires_in}, headers={"Cache-Control": "no-store"})
+
+
+async def _json_body(request: Request) -> object:
+    body = await request.body()
+    if len(body) > 16_384:
+        raise BadRequest(413, "body too large")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest(400, "body must be JSON") from None
+
+
+def _wells_body(body: object) -> list[str]:
+    wells = body.get("wells") if isinstance(body, dict) else None
+    if not isinstance(wells, list) or not all(isinstance(w, str) and is_valid_id(w) for w in wells):
+        raise BadRequest(400, 'body must be {"wells": [well ids]}')
+    return list(dict.fromkeys(wells))
+
+
+async def open_session(request: Request) -> Response:
+    """POST /auth/session with a Bearer token -> the HttpOnly session cookie for the dashboard."""
+    gateway = _gateway(request)
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthError("send the token as Authorization: Bearer")
+    principal = await gateway.guard.verify(token.strip())
+    max_age = max(1, int(principal.expires_at - time.time()))
+    response = JSONResponse({"tenantId": principal.tenant, "expiresIn": max_age}, headers={"Cache-Control": "no-store"})
+    response.set_cookie(
+        gateway.settings.auth.cookie_name,
+        token.strip(),
+        max_age=max_age,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    audit("session-opened", sub=principal.subject, tenant=principal.tenant, client=client_address(request))
+    return response
+
+
+async def close_session(request: Request) -> Response:
+    response = Response(status_code=204)
+    response.delete_cookie(_gateway(request).settings.auth.cookie_name, path="/", httponly=True, samesite="strict")
+    return response
 
 
 async def latest(request: Request) -> Response:
     gateway = _gateway(request)
     topic = _topic(request)
     tags = _tags(request)
-    gateway.guard.authorize(request, topic.tenant, topic.well)
+    await gateway.guard.authorize(request, topic.tenant, topic.well)
     snapshot = await gateway.broker.snapshot(topic)
     readings = [
         single_line_json(data) for tag, data in sorted(snapshot.readings.items()) if tags is None or tag in tags
@@ -99,7 +168,7 @@ async def wells(request: Request) -> Response:
     tenant = request.path_params["tenant"]
     if not is_valid_id(tenant):
         raise BadRequest(404, "unknown tenant")
-    principal = gateway.guard.authorize(request, tenant)
+    principal = await gateway.guard.authorize(request, tenant)
     names = [name for name in await gateway.broker.wells(tenant) if principal.may_see(name)]
     return JSONResponse({"tenantId": tenant, "wells": names})
 
@@ -125,7 +194,15 @@ async def on_bad_request(request: Request, exc: Exception) -> Response:
 
 async def on_auth_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AuthError)
+    audit("auth-failure", status=exc.status, reason=exc.reason, path=request.url.path, client=client_address(request))
     headers = {"WWW-Authenticate": 'Bearer realm="wellstream"'} if exc.status == 401 else None
+    return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
+
+
+async def on_limit_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, LimitError)
+    audit("limit", status=exc.status, reason=exc.reason, path=request.url.path, client=client_address(request))
+    headers = {"Retry-After": str(exc.retry_after_s)}
     return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
 
 
@@ -134,7 +211,12 @@ async def on_broker_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "broker unavailable"}, status_code=503, headers={"Retry-After": "2"})
 
 
-EXCEPTION_HANDLERS = {BadRequest: on_bad_request, AuthError: on_auth_error, BrokerError: on_broker_error}
+EXCEPTION_HANDLERS = {
+    BadRequest: on_bad_request,
+    AuthError: on_auth_error,
+    LimitError: on_limit_error,
+    BrokerError: on_broker_error,
+}
 
 STREAM_PATH = re.compile(r"^/tenants/([^/]+)/wells/([^/]+)/stream$")
 
@@ -165,4 +247,7 @@ ROUTES = [
     Route("/tenants/{tenant}/wells", wells),
     Route("/tenants/{tenant}/wells/{well}/latest", latest),
     Route("/tenants/{tenant}/wells/{well}/stream", stream),
+    Route("/tenants/{tenant}/stream-tickets", stream_tickets, methods=["POST"]),
+    Route("/auth/session", open_session, methods=["POST"]),
+    Route("/auth/session", close_session, methods=["DELETE"]),
 ]

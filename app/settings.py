@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from app.models import Identifier
+
 DEFAULT_CONFIG_FILE = Path("config/wellstream.toml")
 
 
@@ -88,6 +90,9 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
+    # The configured registry of wells per tenant (the site config feeds it); ingestion adds
+    # the wells it sees. A stream for a well in neither is a 404.
+    wells: dict[Identifier, list[Identifier]] = Field(default_factory=dict)
     static_dir: Path = Path(__file__).resolve().parent.parent / "static"
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -123,8 +124,18 @@ def token(secret: str):
     return make
 
 
+# The registry of wells the tests stream from (a stream for any other well is a 404).
+TEST_WELLS = ["w1", "w2", "w9", *(f"w{i:02d}" for i in range(20)), *(f"well-{i}" for i in range(10))]
+REGISTRY = {"acme": TEST_WELLS, "globex": TEST_WELLS}
+
+
+# Tests open hundreds of streams from one address at once; tests of the limits set their own.
+ROOMY_LIMITS = {"connects_per_s": 100_000, "connect_burst": 100_000, "streams_per_subject": 100_000}
+
+
 def make_settings(secret: str, **overrides: object) -> Settings:
-    return Settings(jwt_secret=secret, **overrides)  # type: ignore[arg-type]
+    auth = {"limits": ROOMY_LIMITS}
+    return Settings(jwt_secret=secret, **{"wells": REGISTRY, "auth": auth, **overrides})  # type: ignore[arg-type]
 
 
 @dataclass
@@ -185,7 +196,9 @@ async def gateway_process(
     """`python -m app serve` as a real child process on a free port; killed if still running at the end."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
-    env |= {"WELLSTREAM_JWT_SECRET": secret, **env_overrides}
+    env |= {"WELLSTREAM_JWT_SECRET": secret, "WELLSTREAM_WELLS": json.dumps(REGISTRY)}
+    env |= {f"WELLSTREAM_AUTH__LIMITS__{key.upper()}": str(value) for key, value in ROOMY_LIMITS.items()}
+    env |= env_overrides
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "serve", "--server", server, "--port", str(port), cwd=ROOT, env=env
     )

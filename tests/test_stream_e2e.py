@@ -173,7 +173,8 @@ async def test_latest_endpoint_answers_json(kind: str, url: str, secret: str, to
             assert body["lastEventId"] == str(ids[-1])
             assert [(r["tagName"], r["value"]) for r in body["readings"]] == [("p", 1.0), ("t", 2.0)]
             wells = await client.get(s.url + "/tenants/acme/wells", headers=s.headers)
-            assert wells.json() == {"tenantId": "acme", "wells": ["w1"]}
+            assert wells.json()["tenantId"] == "acme"
+            assert "w1" in wells.json()["wells"]
 
 
 @pytest.mark.parametrize(

@@ -1,44 +1,101 @@
-"""The one seam routes call: who is asking, and may they see this tenant and well."""
+"""The one seam routes call: who is asking, and may they see this tenant and well.
+
+Credentials are looked for in this order: `Authorization: Bearer`, the session cookie (set by
+POST /auth/session for the same-origin dashboard), a single-use stream ticket (`?ticket=`,
+stream requests only), and `?access_token=` only where a setting allows it. Tickets are
+stored by their SHA-256, so the broker never holds a redeemable ticket.
+"""
 
 from __future__ import annotations
 
-import logging
+import hashlib
+import secrets
+from collections.abc import Sequence
 
+import orjson
+from pydantic import ValidationError
 from starlette.requests import Request
 
+from app.auth.audit import audit
 from app.auth.tokens import TokenVerifier
 from app.errors import AuthError
 from app.models import Principal
+from app.settings import AuthSettings
+from app.streams.broker import Broker
 
-logger = logging.getLogger(__name__)
+MAX_TICKET_WELLS = 100
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _ticket_key(ticket: str) -> str:
+    return hashlib.sha256(ticket.encode()).hexdigest()
 
 
 class Guard:
-    def __init__(self, verifier: TokenVerifier, allow_query_token: bool = False) -> None:
+    def __init__(self, verifier: TokenVerifier, broker: Broker, settings: AuthSettings) -> None:
         self._verifier = verifier
-        self._allow_query_token = allow_query_token
+        self._broker = broker
+        self._settings = settings
 
-    def _token(self, request: Request) -> str:
+    async def verify(self, token: str) -> Principal:
+        return await self._verifier.verify(token)
+
+    async def principal(self, request: Request, *, tickets: bool = False) -> Principal:
+        """The caller, from the first credential present; AuthError(401) if none is valid."""
         header = request.headers.get("authorization", "")
         scheme, _, credentials = header.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
-            return credentials.strip()
-        if self._allow_query_token and request.query_params.get("access_token"):
-            return request.query_params["access_token"]
-        raise AuthError("missing bearer token")
+            return await self.verify(credentials.strip())
+        cookie = request.cookies.get(self._settings.cookie_name)
+        if cookie:
+            return await self.verify(cookie)
+        ticket = request.query_params.get("ticket")
+        if tickets and ticket:
+            return await self.redeem_ticket(ticket)
+        if self._settings.allow_query_token and request.query_params.get("access_token"):
+            return await self.verify(request.query_params["access_token"])
+        raise AuthError("missing credentials: send a Bearer token, the session cookie or a stream ticket")
 
-    def authorize(self, request: Request, tenant: str, well: str | None = None) -> Principal:
-        """Raises AuthError: 401 bad credentials, 403 another tenant, 404 a well outside the token's list."""
-        try:
-            principal = self._verifier.verify(self._token(request))
-        except AuthError as exc:
-            logger.info("auth failure from %s: %s", request.client.host if request.client else "?", exc.reason)
-            raise
+    async def authorize(
+        self, request: Request, tenant: str, well: str | None = None, *, tickets: bool = False
+    ) -> Principal:
+        """Raises AuthError: 401 bad credentials, 403 another tenant, 404 a well it may not see.
+
+        An unknown well and a well of the tenant outside the token's `wells` claim get the same
+        404, so well ids cannot be probed.
+        """
+        principal = await self.principal(request, tickets=tickets)
         if principal.tenant != tenant:
-            logger.info(
-                "auth denied: sub %s of tenant %s asked for tenant %s", principal.subject, principal.tenant, tenant
-            )
             raise AuthError("token is for another tenant", status=403)
-        if well is not None and not principal.may_see(well):
+        if well is not None and not (principal.may_see(well) and await self._broker.has_well(tenant, well)):
             raise AuthError("unknown well", status=404)
         return principal
+
+    async def issue_ticket(self, principal: Principal, wells: Sequence[str]) -> str:
+        """A random single-use ticket for these wells, bound to the caller and its token's expiry."""
+        if not 1 <= len(wells) <= MAX_TICKET_WELLS:
+            raise AuthError(f"ask for 1 to {MAX_TICKET_WELLS} wells", status=400)
+        for well in wells:
+            if not (principal.may_see(well) and await self._broker.has_well(principal.tenant, well)):
+                raise AuthError("unknown well", status=404)
+        ticket = secrets.token_urlsafe(32)
+        bound = principal.model_copy(update={"wells": frozenset(wells)})
+        await self._broker.put_ticket(
+            _ticket_key(ticket), bound.model_dump_json().encode(), self._settings.ticket_ttl_s
+        )
+        audit("ticket-issued", sub=principal.subject, tenant=principal.tenant, wells=sorted(wells))
+        return ticket
+
+    async def redeem_ticket(self, ticket: str) -> Principal:
+        if len(ticket) > 128:
+            raise AuthError("invalid ticket")
+        payload = await self._broker.take_ticket(_ticket_key(ticket))
+        if payload is None:
+            raise AuthError("invalid, expired or already used ticket")
+        try:
+            return Principal.model_validate(orjson.loads(payload))
+        except (ValidationError, ValueError) as exc:
+            raise AuthError("invalid ticket") from exc

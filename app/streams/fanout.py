@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 
 from app.errors import BrokerError
@@ -38,6 +39,7 @@ class Subscriber:
     __slots__ = (
         "cancelled",
         "end_reason",
+        "expires_at",
         "frames",
         "heartbeat_due",
         "last_send",
@@ -50,8 +52,11 @@ class Subscriber:
         "waiter",
     )
 
-    def __init__(self, topic: Topic, tags: frozenset[str] | None, max_queued: int, now: float) -> None:
+    def __init__(
+        self, topic: Topic, tags: frozenset[str] | None, max_queued: int, now: float, expires_at: float | None
+    ) -> None:
         self.topic = topic
+        self.expires_at = expires_at
         self.tags = tags
         self.max_queued = max_queued
         self.frames: list[Frame] = []  # a list, not a deque: an empty deque costs 600 bytes a stream
@@ -165,14 +170,18 @@ class Hub:
             counts[topic.tenant] = counts.get(topic.tenant, 0) + len(state.subscribers)
         return counts
 
-    async def subscribe(self, topic: Topic, tags: frozenset[str] | None = None) -> Subscriber:
+    async def subscribe(
+        self, topic: Topic, tags: frozenset[str] | None = None, expires_at: float | None = None
+    ) -> Subscriber:
         """Register the current task as a subscriber; returns once live delivery is guaranteed.
+
+        `expires_at` (epoch seconds): the stream is ended with reason "auth-expired" then.
 
         Raises BrokerError when the upstream subscription fails. The upstream subscribe runs in
         a task owned by the hub: one caller going away cannot fail the others waiting on it.
         """
         assert self._feed is not None, "hub not started"
-        sub = Subscriber(topic, tags, self.queue_size, asyncio.get_running_loop().time())
+        sub = Subscriber(topic, tags, self.queue_size, asyncio.get_running_loop().time(), expires_at)
         self._idle.clear()
         state = self._topics.get(topic)
         if state is None:
@@ -269,9 +278,11 @@ class Hub:
         interval = min(1.0, self.heartbeat_s / 2)
         while True:
             await asyncio.sleep(interval)
-            now = loop.time()
+            now, wall = loop.time(), time.time()
             for state in list(self._topics.values()):
                 for sub in list(state.subscribers):
+                    if sub.expires_at is not None and wall >= sub.expires_at:
+                        sub.end("auth-expired")
                     self._check(sub, now)
 
     def _check(self, sub: Subscriber, now: float) -> None:

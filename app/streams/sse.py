@@ -52,3 +52,8 @@ def reset_frame(topic: Topic, asked: StreamId) -> bytes:
 
 def goodbye_frame(retry_ms: int, reason: str) -> bytes:
     return b"retry: %d\n: %s\n\n" % (retry_ms, reason.encode())
+
+
+def auth_expired_frame(topic: Topic) -> bytes:
+    data = orjson.dumps({"tenantId": topic.tenant, "wellId": topic.well, "reason": "token expired"})
+    return b"event: auth-expired\ndata: %s\n\n" % data
