@@ -94,9 +94,8 @@ def simulate(wells: list[tuple[str, str]], interval_s: float) -> Callable[[Broke
 def cmd_demo(args: argparse.Namespace) -> None:
     settings = _settings()
     secret = settings.secret or secrets.token_urlsafe(32)
-    auth = settings.auth.model_copy(update={"allow_query_token": True})
     registry = {tenant: list(DEMO_WELLS) for tenant in DEMO_TENANTS}
-    settings = settings.model_copy(update={"jwt_secret": SecretStr(secret), "auth": auth, "wells": registry})
+    settings = settings.model_copy(update={"jwt_secret": SecretStr(secret), "wells": registry})
     logs.configure(args.log_level)
     _require_server(args.server)
     wells = [(tenant, well) for tenant in DEMO_TENANTS for well in DEMO_WELLS]

@@ -41,10 +41,33 @@ function show(list, reading) {
   q.className = `q ${reading.quality}`;
 }
 
-function open(tenant, well) {
+async function ticket(tenant, well) {
+  // A single-use ticket keeps the long-lived token out of URLs and access logs.
+  const response = await fetch(`/tenants/${tenant}/stream-tickets`, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${token}`, "Content-Type": "application/json" },
+    body: JSON.stringify({ wells: [well] }),
+  });
+  if (!response.ok) throw new Error(`ticket: ${response.status}`);
+  return (await response.json()).ticket;
+}
+
+function retry(tenant, well, state) {
+  setTimeout(() => open(tenant, well), state.backoff);
+  state.backoff = Math.min(state.backoff * 2, 30000);
+}
+
+async function open(tenant, well) {
   const state = streams.get(well) || { list: tile(well), lastId: null, backoff: 1000 };
   streams.set(well, state);
-  const params = new URLSearchParams({ access_token: token });
+  let params;
+  try {
+    params = new URLSearchParams({ ticket: await ticket(tenant, well) });
+  } catch (error) {
+    setStatus();
+    retry(tenant, well, state);
+    return;
+  }
   if (state.lastId) params.set("lastEventId", state.lastId);
   const source = new EventSource(`/tenants/${tenant}/wells/${well}/stream?${params}`);
   state.source = source;
@@ -54,12 +77,12 @@ function open(tenant, well) {
     JSON.parse(e.data).readings.forEach((r) => show(state.list, r));
   });
   source.addEventListener("reading", (e) => { state.lastId = e.lastEventId; show(state.list, JSON.parse(e.data)); });
+  source.addEventListener("auth-expired", () => { source.close(); retry(tenant, well, state); });
   source.addEventListener("error", () => {
+    // A ticket is single use, so every reconnect is ours: a fresh ticket and the last id seen.
+    source.close();
     setStatus();
-    if (source.readyState === EventSource.CLOSED) {  // a non-200 answer: EventSource gives up, we do not
-      setTimeout(() => open(tenant, well), state.backoff);
-      state.backoff = Math.min(state.backoff * 2, 30000);
-    }
+    retry(tenant, well, state);
   });
 }
 
