@@ -114,7 +114,7 @@ class EventStream:
             await writer
         finally:
             if self.lease is not None:
-                self.lease.release()
+                await self.lease.release()
             principal = self.principal
             audit(
                 "disconnect",

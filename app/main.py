@@ -100,7 +100,10 @@ def create_app(
             for tenant, wells in settings.wells.items():
                 await active.register_wells(tenant, wells)
             guard = Guard(verifier, active, settings.auth)
-            app.state.gateway = Gateway(settings, active, hub, guard, StreamLimits(settings.auth.limits))
+            limits = StreamLimits(settings.auth.limits, active)
+            await limits.start()
+            stack.push_async_callback(limits.aclose)
+            app.state.gateway = Gateway(settings, active, hub, guard, limits)
             await _start_background(stack, active, background or [])
             logger.info("gateway ready on the %s broker", "redis" if settings.redis_url else "memory")
             yield

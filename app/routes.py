@@ -78,7 +78,7 @@ async def stream(request: Request) -> Response | EventStream:
         return JSONResponse({"error": "server shutting down"}, status_code=503, headers={"Retry-After": "1"})
     if request.method == "HEAD":
         return Response(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
-    lease = gateway.limits.admit(principal)
+    lease = await gateway.limits.admit(principal)
     audit("connect", sub=principal.subject, tenant=topic.tenant, well=topic.well, client=client_address(request))
     settings = gateway.settings
     return EventStream(

@@ -73,6 +73,7 @@ async function open(tenant, well) {
   state.source = source;
   source.addEventListener("open", () => { state.backoff = 1000; setStatus(); });
   source.addEventListener("snapshot", (e) => {
+    setStatus();
     state.lastId = e.lastEventId;
     JSON.parse(e.data).readings.forEach((r) => show(state.list, r));
   });

@@ -1,22 +1,34 @@
 """Admission limits: concurrent streams per subject, per tenant and per process, and token
 buckets on connection attempts per client address and per subject.
 
-Counts are kept in this process. Behind a load balancer that spreads a tenant over N
-gateways, the per-tenant and per-subject caps are per gateway; sharing them through Redis is
-left for later (see the issue notes).
+Streams per tenant and per subject are counted in the broker, so the caps hold across every
+gateway: each open stream is a lease its gateway renews; a gateway that dies stops renewing
+and its streams stop counting within LEASE_TTL_S. Streams per process and the attempt
+buckets are this gateway's own business and stay in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from app.errors import ServiceError
 from app.models import Principal
 from app.settings import LimitSettings
+from app.streams.broker import Broker
+
+logger = logging.getLogger(__name__)
 
 MAX_BUCKETS = 100_000
+LEASE_TTL_S = 60.0
+RENEW_EVERY_S = LEASE_TTL_S / 3
 
 
 class LimitError(ServiceError):
@@ -58,27 +70,42 @@ class TokenBuckets:
 
 @dataclass
 class Lease:
-    """A stream's place in the counts; `release` exactly once, when the stream ends."""
+    """A stream's place in the counts; `release` when the stream ends (twice is harmless)."""
 
     limits: StreamLimits
-    subject: str
-    tenant: str
+    member: str
+    counters: tuple[str, ...]
     released: bool = False
 
-    def release(self) -> None:
+    async def release(self) -> None:
         if not self.released:
             self.released = True
-            self.limits._release(self)
+            await self.limits._release(self)
 
 
 class StreamLimits:
-    def __init__(self, settings: LimitSettings) -> None:
+    def __init__(self, settings: LimitSettings, broker: Broker) -> None:
         self._settings = settings
-        self._by_subject: Counter[str] = Counter()
-        self._by_tenant: Counter[str] = Counter()
-        self.open = 0
+        self._broker = broker
+        self._gateway = secrets.token_hex(6)
+        self._sequence = itertools.count()
+        self._leases: dict[str, Lease] = {}
+        self._renewer: asyncio.Task[None] | None = None
         self._attempts_by_address = TokenBuckets(settings.connects_per_s, settings.connect_burst)
         self._attempts_by_subject = TokenBuckets(settings.connects_per_s, settings.connect_burst)
+
+    @property
+    def open(self) -> int:
+        return len(self._leases)
+
+    async def start(self) -> None:
+        self._renewer = asyncio.create_task(self._renew_forever(), name="lease-renewer")
+
+    async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
 
     def check_attempt(self, address: str) -> None:
         """Before auth: a client address hammering the gateway is turned away cheaply."""
@@ -86,27 +113,39 @@ class StreamLimits:
         if wait:
             raise LimitError("too many connection attempts from this address", 429, max(1, round(wait)))
 
-    def admit(self, principal: Principal) -> Lease:
+    async def admit(self, principal: Principal) -> Lease:
         """Raises LimitError; on success the caller must release the lease when the stream ends."""
         limits = self._settings
         if self.open >= limits.streams_per_process:
             raise LimitError("this gateway is full", 503, 5)
-        wait = self._attempts_by_subject.take(f"{principal.tenant}/{principal.subject}")
+        subject = hashlib.sha256(principal.subject.encode()).hexdigest()[:32]
+        wait = self._attempts_by_subject.take(f"{principal.tenant}/{subject}")
         if wait:
             raise LimitError("too many connection attempts for this subject", 429, max(1, round(wait)))
-        subject = f"{principal.tenant}/{principal.subject}"
-        if self._by_subject[subject] >= limits.streams_per_subject:
-            raise LimitError("too many open streams for this subject", 429, 10)
-        if self._by_tenant[principal.tenant] >= limits.streams_per_tenant:
+        tenant_key, subject_key = f"{{{principal.tenant}}}:tenant", f"{{{principal.tenant}}}:sub:{subject}"
+        member = f"{self._gateway}:{next(self._sequence)}"
+        counters = [(tenant_key, limits.streams_per_tenant), (subject_key, limits.streams_per_subject)]
+        full = await self._broker.acquire_lease(counters, member, LEASE_TTL_S)
+        if full == 0:
             raise LimitError("too many open streams for this tenant", 429, 10)
-        self._by_subject[subject] += 1
-        self._by_tenant[principal.tenant] += 1
-        self.open += 1
-        return Lease(self, subject, principal.tenant)
+        if full == 1:
+            raise LimitError("too many open streams for this subject", 429, 10)
+        lease = Lease(self, member, (tenant_key, subject_key))
+        self._leases[member] = lease
+        return lease
 
-    def _release(self, lease: Lease) -> None:
-        self.open -= 1
-        for counter, key in ((self._by_subject, lease.subject), (self._by_tenant, lease.tenant)):
-            counter[key] -= 1
-            if counter[key] <= 0:
-                del counter[key]
+    async def _release(self, lease: Lease) -> None:
+        self._leases.pop(lease.member, None)
+        try:
+            await self._broker.release_lease(lease.counters, lease.member)
+        except ServiceError as exc:  # the lease then expires by itself
+            logger.warning("could not release a stream count: %s", exc)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            pairs = [(key, lease.member) for lease in list(self._leases.values()) for key in lease.counters]
+            try:
+                await self._broker.renew_leases(pairs, LEASE_TTL_S)
+            except ServiceError as exc:
+                logger.warning("could not renew %d stream counts: %s", len(pairs), exc)

@@ -79,6 +79,19 @@ class Broker(Protocol):
     async def take_ticket(self, key: str) -> bytes | None:
         """Fetch and delete a ticket in one step: a ticket redeems at most once, on any gateway."""
 
+    async def acquire_lease(self, counters: Sequence[tuple[str, int]], member: str, ttl_s: float) -> int | None:
+        """Count `member` in every counter, unless one already holds its limit.
+
+        Counters are shared by every gateway on the broker; a member not renewed within `ttl_s`
+        stops counting (a gateway that died). Returns the index of the full counter, or None.
+        """
+
+    async def release_lease(self, counters: Sequence[str], member: str) -> None:
+        """Stop counting `member`."""
+
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        """Keep (counter, member) pairs counting for another `ttl_s`."""
+
     async def open_feed(self, deliver: Deliver) -> LiveFeed:
         """Open the process's live feed; `deliver` gets every event of every subscribed topic."""
 

@@ -56,6 +56,7 @@ class MemoryBroker:
         self._logs: dict[Topic, _Log] = defaultdict(_Log)
         self._wells: dict[str, set[str]] = defaultdict(set)
         self._tickets: dict[str, tuple[bytes, float]] = {}
+        self._leases: dict[str, dict[str, float]] = defaultdict(dict)
         self.feeds: set[_MemoryFeed] = set()
 
     async def publish(self, readings: Sequence[Reading]) -> list[StreamId]:
@@ -124,6 +125,30 @@ class MemoryBroker:
         if entry is None or entry[1] <= time.monotonic():
             return None
         return entry[0]
+
+    async def acquire_lease(self, counters: Sequence[tuple[str, int]], member: str, ttl_s: float) -> int | None:
+        now = time.monotonic()
+        for index, (key, limit) in enumerate(counters):
+            members = self._leases[key]
+            for stale in [m for m, expiry in members.items() if expiry <= now]:
+                del members[stale]
+            if len(members) >= limit:
+                return index
+        for key, _ in counters:
+            self._leases[key][member] = now + ttl_s
+        return None
+
+    async def release_lease(self, counters: Sequence[str], member: str) -> None:
+        for key in counters:
+            self._leases[key].pop(member, None)
+            if not self._leases[key]:
+                del self._leases[key]
+
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        expiry = time.monotonic() + ttl_s
+        for key, member in leases:
+            if member in self._leases.get(key, {}):
+                self._leases[key][member] = expiry
 
     async def open_feed(self, deliver: Deliver) -> LiveFeed:
         feed = _MemoryFeed(self, deliver)

@@ -51,6 +51,32 @@ end
 return ids
 """
 
+# Counts a stream in shared counters (sorted sets scored by lease expiry, server time).
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= tonumber(ARGV[2 + i]) then return i end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[1])
+  redis.call('PEXPIRE', key, ttl * 2)
+end
+return 0
+"""
+
+_RENEW = """
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', expiry, ARGV[i + 1])
+  redis.call('PEXPIRE', key, tonumber(ARGV[1]) * 2)
+end
+return 0
+"""
+
 # Reads the stream's bookkeeping and a page of entries in one atomic step. Trimming does not
 # update max-deleted-entry-id, so truncation is inferred from entries-added vs length.
 _STREAM_STATE = """
@@ -78,6 +104,10 @@ def latest_key(topic: Topic) -> str:
 
 def wells_key(tenant: str) -> str:
     return f"scada:{{{tenant}}}:wells"
+
+
+def lease_key(key: str) -> str:
+    return f"scada:lease:{key}"
 
 
 def ticket_key(key: str) -> str:
@@ -117,6 +147,8 @@ class RedisBroker:
         self._max_age_ms = int(max_age_s * 1000)
         self._publish_script = client.register_script(_PUBLISH)
         self._state_script = client.register_script(_STREAM_STATE)
+        self._acquire_script = client.register_script(_ACQUIRE)
+        self._renew_script = client.register_script(_RENEW)
         self._feeds: set[RedisFeed] = set()
 
     @classmethod
@@ -201,6 +233,27 @@ class RedisBroker:
         with _redis_errors("redeem ticket"):
             payload = await self._client.getdel(ticket_key(key))
         return payload.encode() if isinstance(payload, str) else payload
+
+    async def acquire_lease(self, counters: Sequence[tuple[str, int]], member: str, ttl_s: float) -> int | None:
+        keys = [lease_key(key) for key, _ in counters]
+        with _redis_errors("count stream"):
+            full = await self._acquire_script(keys=keys, args=[member, int(ttl_s * 1000), *(n for _, n in counters)])
+        return int(full) - 1 if int(full) else None
+
+    async def release_lease(self, counters: Sequence[str], member: str) -> None:
+        with _redis_errors("uncount stream"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in counters:
+                    pipe.zrem(lease_key(key), member)
+                await pipe.execute()
+
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        for start in range(0, len(leases), 500):
+            chunk = leases[start : start + 500]
+            with _redis_errors("renew stream counts"):
+                await self._renew_script(
+                    keys=[lease_key(key) for key, _ in chunk], args=[int(ttl_s * 1000), *(m for _, m in chunk)]
+                )
 
     async def open_feed(self, deliver: Deliver) -> LiveFeed:
         feed = RedisFeed(self._client, deliver, on_close=self._feeds.discard)

@@ -181,3 +181,31 @@ async def test_a_ticket_redeems_once_and_expires(kind: str, url: str) -> None:
             await asyncio.sleep(1.2)
             assert await broker.take_ticket("k2") is None, "expired"
             assert await broker.take_ticket("never") is None
+
+
+async def test_leases_count_across_callers_and_expire_unless_renewed(kind: str, url: str) -> None:
+    with anyio.fail_after(10):
+        async with open_broker(kind, url) as broker:
+            counters = [("{acme}:tenant", 3), ("{acme}:sub:s1", 2)]
+            assert await broker.acquire_lease(counters, "g1:1", ttl_s=30) is None
+            assert await broker.acquire_lease(counters, "g2:1", ttl_s=30) is None
+            assert await broker.acquire_lease(counters, "g1:2", ttl_s=30) == 1, "the subject's counter is full"
+            other = [("{acme}:tenant", 3), ("{acme}:sub:s2", 2)]
+            assert await broker.acquire_lease(other, "g1:3", ttl_s=30) is None
+            assert await broker.acquire_lease(other, "g1:4", ttl_s=30) == 0, "the tenant's counter is full"
+            await broker.release_lease([key for key, _ in counters], "g1:1")
+            assert await broker.acquire_lease(counters, "g1:5", ttl_s=1) is None, "released, so there is room"
+            await broker.renew_leases([("{acme}:tenant", "g1:5"), ("{acme}:sub:s1", "g1:5")], ttl_s=30)
+            await broker.release_lease([key for key, _ in other], "g1:3")
+            await asyncio.sleep(1.2)
+            assert await broker.acquire_lease(counters, "g1:6", ttl_s=30) == 1, "a renewed lease still counts"
+
+
+async def test_a_lease_that_is_not_renewed_stops_counting(kind: str, url: str) -> None:
+    with anyio.fail_after(10):
+        async with open_broker(kind, url) as broker:
+            counters = [("{acme}:tenant", 1)]
+            assert await broker.acquire_lease(counters, "dead-gateway:1", ttl_s=0.5) is None
+            assert await broker.acquire_lease(counters, "g1:1", ttl_s=30) == 0
+            await asyncio.sleep(0.7)
+            assert await broker.acquire_lease(counters, "g1:1", ttl_s=30) is None
