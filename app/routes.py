@@ -73,7 +73,11 @@ async def stream(request: Request) -> Response | EventStream:
     gateway.limits.check_attempt(client_address(request))
     topic = _topic(request)
     last_id, tags = _last_event_id(request), _tags(request)
-    principal = await gateway.guard.authorize(request, topic.tenant, topic.well, tickets=True)
+    # HEAD answers headers only: it must not use up a single-use ticket.
+    principal = await gateway.guard.authorize(request, topic.tenant, topic.well, tickets=request.method == "GET")
+    if principal.expires_at <= time.time():
+        # Accepted within the clock leeway, but a stream would end at once: ask for a fresh token.
+        raise AuthError("token expired")
     if gateway.hub.draining:
         return JSONResponse({"error": "server shutting down"}, status_code=503, headers={"Retry-After": "1"})
     if request.method == "HEAD":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Sequence
 
 import orjson
@@ -81,11 +82,13 @@ class Guard:
         for well in wells:
             if not (principal.may_see(well) and await self._broker.has_well(principal.tenant, well)):
                 raise AuthError("unknown well", status=404)
+        # A ticket never outlives the token it came from.
+        ttl_s = min(self._settings.ticket_ttl_s, int(principal.expires_at - time.time()))
+        if ttl_s < 1:
+            raise AuthError("token expired")
         ticket = secrets.token_urlsafe(32)
         bound = principal.model_copy(update={"wells": frozenset(wells)})
-        await self._broker.put_ticket(
-            _ticket_key(ticket), bound.model_dump_json().encode(), self._settings.ticket_ttl_s
-        )
+        await self._broker.put_ticket(_ticket_key(ticket), bound.model_dump_json().encode(), ttl_s)
         audit("ticket-issued", sub=principal.subject, tenant=principal.tenant, wells=sorted(wells))
         return ticket
 
@@ -96,6 +99,9 @@ class Guard:
         if payload is None:
             raise AuthError("invalid, expired or already used ticket")
         try:
-            return Principal.model_validate(orjson.loads(payload))
+            principal = Principal.model_validate(orjson.loads(payload))
         except (ValidationError, ValueError) as exc:
             raise AuthError("invalid ticket") from exc
+        if principal.expires_at <= time.time():
+            raise AuthError("the token behind this ticket has expired")
+        return principal
