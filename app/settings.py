@@ -73,6 +73,9 @@ class AuthSettings(BaseModel):
     cookie_name: str = Field("wellstream_session", pattern=r"^[A-Za-z0-9_]{1,64}$")
     ticket_ttl_s: int = Field(60, ge=5, le=600, description="life of a single-use stream ticket")
     cors_origins: list[str] = Field(default_factory=list, description="dashboard origins allowed cross-origin")
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="proxy addresses whose X-Forwarded-For names the client (nginx, Caddy)"
+    )
     limits: LimitSettings = LimitSettings()
 
 

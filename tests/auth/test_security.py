@@ -773,3 +773,30 @@ async def test_a_ticket_does_not_outlive_its_token(
                 assert response.json()["error"]
             s.assert_audited("auth-failure", status=401, path=STREAM)
             assert not s.audits("connect")
+
+
+async def test_the_per_address_limit_sees_through_trusted_proxies_only(redis_url: str, secret: str, token) -> None:
+    limits = {"connects_per_s": 0.001, "connect_burst": 2, "streams_per_subject": 100}
+    auth = {"limits": limits, "trusted_proxies": ["127.0.0.1"]}
+    with anyio.fail_after(15):
+        async with running_gateway(make_settings(secret, redis_url=redis_url, auth=auth)) as gateway:
+            url = gateway.url + "/tenants/acme/wells/w404/stream"  # a 404 after the attempt is counted
+            async with httpx.AsyncClient(timeout=5) as client:
+                statuses = []
+                for client_ip in ("10.0.0.1", "10.0.0.1", "10.0.0.1", "10.0.0.2"):
+                    headers = {"Authorization": f"Bearer {token('acme')}", "X-Forwarded-For": client_ip}
+                    statuses.append((await client.get(url, headers=headers)).status_code)
+            assert statuses == [404, 404, 429, 404], "each client behind the proxy has its own bucket"
+
+
+async def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(redis_url: str, secret: str, token) -> None:
+    auth = {"limits": {"connects_per_s": 0.001, "connect_burst": 2, "streams_per_subject": 100}}
+    with anyio.fail_after(15):
+        async with running_gateway(make_settings(secret, redis_url=redis_url, auth=auth)) as gateway:
+            url = gateway.url + "/tenants/acme/wells/w404/stream"
+            async with httpx.AsyncClient(timeout=5) as client:
+                statuses = []
+                for client_ip in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+                    headers = {"Authorization": f"Bearer {token('acme')}", "X-Forwarded-For": client_ip}
+                    statuses.append((await client.get(url, headers=headers)).status_code)
+            assert statuses == [404, 404, 429], "a forged header does not buy a fresh bucket"
