@@ -41,6 +41,13 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
+def _tenant(request: Request) -> str:
+    tenant: str = request.path_params["tenant"]
+    if not is_valid_id(tenant):
+        raise BadRequest(404, "unknown tenant")
+    return tenant
+
+
 def _topic(request: Request) -> Topic:
     tenant, well = request.path_params["tenant"], request.path_params["well"]
     if not (is_valid_id(tenant) and is_valid_id(well)):
@@ -93,9 +100,7 @@ async def stream(request: Request) -> Response | EventStream:
 async def stream_tickets(request: Request) -> Response:
     """POST /tenants/{tenant}/stream-tickets {"wells": [...]} -> {"ticket", "expiresIn"}."""
     gateway = _gateway(request)
-    tenant = request.path_params["tenant"]
-    if not is_valid_id(tenant):
-        raise BadRequest(404, "unknown tenant")
+    tenant = _tenant(request)
     principal = await gateway.guard.authorize(request, tenant)
     wells = _wells_body(await _json_body(request))
     ticket = await gateway.guard.issue_ticket(principal, wells)
@@ -169,9 +174,7 @@ async def latest(request: Request) -> Response:
 
 async def wells(request: Request) -> Response:
     gateway = _gateway(request)
-    tenant = request.path_params["tenant"]
-    if not is_valid_id(tenant):
-        raise BadRequest(404, "unknown tenant")
+    tenant = _tenant(request)
     principal = await gateway.guard.authorize(request, tenant)
     names = [name for name in await gateway.broker.wells(tenant) if principal.may_see(name)]
     return JSONResponse({"tenantId": tenant, "wells": names})
