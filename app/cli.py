@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import importlib.util
 import secrets
+import signal
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
@@ -15,11 +17,13 @@ from pydantic import SecretStr, ValidationError
 from app import logs, server
 from app.adapters.simulator import SimulatorAdapter
 from app.auth.tokens import mint_token
-from app.ingest import Publisher
+from app.ingest import Publisher, run_ingest
 from app.main import create_app
 from app.models import is_valid_id
 from app.settings import Settings
+from app.site import Site, SiteError, load_site
 from app.streams.broker import Broker
+from app.streams.redis import RedisBroker
 
 DEMO_TENANTS = ("acme", "globex")
 DEMO_WELLS = tuple(f"well-{n:02d}" for n in range(1, 6))
@@ -130,6 +134,37 @@ def announce(text: str, host: str, port: int) -> Callable[[Broker], Coroutine[An
     return job
 
 
+def cmd_check_config(args: argparse.Namespace) -> None:
+    try:
+        site = load_site(args.file)
+    except SiteError as exc:
+        sys.exit(f"wellstream: {exc}")
+    wells = sum(len(tenant.wells) for tenant in site.tenants.values())
+    print(f"{args.file}: ok: {len(site.tenants)} tenants, {wells} wells, {len(site.connections)} connections")
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    settings = _settings()
+    try:
+        site = load_site(args.config)
+    except SiteError as exc:
+        sys.exit(f"wellstream: {exc}")
+    if not settings.redis_url:
+        sys.exit("wellstream: ingest publishes into Redis: set WELLSTREAM_REDIS_URL")
+    logs.configure(args.log_level)
+    _run(_ingest(site, settings.redis_url, settings))
+
+
+async def _ingest(site: Site, redis_url: str, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    history = settings.history
+    async with RedisBroker.connect(redis_url, history.max_len, history.max_age_s) as broker:
+        await run_ingest(site, broker, stop)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="wellstream", description="Live SCADA telemetry over Server-Sent Events")
     commands = root.add_subparsers(dest="command", required=True)
@@ -147,6 +182,13 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "demo":
             sub.add_argument("--interval", type=float, default=1.0, help="seconds between samples of each tag")
+    check = commands.add_parser("check-config", help="validate a site file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_check_config)
+    ingest = commands.add_parser("ingest", help="read the site file's connections and publish into Redis")
+    ingest.add_argument("--config", type=Path, default=Path("config/site.toml"))
+    ingest.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ingest.set_defaults(func=cmd_ingest)
     token = commands.add_parser("token", help="mint a development token (HS256, WELLSTREAM_JWT_SECRET)")
     token.add_argument("--tenant", required=True, type=_id)
     token.add_argument("--wells", type=_ids, default=None, help="comma-separated allow-list")

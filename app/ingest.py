@@ -6,8 +6,11 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from app.adapters.base import Adapter
+from app.adapters.simulator import SimulatorAdapter
 from app.errors import BrokerError
 from app.models import Reading
+from app.site import Site
 from app.streams.broker import Broker
 
 logger = logging.getLogger(__name__)
@@ -78,3 +81,23 @@ class Publisher:
                 logger.warning("publish of %d readings failed, retrying in %.2f s: %s", len(batch), backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+
+def adapters_for(site: Site) -> list[Adapter]:
+    """One adapter per connection of the site file."""
+    return [SimulatorAdapter([(c.tenant, well) for well in c.wells], c.interval_s, name=c.id) for c in site.connections]
+
+
+async def run_ingest(site: Site, broker: Broker, stop: asyncio.Event) -> None:
+    """Register the site's wells, run every adapter into one publisher until `stop`, then flush."""
+    for tenant, wells in site.registry().items():
+        await broker.register_wells(tenant, wells)
+    adapters = adapters_for(site)
+    async with Publisher(broker) as publisher:
+        tasks = [asyncio.create_task(adapter.run(publisher), name=adapter.name) for adapter in adapters]
+        logger.info("ingesting from %d connections", len(tasks))
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    logger.info("ingest stopped after publishing %d readings", publisher.published)

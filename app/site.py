@@ -1,0 +1,92 @@
+"""The site file (TOML): tenants, their wells, and the connections ingestion reads.
+
+Validated with pydantic; every error names the file, the key and the problem. Credentials
+never live in the file: a connection names the environment variables that hold them.
+The simulator is the one protocol so far; OPC-UA, Modbus and MQTT connections join the
+`Connection` union as their adapters land.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.models import Identifier
+
+
+class SiteError(Exception):
+    """A site file that cannot be used; the message names the file, the key and the problem."""
+
+
+class TenantSite(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    wells: list[Identifier] = Field(min_length=1)
+
+
+class SimulatorConnection(BaseModel):
+    """Simulated wells: every tag of each listed well, every `interval_s`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Literal["simulator"]
+    id: Identifier
+    tenant: Identifier
+    wells: list[Identifier] = Field(min_length=1)
+    interval_s: float = Field(1.0, gt=0, le=3600)
+
+
+Connection = Annotated[SimulatorConnection, Field(discriminator="protocol")]
+
+
+class Site(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenants: dict[Identifier, TenantSite]
+    connections: list[Connection] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _connections_feed_known_wells(self) -> Site:
+        ids = [connection.id for connection in self.connections]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"connection ids must be unique: {', '.join(duplicates)}")
+        for connection in self.connections:
+            tenant = self.tenants.get(connection.tenant)
+            if tenant is None:
+                raise ValueError(f"connection {connection.id}: tenant {connection.tenant!r} is not in [tenants]")
+            unknown = sorted(set(connection.wells) - set(tenant.wells))
+            if unknown:
+                raise ValueError(f"connection {connection.id}: wells not listed for {connection.tenant}: {unknown}")
+        return self
+
+    def registry(self) -> dict[str, list[str]]:
+        return {tenant: list(site.wells) for tenant, site in self.tenants.items()}
+
+
+def load_site(path: Path) -> Site:
+    """Read and validate a site file; raises SiteError naming the file and the key."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SiteError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SiteError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Site.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{path}: {_location(error['loc'])}: {error['msg']}" for error in exc.errors()]
+        raise SiteError("\n".join(problems)) from exc
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part not in ("simulator",):  # the discriminator's tag adds nothing for a reader
+            parts.append(f".{part}" if parts else part)
+    return "".join(parts) or "(top level)"

@@ -1,0 +1,105 @@
+"""The site file and `wellstream ingest`, as real processes against a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.site import SiteError, load_site
+from tests.conftest import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SITE = """
+[tenants.acme]
+wells = ["well-01", "well-02"]
+
+[[connections]]
+protocol = "simulator"
+id = "sim"
+tenant = "acme"
+wells = ["well-01", "well-02"]
+interval_s = 0.1
+"""
+
+
+def test_the_example_site_file_is_valid() -> None:
+    site = load_site(ROOT / "config" / "site.toml")
+    assert site.registry()["acme"] == ["well-01", "well-02", "well-03", "well-04", "well-05"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[tenants.acme]\nwells = ["w*"]\n', "tenants.acme.wells[0]"),
+        ("[tenants.acme]\nwells = []\n", "tenants.acme.wells"),
+        ('[tenants.acme]\nwells = ["w1"]\n[[connections]]\nprotocol = "modem"\nid = "c"\n', "connections[0]"),
+        ('[tenants.acme]\nwells = ["w1"]\nextra = 1\n', "tenants.acme.extra"),
+        (SITE.replace('tenant = "acme"', 'tenant = "globex"'), "tenant 'globex' is not in [tenants]"),
+        (SITE.replace('wells = ["well-01", "well-02"]\ninterval', 'wells = ["well-09"]\ninterval'), "well-09"),
+        ("[tenants.acme\n", "not valid TOML"),
+    ],
+)
+def test_a_broken_site_file_names_the_file_the_key_and_the_problem(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    with pytest.raises(SiteError) as error:
+        load_site(path)
+    assert str(path) in str(error.value)
+    assert expected in str(error.value)
+
+
+def test_check_config_says_ok_or_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(SITE)
+    bad.write_text('[tenants.acme]\nwells = ["w:1"]\n')
+    ok = subprocess.run([sys.executable, "-m", "app", "check-config", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0
+    assert "ok: 1 tenants, 2 wells, 1 connections" in ok.stdout
+    broken = subprocess.run([sys.executable, "-m", "app", "check-config", str(bad)], capture_output=True, text=True)
+    assert broken.returncode != 0
+    assert f"{bad}: tenants.acme.wells[0]" in broken.stderr
+
+
+def test_ingest_registers_the_wells_publishes_and_stops_cleanly(tmp_path: Path, redis_server: RedisServer) -> None:
+    with redis_server.client() as client:
+        client.flushall()
+    site = tmp_path / "site.toml"
+    site.write_text(SITE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env["WELLSTREAM_REDIS_URL"] = redis_server.url
+    log = (tmp_path / "ingest.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "app", "ingest", "--config", str(site)], cwd=ROOT, env=env, stderr=log
+    )
+    try:
+        with redis_server.client() as client:
+            deadline = time.monotonic() + 15
+            while client.xlen("scada:{acme/well-02}:log") < 20 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert client.xlen("scada:{acme/well-02}:log") >= 20, "the simulator's readings reach the stream log"
+            assert client.smembers("scada:{acme}:wells") == {b"well-01", b"well-02"}
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        log.close()
+
+
+def test_ingest_without_redis_says_what_is_missing(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text(SITE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "ingest", "--config", str(site)], env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "WELLSTREAM_REDIS_URL" in result.stderr
