@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := redis-server curl
+APT_PACKAGES := redis-server mosquitto curl
 
 .PHONY: run test check pytest bench system-deps clean
 
@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The tests start their own redis-server on a free loopback port; they need the binary.
+# The tests start their own redis-server and mosquitto on free loopback ports; they need the binaries.
 system-deps:
-	@missing=""; for cmd in redis-server curl; do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
+	@missing=""; for cmd in redis-server mosquitto curl; do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \

@@ -20,7 +20,7 @@ from app.auth.tokens import mint_token
 from app.ingest import Publisher, run_ingest
 from app.main import create_app
 from app.models import is_valid_id
-from app.settings import Settings
+from app.settings import Settings, environment
 from app.site import Site, SiteError, load_site
 from app.streams.broker import Broker
 from app.streams.redis import RedisBroker
@@ -162,7 +162,7 @@ async def _ingest(site: Site, redis_url: str, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     history = settings.history
     async with RedisBroker.connect(redis_url, history.max_len, history.max_age_s) as broker:
-        await run_ingest(site, broker, stop)
+        await run_ingest(site, broker, stop, environment())
 
 
 def parser() -> argparse.ArgumentParser:

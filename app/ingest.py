@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from app.adapters.base import Adapter
+from app.adapters.modbus import ModbusAdapter
+from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.adapters.simulator import SimulatorAdapter
 from app.errors import BrokerError
 from app.models import Reading
-from app.site import Site
+from app.site import SimulatorConnection, Site
 from app.streams.broker import Broker
 
 logger = logging.getLogger(__name__)
@@ -83,16 +85,24 @@ class Publisher:
                 backoff = min(backoff * 2, 5.0)
 
 
-def adapters_for(site: Site) -> list[Adapter]:
-    """One adapter per connection of the site file."""
-    return [SimulatorAdapter([(c.tenant, well) for well in c.wells], c.interval_s, name=c.id) for c in site.connections]
+def adapters_for(site: Site, credentials: Mapping[str, str]) -> list[Adapter]:
+    """One adapter per connection of the site file; `credentials` holds the variables it names."""
+    adapters: list[Adapter] = []
+    for c in site.connections:
+        if isinstance(c, SimulatorConnection):
+            adapters.append(SimulatorAdapter([(c.tenant, well) for well in c.wells], c.interval_s, name=c.id))
+        elif isinstance(c, MqttConnection):
+            adapters.append(MqttAdapter(c, credentials=credentials))
+        else:
+            adapters.append(ModbusAdapter(c))
+    return adapters
 
 
-async def run_ingest(site: Site, broker: Broker, stop: asyncio.Event) -> None:
+async def run_ingest(site: Site, broker: Broker, stop: asyncio.Event, credentials: Mapping[str, str]) -> None:
     """Register the site's wells, run every adapter into one publisher until `stop`, then flush."""
     for tenant, wells in site.registry().items():
         await broker.register_wells(tenant, wells)
-    adapters = adapters_for(site)
+    adapters = adapters_for(site, credentials)
     async with Publisher(broker) as publisher:
         tasks = [asyncio.create_task(adapter.run(publisher), name=adapter.name) for adapter in adapters]
         logger.info("ingesting from %d connections", len(tasks))

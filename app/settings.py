@@ -6,6 +6,7 @@ Nothing else reads os.environ. Nested groups use `__`, e.g. `WELLSTREAM_STREAM__
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -117,3 +118,8 @@ class Settings(BaseSettings):
     def secret(self) -> str | None:
         chosen = self.jwt_secret or self.auth.jwt_secret
         return chosen.get_secret_value() if chosen else None
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment, for credentials a site file names by variable (never stores)."""
+    return os.environ

@@ -2,8 +2,8 @@
 
 Validated with pydantic; every error names the file, the key and the problem. Credentials
 never live in the file: a connection names the environment variables that hold them.
-The simulator is the one protocol so far; OPC-UA, Modbus and MQTT connections join the
-`Connection` union as their adapters land.
+Protocols so far: simulator, Modbus TCP and MQTT; OPC-UA joins the `Connection` union when
+its adapter lands.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.adapters.modbus import ModbusConnection
+from app.adapters.mqtt import MqttConnection
 from app.models import Identifier
 
 
@@ -39,7 +41,14 @@ class SimulatorConnection(BaseModel):
     interval_s: float = Field(1.0, gt=0, le=3600)
 
 
-Connection = Annotated[SimulatorConnection, Field(discriminator="protocol")]
+Connection = Annotated[SimulatorConnection | ModbusConnection | MqttConnection, Field(discriminator="protocol")]
+
+
+def wells_of(connection: Connection) -> set[str]:
+    """The wells a connection produces readings for."""
+    if isinstance(connection, SimulatorConnection | MqttConnection):
+        return set(connection.wells)
+    return {point.well for group in connection.groups for point in group.points}
 
 
 class Site(BaseModel):
@@ -58,7 +67,7 @@ class Site(BaseModel):
             tenant = self.tenants.get(connection.tenant)
             if tenant is None:
                 raise ValueError(f"connection {connection.id}: tenant {connection.tenant!r} is not in [tenants]")
-            unknown = sorted(set(connection.wells) - set(tenant.wells))
+            unknown = sorted(wells_of(connection) - set(tenant.wells))
             if unknown:
                 raise ValueError(f"connection {connection.id}: wells not listed for {connection.tenant}: {unknown}")
         return self
@@ -87,6 +96,6 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             parts.append(f"[{part}]")
-        elif part not in ("simulator",):  # the discriminator's tag adds nothing for a reader
+        elif part not in ("simulator", "modbus", "mqtt"):  # the discriminator's tag adds nothing for a reader
             parts.append(f".{part}" if parts else part)
     return "".join(parts) or "(top level)"

@@ -103,3 +103,31 @@ def test_ingest_without_redis_says_what_is_missing(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "WELLSTREAM_REDIS_URL" in result.stderr
+
+
+MODBUS_SITE = """
+[tenants.acme]
+wells = ["well-01"]
+
+[[connections]]
+protocol = "modbus"
+id = "plc"
+tenant = "acme"
+host = "127.0.0.1"
+
+[[connections.groups]]
+interval_s = 1.0
+points = [{ table = "holding", address = 0, type = "float32", well = "well-01", tag = "p" }]
+"""
+
+
+def test_a_modbus_connection_is_checked_against_the_tenants_wells(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(MODBUS_SITE)
+    assert [c.id for c in load_site(path).connections] == ["plc"]
+    path.write_text(MODBUS_SITE.replace('well = "well-01"', 'well = "well-99"'))
+    with pytest.raises(SiteError, match="well-99"):
+        load_site(path)
+    path.write_text(MODBUS_SITE.replace('type = "float32"', 'type = "float16"'))
+    with pytest.raises(SiteError, match=r"connections\[0\]\.groups\[0\]\.points\[0\]\.type"):
+        load_site(path)

@@ -1,0 +1,251 @@
+"""MQTT: topic filters on one broker, each feeding one tag of one well.
+
+A payload is a plain number (`12.5`, `nan`) or a JSON object whose value, quality and
+timestamp fields are named by the connection. Quality is GOOD, BAD or UNCERTAIN in any case
+and defaults to GOOD; the timestamp is ISO-8601 with a zone or epoch seconds/milliseconds and
+defaults to the time of arrival. A payload that cannot become a valid Reading is logged with
+its topic and skipped.
+
+aiomqtt 2.x has no automatic reconnect: `run()` opens a fresh client per attempt, subscribes
+again and backs off 0.1 s doubling to 5 s while the broker is away. Credentials are looked up
+by name at each connect in the `credentials` mapping the caller passes: only app/settings.py
+reads the process environment, and a live mapping of it picks up rotated secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import ssl
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Literal
+
+import aiomqtt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.adapters.base import ReadingSink
+from app.models import Identifier, Quality, Reading, utc_now_iso
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_START_S = 0.1
+BACKOFF_MAX_S = 5.0
+# As epoch seconds 1e11 is the year 5138, so any larger timestamp is taken as milliseconds.
+_EPOCH_MILLIS_FROM = 1e11
+_QUALITIES: dict[str, Quality] = {"GOOD": "GOOD", "BAD": "BAD", "UNCERTAIN": "UNCERTAIN"}
+
+
+class PayloadError(ValueError):
+    """A message payload that cannot become a Reading."""
+
+
+class MqttTag(BaseModel):
+    """One topic filter (`+` and `#` allowed) and the tag of the well its messages feed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: str = Field(min_length=1, max_length=1024)
+    well: Identifier
+    tag: Identifier
+    unit: str | None = None
+    scale: float = Field(1.0, allow_inf_nan=False)
+    offset: float = Field(0.0, allow_inf_nan=False)
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_filter(cls, value: str) -> str:
+        aiomqtt.Wildcard(value)  # raises ValueError on a malformed filter, e.g. `a/#/b` or `a/b+`
+        return value
+
+
+class MqttConnection(BaseModel):
+    """A broker and the tags read from it. Credentials are named environment variables, never values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Literal["mqtt"]
+    id: Identifier
+    tenant: Identifier
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(1883, ge=1, le=65535)
+    username_env: str | None = None
+    password_env: str | None = None
+    tls: bool = False
+    qos: Literal[0, 1, 2] = 1
+    keepalive_s: int = Field(10, ge=1, le=3600)
+    client_id: str | None = Field(None, min_length=1, max_length=128)
+    persistent_session: bool = False
+    value_field: str = Field("value", min_length=1)
+    quality_field: str = Field("quality", min_length=1)
+    timestamp_field: str = Field("timestamp", min_length=1)
+    tags: list[MqttTag] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _persistent_session_needs_a_client_id(self) -> MqttConnection:
+        if self.persistent_session and self.client_id is None:
+            raise ValueError("persistent_session needs a fixed client_id")
+        return self
+
+    @property
+    def wells(self) -> list[str]:
+        """Every well this connection feeds, in first-seen order."""
+        return list(dict.fromkeys(tag.well for tag in self.tags))
+
+
+class MqttAdapter:
+    """Subscribes to every tag's filter and turns each message into Readings, until cancelled.
+
+    A message whose topic matches several filters yields one Reading per matching tag, submitted
+    together. Connection failures are logged once per attempt and retried with capped backoff;
+    no aiomqtt or paho exception ever leaves `run()`.
+
+    Args:
+        connection: the validated connection.
+        credentials: where `username_env` and `password_env` are looked up, at every connect.
+    """
+
+    def __init__(self, connection: MqttConnection, *, credentials: Mapping[str, str] | None = None) -> None:
+        self.name = connection.id
+        self._connection = connection
+        self._credentials: Mapping[str, str] = {} if credentials is None else credentials
+        self._filters = list(dict.fromkeys(tag.topic for tag in connection.tags))
+
+    async def run(self, sink: ReadingSink) -> None:
+        delay = BACKOFF_START_S
+        while True:
+            try:
+                async with self._client() as client:
+                    await self._subscribe(client)
+                    logger.info("mqtt %s subscribed to %d filters", self.name, len(self._filters))
+                    delay = BACKOFF_START_S
+                    async for message in client.messages:
+                        await self._handle(message.topic, message.payload, sink)
+            except aiomqtt.MqttError as exc:
+                logger.warning("mqtt %s: broker connection failed (%s); retrying in %.1f s", self.name, exc, delay)
+            except Exception:
+                logger.exception("mqtt %s: unexpected failure; retrying in %.1f s", self.name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        for topic_filter in self._filters:
+            granted = await client.subscribe(topic_filter, qos=self._connection.qos)
+            # A refused filter (e.g. by the broker's ACL) is not an error to paho; say so once per connect.
+            if any(code >= 0x80 if isinstance(code, int) else code.is_failure for code in granted):
+                logger.warning("mqtt %s: broker refused the subscription to %s", self.name, topic_filter)
+
+    def _client(self) -> aiomqtt.Client:
+        c = self._connection
+        return aiomqtt.Client(
+            c.host,
+            c.port,
+            username=self._secret(c.username_env),
+            password=self._secret(c.password_env),
+            identifier=c.client_id,
+            clean_session=not c.persistent_session,
+            keepalive=c.keepalive_s,
+            timeout=max(5.0, float(c.keepalive_s)),
+            tls_context=ssl.create_default_context() if c.tls else None,
+            logger=logger,
+        )
+
+    def _secret(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        value = self._credentials.get(name)
+        if value is None:
+            logger.warning("mqtt %s: environment variable %s is not set", self.name, name)
+        return value
+
+    async def _handle(self, topic: aiomqtt.Topic, payload: object, sink: ReadingSink) -> None:
+        tags = [tag for tag in self._connection.tags if topic.matches(tag.topic)]
+        if not tags:
+            return
+        try:
+            readings = self.decode(tags, payload)
+        except PayloadError as exc:
+            logger.warning("mqtt %s: skipped a message on %s: %s", self.name, topic.value, exc)
+            return
+        await sink.submit(readings)
+
+    def decode(self, tags: Sequence[MqttTag], payload: object) -> list[Reading]:
+        """Readings for `tags` from one payload; raises PayloadError if it is not usable."""
+        if not isinstance(payload, bytes | bytearray | str):
+            raise PayloadError(f"payload of type {type(payload).__name__}")
+        value, quality, timestamp = _parse(
+            bytes(payload) if not isinstance(payload, str) else payload, self._connection
+        )
+        try:
+            return [self._reading(tag, value, quality, timestamp) for tag in tags]
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'reading'}: {e['msg']}" for e in exc.errors())
+            raise PayloadError(problems) from None
+
+    def _reading(self, tag: MqttTag, value: float | None, quality: Quality, timestamp: str) -> Reading:
+        return Reading(
+            tenant_id=self._connection.tenant,
+            well_id=tag.well,
+            tag_name=tag.tag,
+            value=None if value is None else value * tag.scale + tag.offset,
+            quality=quality,
+            timestamp=timestamp,
+            source_protocol="mqtt",
+            connection_id=self._connection.id,
+            unit=tag.unit,
+        )
+
+
+def _parse(payload: bytes | str, c: MqttConnection) -> tuple[float | None, Quality, str]:
+    try:
+        return float(payload), "GOOD", utc_now_iso()
+    except ValueError:
+        pass
+    try:
+        document: object = json.loads(payload)
+    except ValueError:
+        raise PayloadError("neither a number nor JSON") from None
+    if not isinstance(document, dict):
+        raise PayloadError(f"JSON {type(document).__name__}, expected an object or a number")
+    if c.value_field not in document:
+        raise PayloadError(f"no {c.value_field!r} field")
+    value = _value(document[c.value_field])
+    quality = _quality(document.get(c.quality_field))
+    timestamp = _timestamp(document.get(c.timestamp_field))
+    return value, quality, timestamp
+
+
+def _value(raw: object) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise PayloadError(f"value must be a number or null, not {type(raw).__name__}")
+    try:
+        return float(raw)
+    except (ValueError, OverflowError):
+        raise PayloadError("value is not a number") from None
+
+
+def _quality(raw: object) -> Quality:
+    if raw is None:
+        return "GOOD"
+    quality = _QUALITIES.get(raw.upper()) if isinstance(raw, str) else None
+    if quality is None:
+        raise PayloadError("quality must be GOOD, BAD or UNCERTAIN")
+    return quality
+
+
+def _timestamp(raw: object) -> str:
+    if raw is None:
+        return utc_now_iso()
+    if isinstance(raw, str):
+        return raw  # Reading validates it: ISO-8601 with a zone
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        raise PayloadError("timestamp must be ISO-8601 or epoch seconds/milliseconds")
+    seconds = raw / 1000 if abs(raw) >= _EPOCH_MILLIS_FROM else raw
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat()
+    except (ValueError, OverflowError, OSError):
+        raise PayloadError("timestamp out of range") from None

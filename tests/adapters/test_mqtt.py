@@ -1,0 +1,324 @@
+"""MqttAdapter against a real mosquitto on loopback, published to with aiomqtt."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import anyio
+import pytest
+from pydantic import ValidationError
+
+from app.adapters.mqtt import MqttAdapter, MqttConnection
+from app.models import Reading
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.anyio
+
+PROBE = {"topic": "probe/ready", "well": "w9", "tag": "probe"}
+
+
+class MosquittoBroker:
+    """A mosquitto subprocess on a free loopback port; can be stopped and started again on that port."""
+
+    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+        binary = shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/sbin/mosquitto") if Path(p).exists()), None
+        )
+        if binary is None:
+            pytest.fail("mosquitto is not installed: run `make test`, which installs it (apt-get install mosquitto)")
+        self.port = free_port()
+        self.workdir = workdir
+        config = workdir / "mosquitto.conf"
+        config.write_text(
+            f"listener {self.port} 127.0.0.1\npersistence false\nlog_dest stderr\n"
+            + (extra_config or "allow_anonymous true\n")
+        )
+        self._cmd = [binary, "-c", str(config)]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.process = subprocess.Popen(self._cmd, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("mosquitto did not start; see " + str(self.workdir / "mosquitto.log")) from None
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    server = MosquittoBroker(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class CollectingSink:
+    """A real ReadingSink: keeps every reading (probe readings aside) and wakes waiters."""
+
+    def __init__(self) -> None:
+        self.readings: list[Reading] = []
+        self.probed = anyio.Event()
+        self._changed = anyio.Event()
+
+    async def submit(self, readings: Sequence[Reading]) -> None:
+        for reading in readings:
+            if reading.tag_name == "probe":
+                self.probed.set()
+            else:
+                self.readings.append(reading)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, count: int) -> list[Reading]:
+        while len(self.readings) < count:
+            await self._changed.wait()
+        return self.readings
+
+
+def connection(port: int, tags: list[dict[str, Any]], **fields: Any) -> MqttConnection:
+    return MqttConnection.model_validate(
+        {"protocol": "mqtt", "id": "mq1", "tenant": "acme", "host": "127.0.0.1", "port": port}
+        | fields
+        | {"tags": [*tags, PROBE]}
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(conn: MqttConnection, port: int) -> AsyncIterator[tuple[CollectingSink, aiomqtt.Client]]:
+    """The adapter running against the broker, subscribed; yields its sink and a publishing client."""
+    sink = CollectingSink()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(MqttAdapter(conn).run, sink)
+        async with aiomqtt.Client("127.0.0.1", port) as publisher:
+            await wait_subscribed(sink, publisher)
+            yield sink, publisher
+        tg.cancel_scope.cancel()
+
+
+async def wait_subscribed(sink: CollectingSink, publisher: aiomqtt.Client) -> None:
+    """Publish to the probe topic until the adapter reports it: then every filter is subscribed."""
+    sink.probed = anyio.Event()
+    while not sink.probed.is_set():
+        await publisher.publish("probe/ready", b"1", qos=1)
+        with anyio.move_on_after(0.05):
+            await sink.probed.wait()
+
+
+async def test_json_payloads_carry_value_quality_and_timestamp(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags = [{"topic": "site/w1/tubing", "well": "w1", "tag": "tubing_pressure", "unit": "psi"}]
+        async with running(connection(broker.port, tags), broker.port) as (sink, publisher):
+            topic = "site/w1/tubing"
+            await publisher.publish(
+                topic, b'{"value": 850.5, "quality": "uncertain", "timestamp": "2026-11-27T10:00:00Z"}'
+            )
+            await publisher.publish(topic, b'{"value": 851, "timestamp": 1795773600}')
+            await publisher.publish(topic, b'{"value": 852, "quality": "Bad", "timestamp": 1795773600123}')
+            await publisher.publish(topic, b'{"value": null, "quality": "GOOD"}')
+            readings = await sink.wait_for(4)
+    first, second, third, fourth = readings
+    assert (first.tenant_id, first.well_id, first.tag_name, first.unit) == ("acme", "w1", "tubing_pressure", "psi")
+    assert (first.source_protocol, first.connection_id) == ("mqtt", "mq1")
+    assert (first.value, first.quality, first.timestamp) == (850.5, "UNCERTAIN", "2026-11-27T10:00:00.000000Z")
+    assert (second.value, second.quality, second.timestamp) == (851.0, "GOOD", "2026-11-27T10:00:00.000000Z")
+    assert (third.value, third.quality, third.timestamp) == (852.0, "BAD", "2026-11-27T10:00:00.123000Z")
+    assert (fourth.value, fourth.quality) == (None, "BAD")
+
+
+async def test_custom_field_names(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags = [{"topic": "rtu/7/casing", "well": "w2", "tag": "casing"}]
+        conn = connection(broker.port, tags, value_field="v", quality_field="q", timestamp_field="ts")
+        async with running(conn, broker.port) as (sink, publisher):
+            await publisher.publish("rtu/7/casing", b'{"v": 1200.25, "q": "GOOD", "ts": "2026-11-27T11:30:00.5+01:00"}')
+            (reading,) = await sink.wait_for(1)
+    assert (reading.value, reading.quality, reading.timestamp) == (1200.25, "GOOD", "2026-11-27T10:30:00.500000Z")
+
+
+async def test_plain_number_payloads_are_good_and_stamped_on_arrival(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags = [{"topic": "site/w1/flow", "well": "w1", "tag": "flow_rate"}]
+        async with running(connection(broker.port, tags, qos=2), broker.port) as (sink, publisher):
+            await publisher.publish("site/w1/flow", b"12.5")
+            await publisher.publish("site/w1/flow", b" -3 ")
+            await publisher.publish("site/w1/flow", 42)
+            readings = await sink.wait_for(3)
+    assert [(r.value, r.quality) for r in readings] == [(12.5, "GOOD"), (-3.0, "GOOD"), (42.0, "GOOD")]
+    assert all(r.timestamp.startswith(time.strftime("%Y-", time.gmtime())) for r in readings)
+
+
+async def test_scale_and_offset_are_applied(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags = [{"topic": "plc/temp", "well": "w1", "tag": "temperature", "scale": 0.1, "offset": -40.0}]
+        async with running(connection(broker.port, tags), broker.port) as (sink, publisher):
+            await publisher.publish("plc/temp", b"1000")
+            await publisher.publish("plc/temp", b'{"value": 500}')
+            readings = await sink.wait_for(2)
+    assert [r.value for r in readings] == pytest.approx([60.0, 10.0])
+
+
+async def test_wildcard_filters_map_to_one_tag_each(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags = [
+            {"topic": "site/+/tubing", "well": "w1", "tag": "tubing"},
+            {"topic": "site/#", "well": "w2", "tag": "anything"},
+        ]
+        async with running(connection(broker.port, tags), broker.port) as (sink, publisher):
+            await publisher.publish("site/a/tubing", b"1")  # both filters
+            await publisher.publish("site/a/b/tubing", b"2")  # `+` is one level: only site/#
+            await publisher.publish("site", b"3")  # `#` includes the parent level
+            await publisher.publish("other/a/tubing", b"4")  # neither
+            await publisher.publish("site/b/tubing", b"5")
+            readings = await sink.wait_for(6)
+            await anyio.sleep(0.1)
+    got = sorted((r.well_id, r.tag_name, r.value) for r in readings)
+    assert got == [
+        ("w1", "tubing", 1.0),
+        ("w1", "tubing", 5.0),
+        ("w2", "anything", 1.0),
+        ("w2", "anything", 2.0),
+        ("w2", "anything", 3.0),
+        ("w2", "anything", 5.0),
+    ]
+
+
+async def test_unusable_payloads_are_logged_and_skipped(
+    broker: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="app.adapters.mqtt")
+    bad = [
+        b"twelve",
+        b"{not json",
+        b"[1, 2]",
+        b'{"quality": "GOOD"}',
+        b'{"value": "abc"}',
+        b'{"value": true}',
+        b'{"value": 1, "quality": "OK"}',
+        b'{"value": 1, "timestamp": "2026-11-27T10:00:00"}',
+        b'{"value": 1, "timestamp": 1e300}',
+        b"\xff\xfe",
+    ]
+    with anyio.fail_after(15):
+        tags = [{"topic": "site/w1/p", "well": "w1", "tag": "p"}]
+        async with running(connection(broker.port, tags), broker.port) as (sink, publisher):
+            for payload in bad:
+                await publisher.publish("site/w1/p", payload)
+            await publisher.publish("site/w1/p", b"7.5")
+            (reading,) = await sink.wait_for(1)
+    assert reading.value == 7.5
+    skipped = [r for r in caplog.records if "skipped a message" in r.getMessage()]
+    assert len(skipped) == len(bad)
+    assert all(r.levelno == logging.WARNING and "site/w1/p" in r.getMessage() for r in skipped)
+
+
+async def test_nan_becomes_bad_with_no_value(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags = [{"topic": "site/w1/p", "well": "w1", "tag": "p", "scale": 2.0}]
+        async with running(connection(broker.port, tags), broker.port) as (sink, publisher):
+            await publisher.publish("site/w1/p", b"NaN")
+            await publisher.publish("site/w1/p", b'{"value": NaN, "quality": "GOOD"}')
+            await publisher.publish("site/w1/p", b"inf")
+            readings = await sink.wait_for(3)
+    assert [(r.value, r.quality) for r in readings] == [(None, "BAD")] * 3
+
+
+async def test_broker_restart_is_survived(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags = [{"topic": "site/w1/p", "well": "w1", "tag": "p"}]
+        sink = CollectingSink()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(MqttAdapter(connection(broker.port, tags)).run, sink)
+            async with aiomqtt.Client("127.0.0.1", broker.port) as publisher:
+                await wait_subscribed(sink, publisher)
+                await publisher.publish("site/w1/p", b"1", qos=1)
+                await sink.wait_for(1)
+            await anyio.to_thread.run_sync(broker.stop)
+            await anyio.sleep(0.3)  # the adapter notices and retries against a closed port
+            await anyio.to_thread.run_sync(broker.start)
+            async with aiomqtt.Client("127.0.0.1", broker.port) as publisher:
+                await wait_subscribed(sink, publisher)
+                await publisher.publish("site/w1/p", b"2", qos=1)
+                _, reading = await sink.wait_for(2)
+            tg.cancel_scope.cancel()
+    assert reading.value == 2.0
+
+
+async def test_credentials_are_looked_up_by_name_at_each_connect_and_never_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    passwords = tmp_path / "passwd"
+    binary = shutil.which("mosquitto_passwd")
+    if binary is None:
+        pytest.fail("mosquitto_passwd is not installed (it ships with the mosquitto package)")
+    await anyio.run_process([binary, "-c", "-b", str(passwords), "ingest", "s3cret-pw"])
+    # Started as root, mosquitto drops to its own user, which cannot read pytest's private temp dir.
+    as_root = "user root\n" if os.geteuid() == 0 else ""
+    server = MosquittoBroker(tmp_path, f"allow_anonymous false\npassword_file {passwords}\n{as_root}")
+    server.start()
+    caplog.set_level(logging.DEBUG)
+    credentials = {"TEST_MQTT_USER": "ingest", "TEST_MQTT_PASSWORD": "wrong-pw"}
+    tags = [{"topic": "site/w1/p", "well": "w1", "tag": "p"}]
+    conn = connection(server.port, tags, username_env="TEST_MQTT_USER", password_env="TEST_MQTT_PASSWORD")
+    try:
+        with anyio.fail_after(15):
+            sink = CollectingSink()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(MqttAdapter(conn, credentials=credentials).run, sink)
+                async with aiomqtt.Client("127.0.0.1", server.port, username="ingest", password="s3cret-pw") as pub:
+                    while not any("broker connection failed" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
+                        await anyio.sleep(0.02)  # the log is the only sign of a refused connect
+                    # The next attempt looks the names up again.
+                    credentials["TEST_MQTT_PASSWORD"] = "s3cret-pw"
+                    await wait_subscribed(sink, pub)
+                    await pub.publish("site/w1/p", b"3")
+                    (reading,) = await sink.wait_for(1)
+                tg.cancel_scope.cancel()
+    finally:
+        server.stop()
+    assert reading.value == 3.0
+    assert not any("s3cret" in r.getMessage() or "wrong-pw" in r.getMessage() for r in caplog.records)
+
+
+def test_connection_config_is_validated() -> None:
+    tag = {"topic": "a/+/b", "well": "w1", "tag": "p"}
+    base = {"protocol": "mqtt", "id": "mq1", "tenant": "acme", "host": "localhost"}
+    conn = MqttConnection.model_validate(base | {"tags": [tag, tag | {"well": "w2"}, tag]})
+    assert (conn.port, conn.qos, conn.keepalive_s, conn.wells) == (1883, 1, 10, ["w1", "w2"])
+    bad_fields: list[dict[str, object]] = [
+        {"tags": []},
+        {"tags": [tag | {"topic": "a/#/b"}]},
+        {"tags": [tag | {"topic": "a/b+"}]},
+        {"tags": [tag | {"well": "w:1"}]},
+        {"tags": [tag], "qos": 3},
+        {"tags": [tag], "persistent_session": True},
+        {"tags": [tag], "password": "inline"},
+    ]
+    for bad in bad_fields:
+        with pytest.raises(ValidationError):
+            MqttConnection.model_validate(base | bad)
