@@ -1,0 +1,92 @@
+"""From a device to a browser: mosquitto -> `wellstream ingest` -> Redis -> gateway -> SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiomqtt
+import anyio
+import httpx
+import pytest
+
+from tests.adapters.test_mqtt import MosquittoBroker
+from tests.conftest import ROOT, make_settings, running_gateway
+from tests.sse_client import SSEReader
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_an_mqtt_reading_reaches_the_stream_of_its_tenant_only(
+    tmp_path: Path, redis_url: str, secret: str, token
+) -> None:
+    mqtt = MosquittoBroker(tmp_path)
+    mqtt.start()
+    site = tmp_path / "site.toml"
+    site.write_text(
+        f"""
+[tenants.acme]
+wells = ["well-01"]
+
+[[connections]]
+protocol = "mqtt"
+id = "field"
+tenant = "acme"
+host = "127.0.0.1"
+port = {mqtt.port}
+tags = [{{ topic = "pads/7/tubing", well = "well-01", tag = "tubing_pressure", unit = "psi", scale = 2.0 }}]
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")} | {"WELLSTREAM_REDIS_URL": redis_url}
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "ingest", "--config", str(site), cwd=ROOT, env=env
+    )
+    try:
+        with anyio.fail_after(30):
+            settings = make_settings(secret, redis_url=redis_url, wells={})
+            async with (
+                running_gateway(settings) as gateway,
+                httpx.AsyncClient(timeout=20) as client,
+                aiomqtt.Client("127.0.0.1", mqtt.port) as device,
+            ):
+                # ingest registers acme/well-01 at start: the gateway knows the well only from Redis
+                url = f"{gateway.url}/tenants/acme/wells/well-01/stream"
+                headers = {"Authorization": f"Bearer {token('acme')}"}
+                for _ in range(400):
+                    if (await client.get(url.replace("/stream", "/latest"), headers=headers)).status_code != 404:
+                        break
+                    await asyncio.sleep(0.05)
+                async with client.stream("GET", url, headers=headers) as response:
+                    assert response.status_code == 200
+                    events = SSEReader(response)
+                    await events.next_event("snapshot")
+
+                    async def keep_publishing() -> None:  # until the worker's subscription is in place
+                        while True:
+                            await device.publish("pads/7/tubing", b"421.5", qos=1)
+                            await asyncio.sleep(0.2)
+
+                    publishing = asyncio.create_task(keep_publishing())
+                    try:
+                        reading = (await events.next_event("reading")).json()
+                    finally:
+                        publishing.cancel()
+                assert reading["value"] == 843.0
+                assert reading["sourceProtocol"] == "mqtt"
+                assert reading["connectionId"] == "field"
+                assert reading["unit"] == "psi"
+                other = await client.get(
+                    f"{gateway.url}/tenants/globex/wells/well-01/latest",
+                    headers={"Authorization": f"Bearer {token('globex')}"},
+                )
+                assert other.status_code == 404, "globex has no well-01: nothing of acme's shows there"
+        worker.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(worker.wait(), 10) == 0
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+        mqtt.stop()
