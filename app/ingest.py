@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 
-from app.adapters.base import Adapter
+from app.adapters.base import Adapter, ReadingSink
 from app.adapters.modbus import ModbusAdapter
 from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.adapters.simulator import SimulatorAdapter
@@ -98,16 +99,55 @@ def adapters_for(site: Site, credentials: Mapping[str, str]) -> list[Adapter]:
     return adapters
 
 
-async def run_ingest(site: Site, broker: Broker, stop: asyncio.Event, credentials: Mapping[str, str]) -> None:
+class ConnectionHealth:
+    """A sink in front of the publisher that keeps one connection's vital signs.
+
+    Readings by quality and the time of the last one: a connection that went quiet shows in
+    the health line even when its adapter is stuck reconnecting.
+    """
+
+    def __init__(self, name: str, sink: ReadingSink) -> None:
+        self.name = name
+        self._sink = sink
+        self.readings: dict[str, int] = {"GOOD": 0, "UNCERTAIN": 0, "BAD": 0}
+        self.last_reading_at: float | None = None
+
+    async def submit(self, readings: Sequence[Reading]) -> None:
+        for reading in readings:
+            self.readings[reading.quality] += 1
+        if readings:
+            self.last_reading_at = time.monotonic()
+        await self._sink.submit(readings)
+
+    def report(self) -> dict[str, object]:
+        age = None if self.last_reading_at is None else round(time.monotonic() - self.last_reading_at, 1)
+        return {"connection": self.name, "readings": dict(self.readings), "last_reading_age_s": age}
+
+
+async def run_ingest(
+    site: Site, broker: Broker, stop: asyncio.Event, credentials: Mapping[str, str], health_every_s: float = 30
+) -> None:
     """Register the site's wells, run every adapter into one publisher until `stop`, then flush."""
     for tenant, wells in site.registry().items():
         await broker.register_wells(tenant, wells)
     adapters = adapters_for(site, credentials)
     async with Publisher(broker) as publisher:
-        tasks = [asyncio.create_task(adapter.run(publisher), name=adapter.name) for adapter in adapters]
-        logger.info("ingesting from %d connections", len(tasks))
+        health = [ConnectionHealth(adapter.name, publisher) for adapter in adapters]
+        tasks = [asyncio.create_task(a.run(h), name=a.name) for a, h in zip(adapters, health, strict=True)]
+        tasks.append(asyncio.create_task(_log_health(health, publisher, health_every_s), name="health"))
+        logger.info("ingesting from %d connections", len(adapters))
         await stop.wait()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     logger.info("ingest stopped after publishing %d readings", publisher.published)
+
+
+async def _log_health(health: list[ConnectionHealth], publisher: Publisher, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        for connection in health:
+            logger.info("connection health", extra={"fields": {"event": "ingest-health", **connection.report()}})
+        logger.info(
+            "publisher health", extra={"fields": {"event": "publisher-health", "published": publisher.published}}
+        )

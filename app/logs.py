@@ -17,9 +17,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        fields = getattr(record, "audit", None)
-        if isinstance(fields, dict):
-            entry.update(fields)
+        for name in ("audit", "fields"):  # structured lines: extra={"fields": {...}}
+            fields = getattr(record, name, None)
+            if isinstance(fields, dict):
+                entry.update(fields)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()

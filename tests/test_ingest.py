@@ -48,3 +48,34 @@ async def test_readings_submitted_while_redis_is_down_arrive_in_order_once_it_is
         assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(300)]
     finally:
         server.stop()
+
+
+async def test_ingest_logs_each_connections_health(caplog: pytest.LogCaptureFixture) -> None:
+    from app.ingest import run_ingest
+    from app.site import Site
+
+    caplog.set_level("INFO", logger="app.ingest")
+    site = Site.model_validate(
+        {
+            "tenants": {"acme": {"wells": ["w1"]}},
+            "connections": [
+                {"protocol": "simulator", "id": "sim", "tenant": "acme", "wells": ["w1"], "interval_s": 0.02}
+            ],
+        }
+    )
+    broker = MemoryBroker()
+    stop = asyncio.Event()
+    with anyio.fail_after(10):
+        task = asyncio.create_task(run_ingest(site, broker, stop, {}, health_every_s=0.2))
+        await asyncio.sleep(0.5)
+        stop.set()
+        await task
+    lines = [getattr(r, "fields", {}) for r in caplog.records]
+    health = [fields for fields in lines if fields.get("event") == "ingest-health"]
+    assert health, "a health line per connection"
+    assert health[-1]["connection"] == "sim"
+    readings = health[-1]["readings"]
+    assert isinstance(readings, dict)
+    assert sum(readings.values()) > 0
+    assert health[-1]["last_reading_age_s"] is not None
+    assert await broker.has_well("acme", "w1")
