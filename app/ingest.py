@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from app.adapters.base import Adapter, ReadingSink
 from app.adapters.modbus import ModbusAdapter
 from app.adapters.mqtt import MqttAdapter, MqttConnection
+from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
 from app.adapters.simulator import SimulatorAdapter
 from app.errors import BrokerError
 from app.models import Reading
@@ -94,6 +95,8 @@ def adapters_for(site: Site, credentials: Mapping[str, str]) -> list[Adapter]:
             adapters.append(SimulatorAdapter([(c.tenant, well) for well in c.wells], c.interval_s, name=c.id))
         elif isinstance(c, MqttConnection):
             adapters.append(MqttAdapter(c, credentials=credentials))
+        elif isinstance(c, OpcuaConnection):
+            adapters.append(OpcuaAdapter(c, credentials=credentials))
         else:
             adapters.append(ModbusAdapter(c))
     return adapters

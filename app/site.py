@@ -2,8 +2,7 @@
 
 Validated with pydantic; every error names the file, the key and the problem. Credentials
 never live in the file: a connection names the environment variables that hold them.
-Protocols so far: simulator, Modbus TCP and MQTT; OPC-UA joins the `Connection` union when
-its adapter lands.
+Protocols: simulator, Modbus TCP, MQTT and OPC-UA, one adapter file each.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from app.adapters.modbus import ModbusConnection
 from app.adapters.mqtt import MqttConnection
+from app.adapters.opcua import OpcuaConnection
 from app.models import Identifier
 
 
@@ -41,12 +41,14 @@ class SimulatorConnection(BaseModel):
     interval_s: float = Field(1.0, gt=0, le=3600)
 
 
-Connection = Annotated[SimulatorConnection | ModbusConnection | MqttConnection, Field(discriminator="protocol")]
+Connection = Annotated[
+    SimulatorConnection | ModbusConnection | MqttConnection | OpcuaConnection, Field(discriminator="protocol")
+]
 
 
 def wells_of(connection: Connection) -> set[str]:
     """The wells a connection produces readings for."""
-    if isinstance(connection, SimulatorConnection | MqttConnection):
+    if isinstance(connection, SimulatorConnection | MqttConnection | OpcuaConnection):
         return set(connection.wells)
     return {point.well for group in connection.groups for point in group.points}
 
@@ -96,6 +98,6 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             parts.append(f"[{part}]")
-        elif part not in ("simulator", "modbus", "mqtt"):  # the discriminator's tag adds nothing for a reader
+        elif part not in ("simulator", "modbus", "mqtt", "opcua"):  # the discriminator's tag adds nothing for a reader
             parts.append(f".{part}" if parts else part)
     return "".join(parts) or "(top level)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -90,3 +91,79 @@ tags = [{{ topic = "pads/7/tubing", well = "well-01", tag = "tubing_pressure", u
             worker.kill()
             await worker.wait()
         mqtt.stop()
+
+
+async def test_opcua_values_and_statuses_reach_the_stream_and_survive_a_server_restart(
+    redis_url: str, secret: str, token
+) -> None:
+    from datetime import UTC, datetime
+
+    from asyncua.ua.status_codes import StatusCodes
+
+    from app.ingest import run_ingest
+    from app.site import Site
+    from app.streams.redis import RedisBroker
+    from tests.adapters.test_opcua import Plc
+    from tests.conftest import free_port
+
+    first = Plc(free_port())
+    await first.init()
+    await first.server.start()
+    second = Plc(first.port)
+    site = Site.model_validate(
+        {
+            "tenants": {"acme": {"wells": ["well-01"]}},
+            "connections": [
+                {
+                    "protocol": "opcua",
+                    "id": "plc",
+                    "tenant": "acme",
+                    "endpoint": first.endpoint,
+                    "sampling_interval_ms": 0,
+                    "publishing_interval_ms": 50,
+                    "nodes": [{"node_id": first.node_id("TubingPressure"), "well": "well-01", "tag": "tubing"}],
+                }
+            ],
+        }
+    )
+    stop = asyncio.Event()
+    stamp = datetime(2026, 11, 27, 6, 30, 0, 123456, tzinfo=UTC)
+    try:
+        with anyio.fail_after(40):
+            async with RedisBroker.connect(redis_url) as broker:
+                ingest = asyncio.create_task(run_ingest(site, broker, stop, {}))
+                settings = make_settings(secret, redis_url=redis_url, wells={"acme": ["well-01"]})
+                headers = {"Authorization": f"Bearer {token('acme')}"}
+                async with running_gateway(settings) as gateway, httpx.AsyncClient(timeout=30) as client:
+                    url = f"{gateway.url}/tenants/acme/wells/well-01/stream"
+                    async with client.stream("GET", url, headers=headers) as response:
+                        events = SSEReader(response)
+                        await events.next_event("snapshot")
+
+                        async def next_reading(value: float | None) -> dict[str, object]:
+                            while True:
+                                reading: dict[str, object] = (await events.next_event("reading")).json()
+                                if reading["value"] == value:
+                                    return reading
+
+                        await first.write("TubingPressure", 10.0, source=stamp)
+                        good = await next_reading(10.0)
+                        assert good["quality"] == "GOOD"
+                        assert good["timestamp"] == "2026-11-27T06:30:00.123456Z", "the source time is kept"
+                        assert good["sourceProtocol"] == "opcua"
+                        await first.write("TubingPressure", 11.0, StatusCodes.UncertainLastUsableValue)
+                        assert (await next_reading(11.0))["quality"] == "UNCERTAIN"
+                        await first.write("TubingPressure", 0.0, StatusCodes.BadSensorFailure)  # a Bad value is null
+                        assert (await next_reading(None))["quality"] == "BAD"
+                        await second.init()
+                        await first.server.stop()
+                        await second.server.start()
+                        await second.write("TubingPressure", 12.0)
+                        assert (await next_reading(12.0))["quality"] == "GOOD", "resumed without a worker restart"
+                stop.set()
+                await ingest
+    finally:
+        stop.set()
+        for plc in (first, second):
+            with contextlib.suppress(Exception):
+                await plc.server.stop()

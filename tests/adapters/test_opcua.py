@@ -1,0 +1,258 @@
+"""OpcuaAdapter against a real asyncua Server in-process on loopback, with a real collecting sink."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import pytest
+from asyncua import ua
+from asyncua.common.node import Node
+from asyncua.server.server import Server
+from asyncua.ua.status_codes import StatusCodes
+from pydantic import ValidationError
+
+from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
+from app.models import Reading
+from tests.conftest import free_port, wait_until
+
+pytestmark = pytest.mark.anyio
+
+NAMESPACE = "urn:wellstream:test"
+VARIABLES = ("TubingPressure", "CasingPressure", "Temperature", "Flow", "Level")
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"  # module scope, so one OPC-UA server (about 1-3 s to init) serves the whole module
+
+
+class CollectingSink:
+    """A real ReadingSink that keeps every batch it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Reading]] = []
+
+    async def submit(self, readings: Sequence[Reading]) -> None:
+        self.batches.append(list(readings))
+
+    @property
+    def readings(self) -> list[Reading]:
+        return [reading for batch in self.batches for reading in batch]
+
+    def of(self, tag: str) -> list[Reading]:
+        return [reading for reading in self.readings if reading.tag_name == tag]
+
+    def latest(self, tag: str) -> Reading | None:
+        found = self.of(tag)
+        return found[-1] if found else None
+
+    async def wait_for(self, tag: str, value: float | None, quality: str = "GOOD") -> Reading:
+        def arrived() -> bool:
+            latest = self.latest(tag)
+            return latest is not None and latest.value == value and latest.quality == quality
+
+        await wait_until(arrived)
+        found = self.latest(tag)
+        assert found is not None
+        return found
+
+
+class Plc:
+    """An asyncua Server on a fixed loopback port with Double variables ns=<idx>;s=Well1.<name>."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.endpoint = f"opc.tcp://127.0.0.1:{port}/wellstream/"
+        self.server = Server()
+        self.vars: dict[str, Node] = {}
+        self.idx = 0
+
+    async def init(self) -> None:
+        await self.server.init()
+        self.server.set_endpoint(self.endpoint)
+        self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        self.idx = await self.server.register_namespace(NAMESPACE)
+        well = await self.server.nodes.objects.add_object(
+            ua.NodeId(ua.String("Well1"), ua.Int16(self.idx)), ua.QualifiedName("Well1", self.idx)
+        )
+        for name in VARIABLES:
+            self.vars[name] = await well.add_variable(
+                ua.NodeId(ua.String(f"Well1.{name}"), ua.Int16(self.idx)),
+                ua.QualifiedName(name, self.idx),
+                0.0,
+                varianttype=ua.VariantType.Double,
+            )
+
+    def node_id(self, name: str) -> str:
+        return f"ns={self.idx};s=Well1.{name}"
+
+    async def write(
+        self, name: str, value: float | None, status: int = StatusCodes.Good, source: datetime | None = None
+    ) -> None:
+        await self.vars[name].write_value(
+            ua.DataValue(
+                ua.Variant(value, ua.VariantType.Double),
+                StatusCode=ua.StatusCode(ua.UInt32(status)),
+                SourceTimestamp=source or datetime.now(UTC),  # type: ignore[arg-type]  # ua.DateTime is a datetime
+            )
+        )
+
+
+@pytest.fixture(scope="module")
+async def plc() -> AsyncIterator[Plc]:
+    plc = Plc(free_port())
+    await plc.init()
+    await plc.server.start()
+    yield plc
+    await plc.server.stop()
+
+
+def connection(plc: Plc, *nodes: dict[str, Any], **extra: Any) -> OpcuaConnection:
+    fields: dict[str, Any] = {"protocol": "opcua", "id": "ua1", "tenant": "acme", "endpoint": plc.endpoint}
+    fields |= {"sampling_interval_ms": 0, "publishing_interval_ms": 50}
+    return OpcuaConnection.model_validate({**fields, "nodes": [{"well": "w1", **node} for node in nodes], **extra})
+
+
+@contextlib.asynccontextmanager
+async def running(conn: OpcuaConnection, **kwargs: Any) -> AsyncIterator[CollectingSink]:
+    """The adapter running as a task; on exit it is cancelled and must end with CancelledError."""
+    sink = CollectingSink()
+    task = asyncio.create_task(OpcuaAdapter(conn, **kwargs).run(sink))
+    try:
+        yield sink
+        assert not task.done(), "the adapter stopped by itself"
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_values_quality_and_source_timestamps(plc: Plc) -> None:
+    with anyio.fail_after(20):
+        stamp = datetime(2026, 3, 1, 12, 30, 15, 250000, tzinfo=UTC)
+        await plc.write("TubingPressure", 1500.5, source=stamp)
+        conn = connection(plc, {"node_id": plc.node_id("TubingPressure"), "tag": "tubing", "unit": "psi"})
+        async with running(conn) as sink:
+            first = await sink.wait_for("tubing", 1500.5)
+            assert first.timestamp == "2026-03-01T12:30:15.250000Z"
+            assert (first.unit, first.source_protocol, first.connection_id) == ("psi", "opcua", "ua1")
+            assert (first.tenant_id, first.well_id) == ("acme", "w1")
+            await plc.write("TubingPressure", 1490.0, StatusCodes.UncertainLastUsableValue)
+            await sink.wait_for("tubing", 1490.0, "UNCERTAIN")
+            await plc.write("TubingPressure", 1480.0, StatusCodes.BadSensorFailure)
+            await sink.wait_for("tubing", None, "BAD")
+            await plc.write("TubingPressure", 1470.0)
+            await sink.wait_for("tubing", 1470.0)
+
+
+async def test_scale_and_offset(plc: Plc) -> None:
+    with anyio.fail_after(20):
+        await plc.write("Temperature", 100.0)
+        conn = connection(plc, {"node_id": plc.node_id("Temperature"), "tag": "temp", "scale": 1.8, "offset": 32.0})
+        async with running(conn) as sink:
+            await sink.wait_for("temp", 212.0)
+            await plc.write("Temperature", 0.0)
+            await sink.wait_for("temp", 32.0)
+
+
+async def test_deadband_suppresses_small_changes(plc: Plc) -> None:
+    with anyio.fail_after(20):
+        await plc.write("Flow", 10.0)
+        conn = connection(plc, {"node_id": plc.node_id("Flow"), "tag": "flow", "deadband": 1.0})
+        async with running(conn) as sink:
+            await sink.wait_for("flow", 10.0)
+            for value in (10.4, 10.8, 11.0, 9.2):  # all within 1.0 of the last reported 10.0
+                await plc.write("Flow", value)
+                await anyio.sleep(0.12)  # past a publishing interval, so each is seen
+            await plc.write("Flow", 11.5)
+            await sink.wait_for("flow", 11.5)
+            await plc.write("Flow", 11.5, StatusCodes.UncertainLastUsableValue)  # quality change: reported
+            await sink.wait_for("flow", 11.5, "UNCERTAIN")
+        assert [(r.value, r.quality) for r in sink.of("flow")] == [(10.0, "GOOD"), (11.5, "GOOD"), (11.5, "UNCERTAIN")]
+
+
+async def test_unknown_node_is_bad_for_that_tag_only(plc: Plc) -> None:
+    with anyio.fail_after(20):
+        await plc.write("Level", 3.25)
+        conn = connection(
+            plc,
+            {"node_id": plc.node_id("Level"), "tag": "level"},
+            {"node_id": f"ns={plc.idx};s=Well1.NoSuchTag", "tag": "missing"},
+        )
+        async with running(conn) as sink:
+            await sink.wait_for("level", 3.25)
+            await sink.wait_for("missing", None, "BAD")
+            await plc.write("Level", 3.5)
+            await sink.wait_for("level", 3.5)
+        assert len(sink.of("missing")) == 1
+
+
+async def test_server_restart_is_survived() -> None:
+    with anyio.fail_after(20):
+        first = Plc(free_port())
+        await first.init()
+        await first.server.start()
+        second = Plc(first.port)
+        try:
+            await first.write("CasingPressure", 1.0)
+            conn = connection(first, {"node_id": first.node_id("CasingPressure"), "tag": "casing"})
+            async with running(conn) as sink:
+                await sink.wait_for("casing", 1.0)
+                await second.init()  # before the stop, so the outage is short; binds the port only on start
+                await first.server.stop()
+                await second.server.start()
+                await second.write("CasingPressure", 2.0)
+                await sink.wait_for("casing", 2.0)
+                await second.write("CasingPressure", 3.0)
+                await sink.wait_for("casing", 3.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await first.server.stop()
+            with contextlib.suppress(Exception):
+                await second.server.stop()
+
+
+async def test_a_server_that_is_not_up_yet_is_waited_for() -> None:
+    with anyio.fail_after(20):
+        late = Plc(free_port())
+        await late.init()  # does not bind the port yet
+        try:
+            conn = connection(late, {"node_id": late.node_id("Level"), "tag": "level"})
+            async with running(conn) as sink:
+                await anyio.sleep(0.3)  # refused connections, backing off
+                assert sink.batches == []
+                await late.server.start()
+                await late.write("Level", 7.0)
+                await sink.wait_for("level", 7.0)
+        finally:
+            await late.server.stop()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"extra": 1},
+        {"nodes": []},
+        {"endpoint": "http://plc:4840"},
+        {"nodes": [{"node_id": "ns=2;x=oops", "well": "w", "tag": "t"}]},
+        {"nodes": [{"node_id": "ns=2;s=A", "well": "w", "tag": "t*"}]},
+        {"nodes": [{"node_id": "ns=2;s=A", "well": "w", "tag": "t", "deadband": -1}]},
+    ],
+)
+def test_connection_config_is_validated(change: dict[str, Any]) -> None:
+    valid = {
+        "protocol": "opcua",
+        "id": "ua",
+        "tenant": "acme",
+        "endpoint": "opc.tcp://plc:4840",
+        "nodes": [{"node_id": "ns=2;s=Well1.TubingPressure", "well": "w1", "tag": "t"}],
+    }
+    parsed = OpcuaConnection.model_validate(valid)
+    assert (parsed.sampling_interval_ms, parsed.publishing_interval_ms, parsed.wells) == (250, 250, ["w1"])
+    with pytest.raises(ValidationError):
+        OpcuaConnection.model_validate(valid | change)
