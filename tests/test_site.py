@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,3 +132,16 @@ def test_a_modbus_connection_is_checked_against_the_tenants_wells(tmp_path: Path
     path.write_text(MODBUS_SITE.replace('type = "float32"', 'type = "float16"'))
     with pytest.raises(SiteError, match=r"connections\[0\]\.groups\[0\]\.points\[0\]\.type"):
         load_site(path)
+
+
+def test_the_commented_protocol_examples_in_the_site_file_are_valid_too(tmp_path: Path) -> None:
+    """Uncomment every TOML line of config/site.toml: the examples must stay loadable."""
+    toml_line = re.compile(r"^(\[|[a-z_]+ = |  \{|\]$|(points|tags|nodes) = \[)")
+    lines = []
+    for line in (ROOT / "config" / "site.toml").read_text().splitlines():
+        body = line.removeprefix("# ")
+        lines.append(body if line.startswith("# ") and toml_line.match(body) else line)
+    path = tmp_path / "all.toml"
+    path.write_text("\n".join(lines) + "\n")
+    site = load_site(path)
+    assert sorted({c.protocol for c in site.connections}) == ["modbus", "mqtt", "opcua", "simulator"]
