@@ -105,12 +105,12 @@ def adapters_for(site: Site, credentials: Mapping[str, str]) -> list[Adapter]:
 class ConnectionHealth:
     """A sink in front of the publisher that keeps one connection's vital signs.
 
-    Readings by quality and the time of the last one: a connection that went quiet shows in
-    the health line even when its adapter is stuck reconnecting.
+    Whether the adapter is connected, its error count, readings by quality and the time of
+    the last one: a connection that went quiet shows even while its adapter reconnects.
     """
 
-    def __init__(self, name: str, sink: ReadingSink) -> None:
-        self.name = name
+    def __init__(self, adapter: Adapter, sink: ReadingSink) -> None:
+        self.adapter = adapter
         self._sink = sink
         self.readings: dict[str, int] = {"GOOD": 0, "UNCERTAIN": 0, "BAD": 0}
         self.last_reading_at: float | None = None
@@ -124,7 +124,14 @@ class ConnectionHealth:
 
     def report(self) -> dict[str, object]:
         age = None if self.last_reading_at is None else round(time.monotonic() - self.last_reading_at, 1)
-        return {"connection": self.name, "readings": dict(self.readings), "last_reading_age_s": age}
+        adapter = self.adapter
+        return {
+            "connection": adapter.name,
+            "connected": getattr(adapter, "connected", None),
+            "errors": getattr(adapter, "errors", None),
+            "readings": dict(self.readings),
+            "last_reading_age_s": age,
+        }
 
 
 async def run_ingest(
@@ -135,7 +142,7 @@ async def run_ingest(
         await broker.register_wells(tenant, wells)
     adapters = adapters_for(site, credentials)
     async with Publisher(broker) as publisher:
-        health = [ConnectionHealth(adapter.name, publisher) for adapter in adapters]
+        health = [ConnectionHealth(adapter, publisher) for adapter in adapters]
         tasks = [asyncio.create_task(a.run(h), name=a.name) for a, h in zip(adapters, health, strict=True)]
         tasks.append(asyncio.create_task(_log_health(health, publisher, health_every_s), name="health"))
         logger.info("ingesting from %d connections", len(adapters))

@@ -74,6 +74,8 @@ async def test_ingest_logs_each_connections_health(caplog: pytest.LogCaptureFixt
     health = [fields for fields in lines if fields.get("event") == "ingest-health"]
     assert health, "a health line per connection"
     assert health[-1]["connection"] == "sim"
+    assert health[-1]["connected"] is True
+    assert health[-1]["errors"] == 0
     readings = health[-1]["readings"]
     assert isinstance(readings, dict)
     assert sum(readings.values()) > 0

@@ -15,7 +15,11 @@ class ReadingSink(Protocol):
 
 
 class Adapter(Protocol):
-    """Reads one connection's devices until cancelled, reconnecting by itself."""
+    """Reads one connection's devices until cancelled, reconnecting by itself.
+
+    Adapters may also expose `connected: bool` and `errors: int` (failed connects and lost
+    connections so far) for the worker's health line.
+    """
 
     name: str
 

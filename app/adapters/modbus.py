@@ -174,6 +174,8 @@ class ModbusAdapter:
         self.name = connection.id
         self._connection = connection
         self._filter = _ExceptionFilter(connection.refresh_s)
+        self.connected = False  # read by the ingest health line
+        self.errors = 0
 
     async def run(self, sink: ReadingSink) -> None:
         backoff = BACKOFF_START_S
@@ -184,9 +186,12 @@ class ModbusAdapter:
                 if await client.connect():
                     logger.info("adapter %s connected to %s", self.name, self._address)
                     backoff, failing = BACKOFF_START_S, False
+                    self.connected = True
                     await self._poll_groups(client, sink)
                 raise ModbusConnectionLost(self.name, f"cannot connect to {self._address}")
             except Exception as exc:  # never CancelledError: that is a BaseException
+                self.connected = False
+                self.errors += 1
                 level = logging.DEBUG if failing else logging.WARNING  # each outage is logged once
                 logger.log(level, "adapter %s: %s; reconnecting", self.name, _describe(exc))
                 failing = True

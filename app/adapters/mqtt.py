@@ -112,6 +112,8 @@ class MqttAdapter:
         self._connection = connection
         self._credentials: Mapping[str, str] = {} if credentials is None else credentials
         self._filters = list(dict.fromkeys(tag.topic for tag in connection.tags))
+        self.connected = False  # read by the ingest health line
+        self.errors = 0
 
     async def run(self, sink: ReadingSink) -> None:
         delay = BACKOFF_START_S
@@ -121,12 +123,16 @@ class MqttAdapter:
                     await self._subscribe(client)
                     logger.info("mqtt %s subscribed to %d filters", self.name, len(self._filters))
                     delay = BACKOFF_START_S
+                    self.connected = True
                     async for message in client.messages:
                         await self._handle(message.topic, message.payload, sink)
             except aiomqtt.MqttError as exc:
                 logger.warning("mqtt %s: broker connection failed (%s); retrying in %.1f s", self.name, exc, delay)
             except Exception:
                 logger.exception("mqtt %s: unexpected failure; retrying in %.1f s", self.name, delay)
+            finally:
+                self.connected = False
+            self.errors += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
 

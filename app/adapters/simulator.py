@@ -67,6 +67,8 @@ class SimulatorAdapter:
         seed: int | None = None,
     ) -> None:
         self.name = name
+        self.connected = True  # nothing to connect to
+        self.errors = 0
         self._wells = list(wells)
         self._interval_s = interval_s
         self._bad_ratio = bad_ratio
