@@ -14,8 +14,12 @@ subscribes again, watches the session (asyncua's watchdog reports a lost server 
 Credentials are looked up by name at each connect in the `credentials` mapping the caller
 passes, as for MQTT: the process environment is never read here.
 
-Out of scope for now: security policies other than None (Basic256Sha256 with client and server
-certificates, message signing and encryption). Username/password go over an unencrypted channel.
+Security: policy None (plain channel; a username/password then travel unencrypted), or
+Basic256Sha256 with mode Sign or SignAndEncrypt, for which the client certificate, its private key
+and the server's certificate (PEM or DER files) are all required and read at every connect. The
+client certificate's subjectAltName URI should be the client application URI asyncua announces
+(`urn:example.org:FreeOpcUa:opcua-asyncio`), else asyncua logs a warning. Trusting the client
+certificate is the server's business. No other policy (Aes128/Aes256, Basic128Rsa15) is offered.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Self
 
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from asyncua.crypto import security_policies
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.adapters.base import ReadingSink
 from app.models import Identifier, Quality, Reading, utc_now_iso
@@ -75,9 +81,10 @@ class OpcuaNode(BaseModel):
 
 
 class OpcuaConnection(BaseModel):
-    """An OPC-UA server (security policy None) and the nodes monitored on it.
+    """An OPC-UA server, how to secure the channel to it, and the nodes monitored on it.
 
-    Credentials are named environment variables, never values.
+    Credentials are named environment variables, never values. With `security_policy`
+    Basic256Sha256 the three certificate/key files are required; `security_mode` applies only then.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -90,7 +97,21 @@ class OpcuaConnection(BaseModel):
     password_env: str | None = None
     sampling_interval_ms: float = Field(250, ge=0, le=3_600_000)
     publishing_interval_ms: float = Field(250, ge=0, le=3_600_000)
+    security_policy: Literal["None", "Basic256Sha256"] = "None"
+    security_mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    certificate_file: Path | None = None
+    private_key_file: Path | None = None
+    server_certificate_file: Path | None = None
     nodes: list[OpcuaNode] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _certificates_for_a_secure_policy(self) -> Self:
+        if self.security_policy != "None":
+            files = ("certificate_file", "private_key_file", "server_certificate_file")
+            missing = [name for name in files if getattr(self, name) is None]
+            if missing:
+                raise ValueError(f"security_policy {self.security_policy} needs {', '.join(missing)}")
+        return self
 
     @property
     def wells(self) -> list[str]:
@@ -140,7 +161,7 @@ class OpcuaAdapter:
     """Monitors every node of one connection and reports its changes, until cancelled.
 
     Connection failures are logged once per outage and retried with capped backoff; no asyncua
-    exception ever leaves `run()`.
+    exception ever leaves `run()`. `connected` and `errors` tell a health reporter how it goes.
 
     Args:
         connection: the validated connection.
@@ -154,6 +175,10 @@ class OpcuaAdapter:
         # Normalized NodeId strings, so notifications find their node however the config spelled it.
         self._nodes = {ua.NodeId.from_string(node.node_id).to_string(): node for node in connection.nodes}
         self._last: dict[str, _Reported] = {}
+        self.connected = False
+        """True while a session is up and subscribed; read by the health reporter."""
+        self.errors = 0
+        """Failed connect attempts plus connections lost after subscribing; only ever grows."""
 
     async def run(self, sink: ReadingSink) -> None:
         delay = BACKOFF_START_S
@@ -161,18 +186,22 @@ class OpcuaAdapter:
         while True:
             client = self._client()
             try:
+                await self._secure(client)
                 await client.connect()
                 logger.info("opcua %s connected to %s", self.name, self._connection.endpoint)
                 handler = _Handler(self, self._nodes, sink)
                 self._last.clear()  # report every current value again after a reconnect
                 await self._subscribe(client, handler, sink)
                 delay, failing = BACKOFF_START_S, False
+                self.connected = True
                 await self._watch(client, handler)
             except Exception as exc:  # never CancelledError: that is a BaseException
+                self.errors += 1
                 level = logging.DEBUG if failing else logging.WARNING  # each outage is logged once
                 logger.log(level, "opcua %s: %s; retrying in %.1f s", self.name, _describe(exc), delay)
                 failing = True
             finally:
+                self.connected = False
                 await self._disconnect(client)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
@@ -187,6 +216,21 @@ class OpcuaAdapter:
         if password is not None:
             client.set_password(password)
         return client
+
+    async def _secure(self, client: Client) -> None:
+        c = self._connection
+        if c.security_policy == "None":
+            return
+        if c.certificate_file is None or c.private_key_file is None or c.server_certificate_file is None:
+            raise ValueError("certificate files missing")  # the model validator prevents this
+        mode = ua.MessageSecurityMode.Sign if c.security_mode == "Sign" else ua.MessageSecurityMode.SignAndEncrypt
+        await client.set_security(
+            security_policies.SecurityPolicyBasic256Sha256,
+            certificate=c.certificate_file,
+            private_key=c.private_key_file,
+            server_certificate=str(c.server_certificate_file),  # typed without Path, unlike the others
+            mode=mode,
+        )
 
     def _secret(self, name: str | None) -> str | None:
         if name is None:

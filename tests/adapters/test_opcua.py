@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from asyncua import ua
 from asyncua.common.node import Node
+from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.server.server import Server
 from asyncua.ua.status_codes import StatusCodes
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from pydantic import ValidationError
 
 from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
@@ -65,17 +69,23 @@ class CollectingSink:
 class Plc:
     """An asyncua Server on a fixed loopback port with Double variables ns=<idx>;s=Well1.<name>."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, certificate: tuple[Path, Path] | None = None) -> None:
         self.port = port
         self.endpoint = f"opc.tcp://127.0.0.1:{port}/wellstream/"
         self.server = Server()
         self.vars: dict[str, Node] = {}
         self.idx = 0
+        self.certificate = certificate  # (certificate, key): then only Basic256Sha256 SignAndEncrypt
 
     async def init(self) -> None:
         await self.server.init()
         self.server.set_endpoint(self.endpoint)
-        self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if self.certificate is None:
+            self.server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            self.server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+            await self.server.load_certificate(self.certificate[0])
+            await self.server.load_private_key(self.certificate[1])
         self.idx = await self.server.register_namespace(NAMESPACE)
         well = await self.server.nodes.objects.add_object(
             ua.NodeId(ua.String("Well1"), ua.Int16(self.idx)), ua.QualifiedName("Well1", self.idx)
@@ -119,17 +129,25 @@ def connection(plc: Plc, *nodes: dict[str, Any], **extra: Any) -> OpcuaConnectio
 
 
 @contextlib.asynccontextmanager
-async def running(conn: OpcuaConnection, **kwargs: Any) -> AsyncIterator[CollectingSink]:
+async def running_adapter(conn: OpcuaConnection, **kwargs: Any) -> AsyncIterator[tuple[OpcuaAdapter, CollectingSink]]:
     """The adapter running as a task; on exit it is cancelled and must end with CancelledError."""
     sink = CollectingSink()
-    task = asyncio.create_task(OpcuaAdapter(conn, **kwargs).run(sink))
+    adapter = OpcuaAdapter(conn, **kwargs)
+    task = asyncio.create_task(adapter.run(sink))
     try:
-        yield sink
+        yield adapter, sink
         assert not task.done(), "the adapter stopped by itself"
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+    assert not adapter.connected
+
+
+@contextlib.asynccontextmanager
+async def running(conn: OpcuaConnection, **kwargs: Any) -> AsyncIterator[CollectingSink]:
+    async with running_adapter(conn, **kwargs) as (_, sink):
+        yield sink
 
 
 async def test_values_quality_and_source_timestamps(plc: Plc) -> None:
@@ -201,8 +219,9 @@ async def test_server_restart_is_survived() -> None:
         try:
             await first.write("CasingPressure", 1.0)
             conn = connection(first, {"node_id": first.node_id("CasingPressure"), "tag": "casing"})
-            async with running(conn) as sink:
+            async with running_adapter(conn) as (adapter, sink):
                 await sink.wait_for("casing", 1.0)
+                assert (adapter.connected, adapter.errors) == (True, 0)
                 await second.init()  # before the stop, so the outage is short; binds the port only on start
                 await first.server.stop()
                 await second.server.start()
@@ -210,6 +229,8 @@ async def test_server_restart_is_survived() -> None:
                 await sink.wait_for("casing", 2.0)
                 await second.write("CasingPressure", 3.0)
                 await sink.wait_for("casing", 3.0)
+                assert adapter.errors >= 1  # the lost connection at least
+                await wait_until(lambda: adapter.connected)
         finally:
             with contextlib.suppress(Exception):
                 await first.server.stop()
@@ -223,14 +244,62 @@ async def test_a_server_that_is_not_up_yet_is_waited_for() -> None:
         await late.init()  # does not bind the port yet
         try:
             conn = connection(late, {"node_id": late.node_id("Level"), "tag": "level"})
-            async with running(conn) as sink:
+            async with running_adapter(conn) as (adapter, sink):
                 await anyio.sleep(0.3)  # refused connections, backing off
                 assert sink.batches == []
+                assert not adapter.connected
+                assert adapter.errors >= 1  # refused, and retried
                 await late.server.start()
                 await late.write("Level", 7.0)
                 await sink.wait_for("level", 7.0)
+                assert adapter.connected
         finally:
             await late.server.stop()
+
+
+async def make_certificate(directory: Path, name: str, uri: str, use: ObjectIdentifier) -> tuple[Path, Path]:
+    """A self-signed certificate (DER) and its key (PEM), with `uri` as subjectAltName URI."""
+    cert, key = directory / f"{name}.der", directory / f"{name}.pem"
+    await setup_self_signed_certificate(key, cert, uri, socket.gethostname(), [use], {"commonName": name})
+    return cert, key
+
+
+async def test_basic256sha256_sign_and_encrypt(tmp_path: Path) -> None:
+    with anyio.fail_after(20):
+        server_cert = await make_certificate(
+            tmp_path, "server", "urn:freeopcua:python:server", ExtendedKeyUsageOID.SERVER_AUTH
+        )
+        client_cert, client_key = await make_certificate(
+            tmp_path, "client", "urn:example.org:FreeOpcUa:opcua-asyncio", ExtendedKeyUsageOID.CLIENT_AUTH
+        )
+        secure = Plc(free_port(), certificate=server_cert)
+        await secure.init()
+        await secure.server.start()
+        try:
+            await secure.write("Level", 42.0)
+            node = {"node_id": secure.node_id("Level"), "tag": "level"}
+            conn = connection(
+                secure,
+                node,
+                security_policy="Basic256Sha256",
+                certificate_file=str(client_cert),
+                private_key_file=str(client_key),
+                server_certificate_file=str(server_cert[0]),
+            )
+            assert conn.security_mode == "SignAndEncrypt"
+            async with running_adapter(conn) as (adapter, sink):
+                await sink.wait_for("level", 42.0)
+                assert (adapter.connected, adapter.errors) == (True, 0)
+                await secure.write("Level", 43.5)
+                await sink.wait_for("level", 43.5)
+
+            async with running_adapter(connection(secure, node)) as (plain, refused):
+                await anyio.sleep(2.0)  # policy None is not offered: every attempt fails
+                assert refused.batches == []
+                assert not plain.connected
+                assert plain.errors >= 2
+        finally:
+            await secure.server.stop()
 
 
 @pytest.mark.parametrize(
@@ -242,6 +311,10 @@ async def test_a_server_that_is_not_up_yet_is_waited_for() -> None:
         {"nodes": [{"node_id": "ns=2;x=oops", "well": "w", "tag": "t"}]},
         {"nodes": [{"node_id": "ns=2;s=A", "well": "w", "tag": "t*"}]},
         {"nodes": [{"node_id": "ns=2;s=A", "well": "w", "tag": "t", "deadband": -1}]},
+        {"security_policy": "Basic256"},
+        {"security_mode": "None"},
+        {"security_policy": "Basic256Sha256"},
+        {"security_policy": "Basic256Sha256", "certificate_file": "c.der", "private_key_file": "k.pem"},
     ],
 )
 def test_connection_config_is_validated(change: dict[str, Any]) -> None:
@@ -256,3 +329,21 @@ def test_connection_config_is_validated(change: dict[str, Any]) -> None:
     assert (parsed.sampling_interval_ms, parsed.publishing_interval_ms, parsed.wells) == (250, 250, ["w1"])
     with pytest.raises(ValidationError):
         OpcuaConnection.model_validate(valid | change)
+
+
+def test_a_secure_policy_names_the_missing_files() -> None:
+    fields = {
+        "protocol": "opcua",
+        "id": "ua",
+        "tenant": "acme",
+        "endpoint": "opc.tcp://plc:4840",
+        "nodes": [{"node_id": "ns=2;s=A", "well": "w1", "tag": "t"}],
+        "security_policy": "Basic256Sha256",
+        "certificate_file": "client.der",
+    }
+    with pytest.raises(ValidationError, match="needs private_key_file, server_certificate_file"):
+        OpcuaConnection.model_validate(fields)
+    parsed = OpcuaConnection.model_validate(
+        fields | {"private_key_file": "client.pem", "server_certificate_file": "server.der", "security_mode": "Sign"}
+    )
+    assert (parsed.security_mode, parsed.server_certificate_file) == ("Sign", Path("server.der"))
