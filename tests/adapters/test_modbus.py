@@ -15,7 +15,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from app.adapters.modbus import ModbusAdapter, ModbusConnection, ModbusPoint, decode
-from app.models import Reading
+from tests.adapters.sinks import CollectingSink
 from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -24,31 +24,6 @@ UNIT_ID = 1
 HOLDING_SIZE = 100
 WRITE_REGISTERS = 16  # function code
 WRITE_COILS = 15
-
-
-class CollectingSink:
-    """A real ReadingSink that keeps every batch it is given."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Reading]] = []
-
-    async def submit(self, readings: Sequence[Reading]) -> None:
-        self.batches.append(list(readings))
-
-    @property
-    def readings(self) -> list[Reading]:
-        return [reading for batch in self.batches for reading in batch]
-
-    def latest(self, tag: str) -> Reading | None:
-        found = [reading for reading in self.readings if reading.tag_name == tag]
-        return found[-1] if found else None
-
-    async def wait_for(self, tag: str, value: float | None, quality: str = "GOOD") -> None:
-        def arrived() -> bool:
-            latest = self.latest(tag)
-            return latest is not None and latest.value == value and latest.quality == quality
-
-        await wait_until(arrived)
 
 
 class Device:

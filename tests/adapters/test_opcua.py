@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from pydantic import ValidationError
 
 from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
-from app.models import Reading
+from tests.adapters.sinks import CollectingSink
 from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -33,37 +33,6 @@ VARIABLES = ("TubingPressure", "CasingPressure", "Temperature", "Flow", "Level")
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
     return "asyncio"  # module scope, so one OPC-UA server (about 1-3 s to init) serves the whole module
-
-
-class CollectingSink:
-    """A real ReadingSink that keeps every batch it is given."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Reading]] = []
-
-    async def submit(self, readings: Sequence[Reading]) -> None:
-        self.batches.append(list(readings))
-
-    @property
-    def readings(self) -> list[Reading]:
-        return [reading for batch in self.batches for reading in batch]
-
-    def of(self, tag: str) -> list[Reading]:
-        return [reading for reading in self.readings if reading.tag_name == tag]
-
-    def latest(self, tag: str) -> Reading | None:
-        found = self.of(tag)
-        return found[-1] if found else None
-
-    async def wait_for(self, tag: str, value: float | None, quality: str = "GOOD") -> Reading:
-        def arrived() -> bool:
-            latest = self.latest(tag)
-            return latest is not None and latest.value == value and latest.quality == quality
-
-        await wait_until(arrived)
-        found = self.latest(tag)
-        assert found is not None
-        return found
 
 
 class Plc:

@@ -1,0 +1,39 @@
+"""A real ReadingSink for adapter tests: it keeps every batch and can wait for a value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from app.models import Reading
+from tests.conftest import wait_until
+
+
+class CollectingSink:
+    """A real ReadingSink that keeps every batch it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Reading]] = []
+
+    async def submit(self, readings: Sequence[Reading]) -> None:
+        self.batches.append(list(readings))
+
+    @property
+    def readings(self) -> list[Reading]:
+        return [reading for batch in self.batches for reading in batch]
+
+    def of(self, tag: str) -> list[Reading]:
+        return [reading for reading in self.readings if reading.tag_name == tag]
+
+    def latest(self, tag: str) -> Reading | None:
+        found = self.of(tag)
+        return found[-1] if found else None
+
+    async def wait_for(self, tag: str, value: float | None, quality: str = "GOOD") -> Reading:
+        def arrived() -> bool:
+            latest = self.latest(tag)
+            return latest is not None and latest.value == value and latest.quality == quality
+
+        await wait_until(arrived)
+        found = self.latest(tag)
+        assert found is not None
+        return found
