@@ -41,6 +41,17 @@ def free_port() -> int:
         return port
 
 
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a server subprocess, SIGKILL it if it is still there after 5 s."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class RedisServer:
     """A redis-server subprocess on a free loopback port, data in a temp dir."""
 
@@ -70,13 +81,7 @@ class RedisServer:
         client.close()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)

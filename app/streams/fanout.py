@@ -110,7 +110,6 @@ class Subscriber:
 class HubStats:
     slow_disconnects: int = 0
     send_timeouts: int = 0
-    events_in: int = 0
 
 
 @dataclass
@@ -163,12 +162,6 @@ class Hub:
     @property
     def topics(self) -> int:
         return len(self._topics)
-
-    def streams_by_tenant(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for topic, state in self._topics.items():
-            counts[topic.tenant] = counts.get(topic.tenant, 0) + len(state.subscribers)
-        return counts
 
     async def subscribe(
         self, topic: Topic, tags: frozenset[str] | None = None, expires_at: float | None = None
@@ -229,7 +222,6 @@ class Hub:
 
     def _deliver(self, topic: Topic, event: StreamEvent) -> None:
         # The hot loop: once per event per subscriber, so it is written out inline.
-        self.stats.events_in += 1
         state = self._topics.get(topic)
         if state is None:
             return

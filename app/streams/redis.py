@@ -453,7 +453,3 @@ class RedisFeed:
         self._pending.clear()
         self._topics.clear()
         self._on_close(self)
-
-    @property
-    def subscriptions(self) -> int:
-        return len(self._topics)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.models import Reading
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 
 pytestmark = pytest.mark.anyio
 
@@ -61,13 +61,7 @@ class MosquittoBroker:
                 time.sleep(0.01)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 @pytest.fixture
