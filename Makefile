@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := redis-server mosquitto curl
+APT_PACKAGES := redis-server mosquitto curl nginx caddy chromium
 
 .PHONY: run test check pytest bench system-deps clean
 
@@ -13,9 +13,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The tests start their own redis-server and mosquitto on free loopback ports; they need the binaries.
+# The tests start their own redis-server, mosquitto, nginx, caddy and Chromium on free loopback ports; they need the binaries.
 system-deps:
-	@missing=""; for cmd in redis-server mosquitto curl; do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
+	@missing=""; for cmd in redis-server mosquitto curl nginx caddy chromium; do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
