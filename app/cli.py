@@ -22,6 +22,7 @@ from app.main import create_app
 from app.models import is_valid_id
 from app.settings import Settings, environment
 from app.site import Site, SiteError, load_site
+from app.spool import SpoolError
 from app.streams.broker import Broker
 from app.streams.redis import RedisBroker
 
@@ -162,7 +163,10 @@ async def _ingest(site: Site, redis_url: str, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     history = settings.history
     async with RedisBroker.connect(redis_url, history.max_len, history.max_age_s) as broker:
-        await run_ingest(site, broker, stop, environment())
+        try:
+            await run_ingest(site, broker, stop, environment(), spool=settings.spool)
+        except SpoolError as exc:
+            sys.exit(f"wellstream: {exc}")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import random
 import time
 from collections.abc import Mapping, Sequence
 
@@ -14,7 +16,9 @@ from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
 from app.adapters.simulator import SimulatorAdapter
 from app.errors import BrokerError
 from app.models import Reading
+from app.settings import SpoolSettings
 from app.site import SimulatorConnection, Site
+from app.spool import Spool
 from app.streams.broker import Broker
 
 logger = logging.getLogger(__name__)
@@ -23,33 +27,96 @@ logger = logging.getLogger(__name__)
 class Publisher:
     """Collects readings for up to `max_delay_s` or `max_batch` readings, then publishes them.
 
-    `submit` applies backpressure: when `max_pending` readings wait (the broker is slow or
-    down), adapters await instead of growing memory without bound. While the broker is down,
-    the current batch is retried with capped backoff, so nothing accepted is dropped.
+    Order: batches reach the broker in the order their readings were submitted, spooled or not.
+
+    Without a spool, a failed batch is retried with capped backoff, and `submit` applies
+    backpressure: when `max_pending` readings wait, adapters await instead of growing memory.
+
+    With a spool, a batch the broker refuses (BrokerError) or does not answer within
+    `publish_timeout_s` is written to the spool, and so is every later batch while the spool
+    holds anything, so adapters keep going through an outage. A drain task publishes the
+    oldest spooled batches, deletes them once the broker took them, and backs off (jittered,
+    capped) while it cannot; it starts at once, so a spool left by a previous run drains first.
+    Delivery is at least once: a publish that timed out may have been applied by Redis and is
+    then published again from the spool, as is a batch published just before a SIGKILL and
+    not yet deleted.
+
+    On exit, what is pending is published (or spooled if the broker fails), then the spool
+    is drained for up to `drain_on_exit_s` while the broker answers; the rest stays on disk.
+
+    Counters for health and metrics (plain ints): `accepted` (readings submitted), `published`
+    (readings the broker took, directly or from the spool), `spooled`, `drained`, and from the
+    spool `dropped` and `depth` / `depth_bytes`.
     """
 
-    def __init__(self, broker: Broker, max_batch: int = 500, max_delay_s: float = 0.005, max_pending: int = 50_000):
+    def __init__(
+        self,
+        broker: Broker,
+        max_batch: int = 500,
+        max_delay_s: float = 0.005,
+        max_pending: int = 50_000,
+        spool: Spool | None = None,
+        publish_timeout_s: float = 5.0,
+        drain_on_exit_s: float = 5.0,
+    ):
         self._broker = broker
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
         self._max_pending = max_pending
+        self._spool = spool
+        self._publish_timeout_s = publish_timeout_s
+        self._drain_on_exit_s = drain_on_exit_s
         self._pending: list[Reading] = []
         self._has_pending = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
+        self._spool_filled = asyncio.Event()
+        self._spool_emptied = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._drainer: asyncio.Task[None] | None = None
         self._closing = False
+        self.accepted = 0
         self.published = 0
+        self.spooled = 0
+        self.drained = 0
+
+    @property
+    def dropped(self) -> int:
+        return self._spool.dropped if self._spool is not None else 0
+
+    @property
+    def depth(self) -> int:
+        return self._spool.readings if self._spool is not None else 0
+
+    @property
+    def depth_bytes(self) -> int:
+        return self._spool.bytes if self._spool is not None else 0
+
+    def report(self) -> dict[str, object]:
+        return {
+            "accepted": self.accepted,
+            "published": self.published,
+            "pending": len(self._pending),
+            "spooled": self.spooled,
+            "drained": self.drained,
+            "dropped": self.dropped,
+            "spool_depth": self.depth,
+            "spool_bytes": self.depth_bytes,
+        }
 
     async def submit(self, readings: Sequence[Reading]) -> None:
         while len(self._pending) >= self._max_pending:
             self._has_room.clear()
             await self._has_room.wait()
         self._pending.extend(readings)
+        self.accepted += len(readings)
         self._has_pending.set()
 
     async def __aenter__(self) -> Publisher:
         self._task = asyncio.create_task(self._run(), name="publisher")
+        if self._spool is not None:
+            self._spool_filled.set()  # a previous run may have left batches
+            self._drainer = asyncio.create_task(self._drain(self._spool), name="spool-drain")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -59,6 +126,18 @@ class Publisher:
         self._has_pending.set()
         if self._task is not None:
             await self._task
+        if self._drainer is not None and self._spool is not None:
+            await self._stop_draining(self._drainer, self._spool)
+
+    async def _stop_draining(self, drainer: asyncio.Task[None], spool: Spool) -> None:
+        self._spool_filled.set()  # a drainer asleep in its backoff gives up at once on exit
+        try:
+            await asyncio.wait_for(asyncio.shield(drainer), self._drain_on_exit_s)
+        except TimeoutError:
+            drainer.cancel()
+            await asyncio.gather(drainer, return_exceptions=True)
+        if spool.readings:
+            logger.warning("exiting with %d readings in the spool %s", spool.readings, spool.path)
 
     async def _run(self) -> None:
         while not (self._closing and not self._pending):
@@ -71,7 +150,10 @@ class Publisher:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
-            await self._publish(batch)
+            if self._spool is None:
+                await self._publish(batch)
+            else:
+                await self._publish_or_spool(self._spool, batch)
         self._has_room.set()
 
     async def _publish(self, batch: list[Reading]) -> None:
@@ -86,13 +168,82 @@ class Publisher:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
+    async def _publish_or_spool(self, spool: Spool, batch: list[Reading]) -> None:
+        # The spool's count only grows here, so zero means no older batch is waiting: publishing
+        # directly cannot overtake one.
+        if spool.batches == 0:
+            try:
+                await asyncio.wait_for(self._broker.publish(batch), self._publish_timeout_s)
+                self.published += len(batch)
+                return
+            except (BrokerError, TimeoutError) as exc:
+                logger.warning("publish of %d readings failed, spooling until the broker is back: %s", len(batch), exc)
+        await spool.append(batch)
+        self.spooled += len(batch)
+        self._spool_filled.set()
+
+    async def _drain(self, spool: Spool) -> None:
+        backoff = _Backoff()
+        while True:
+            if spool.batches == 0:
+                if self._closing and (self._task is None or self._task.done()):
+                    return
+                self._spool_filled.clear()
+                await self._spool_filled.wait()
+                continue
+            run = await spool.peek(self._max_batch)
+            if run is None:
+                continue
+            try:
+                await asyncio.wait_for(self._broker.publish(run.readings), self._publish_timeout_s)
+            except (BrokerError, TimeoutError) as exc:
+                if self._closing:
+                    return  # what is left stays spooled for the next start
+                delay = backoff.next()
+                log = logger.warning if backoff.failures == 1 else logger.debug
+                log("spool drain: publish failed, %d readings wait, retrying in %.2f s: %s", spool.readings, delay, exc)
+                self._spool_filled.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_closing(), delay)
+                continue
+            await spool.delete_through(run.last_id)
+            self.published += len(run.readings)
+            self.drained += len(run.readings)
+            if backoff.failures or spool.batches == 0:
+                logger.info("spool drain: %d readings drained, %d wait", self.drained, spool.readings)
+            backoff.reset()
+
+    async def _wait_closing(self) -> None:
+        while not self._closing:
+            await self._spool_filled.wait()
+            self._spool_filled.clear()
+
+
+class _Backoff:
+    """Capped exponential backoff with jitter, so workers that lost the same Redis do not retry in step."""
+
+    def __init__(self, first_s: float = 0.05, cap_s: float = 5.0) -> None:
+        self._first_s = first_s
+        self._cap_s = cap_s
+        self.failures = 0
+
+    def next(self) -> float:
+        self.failures += 1
+        ceiling = min(self._cap_s, self._first_s * 2 ** min(self.failures - 1, 30))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.failures = 0
+
 
 def adapters_for(site: Site, credentials: Mapping[str, str]) -> list[Adapter]:
     """One adapter per connection of the site file; `credentials` holds the variables it names."""
     adapters: list[Adapter] = []
     for c in site.connections:
         if isinstance(c, SimulatorConnection):
-            adapters.append(SimulatorAdapter([(c.tenant, well) for well in c.wells], c.interval_s, name=c.id))
+            adapters.append(
+                SimulatorAdapter([(c.tenant, well) for well in c.wells], c.interval_s, name=c.id, seed=c.seed)
+            )
         elif isinstance(c, MqttConnection):
             adapters.append(MqttAdapter(c, credentials=credentials))
         elif isinstance(c, OpcuaConnection):
@@ -135,22 +286,73 @@ class ConnectionHealth:
 
 
 async def run_ingest(
-    site: Site, broker: Broker, stop: asyncio.Event, credentials: Mapping[str, str], health_every_s: float = 30
+    site: Site,
+    broker: Broker,
+    stop: asyncio.Event,
+    credentials: Mapping[str, str],
+    health_every_s: float = 30,
+    spool: SpoolSettings | None = None,
 ) -> None:
-    """Register the site's wells, run every adapter into one publisher until `stop`, then flush."""
-    for tenant, wells in site.registry().items():
-        await broker.register_wells(tenant, wells)
+    """Register the site's wells, run every adapter into one publisher until `stop`, then flush.
+
+    With `spool` settings (enabled), batches Redis cannot take go to that local spool; the
+    spool is opened before anything runs, so a locked or unwritable path fails at start
+    (SpoolError). Redis being down at start is not fatal: registration is retried meanwhile.
+    """
+    opened = None
+    if spool is not None and spool.enabled:
+        opened = await Spool.open(spool.path, spool.max_bytes, spool.max_readings, spool.synchronous)
+    try:
+        await _run_adapters(site, broker, stop, credentials, health_every_s, opened, spool)
+    finally:
+        if opened is not None:
+            await opened.aclose()
+
+
+async def _run_adapters(
+    site: Site,
+    broker: Broker,
+    stop: asyncio.Event,
+    credentials: Mapping[str, str],
+    health_every_s: float,
+    spool: Spool | None,
+    settings: SpoolSettings | None,
+) -> None:
     adapters = adapters_for(site, credentials)
-    async with Publisher(broker) as publisher:
+    settings = settings or SpoolSettings()
+    publisher = Publisher(
+        broker, spool=spool, publish_timeout_s=settings.publish_timeout_s, drain_on_exit_s=settings.drain_on_exit_s
+    )
+    async with publisher:
         health = [ConnectionHealth(adapter, publisher) for adapter in adapters]
         tasks = [asyncio.create_task(a.run(h), name=a.name) for a, h in zip(adapters, health, strict=True)]
         tasks.append(asyncio.create_task(_log_health(health, publisher, health_every_s), name="health"))
+        tasks.append(asyncio.create_task(_register_wells(site, broker), name="register-wells"))
         logger.info("ingesting from %d connections", len(adapters))
         await stop.wait()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    logger.info("ingest stopped after publishing %d readings", publisher.published)
+    logger.info(
+        "ingest stopped after publishing %d readings",
+        publisher.published,
+        extra={"fields": {"event": "ingest-stopped", **publisher.report()}},
+    )
+
+
+async def _register_wells(site: Site, broker: Broker) -> None:
+    # Publishing adds a well too; registering up front lets the gateway know wells that are quiet.
+    backoff = _Backoff()
+    while True:
+        try:
+            for tenant, wells in site.registry().items():
+                await broker.register_wells(tenant, wells)
+            return
+        except BrokerError as exc:
+            delay = backoff.next()
+            if backoff.failures == 1:
+                logger.warning("registering the site's wells failed, retrying: %s", exc)
+            await asyncio.sleep(delay)
 
 
 async def _log_health(health: list[ConnectionHealth], publisher: Publisher, every_s: float) -> None:
@@ -158,6 +360,4 @@ async def _log_health(health: list[ConnectionHealth], publisher: Publisher, ever
         await asyncio.sleep(every_s)
         for connection in health:
             logger.info("connection health", extra={"fields": {"event": "ingest-health", **connection.report()}})
-        logger.info(
-            "publisher health", extra={"fields": {"event": "publisher-health", "published": publisher.published}}
-        )
+        logger.info("publisher health", extra={"fields": {"event": "publisher-health", **publisher.report()}})

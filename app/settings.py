@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -36,6 +37,31 @@ class StreamSettings(BaseModel):
     shutdown_grace_s: float = Field(3, ge=0, description="time streams get to say goodbye on SIGTERM")
 
 
+class RedisSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    timeout_s: float = Field(5, gt=0, description="bound on every Redis command and connect (a frozen Redis)")
+    ping_interval_s: float = Field(
+        5, gt=0, description="live feed health check; three missed pongs and it reconnects and fills the gap"
+    )
+
+
+class SpoolSettings(BaseModel):
+    """The ingest worker's local spool for batches Redis could not take (app/spool.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(True, description="off: a failed batch is retried in memory and adapters wait")
+    path: Path = Field(Path("var/spool/ingest.sqlite3"), description="SQLite file; one per worker (locked)")
+    max_bytes: int = Field(512 * 2**20, ge=2**16, description="payload bound; when full the OLDEST batches go")
+    max_readings: int | None = Field(None, ge=1, description="optional bound in readings, same policy")
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="FULL: acknowledged = on disk; NORMAL: survives SIGKILL, not a power cut"
+    )
+    publish_timeout_s: float = Field(5, gt=0, description="a publish unanswered this long is spooled")
+    drain_on_exit_s: float = Field(5, ge=0, description="on SIGTERM, time to drain the spool while Redis answers")
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -45,6 +71,16 @@ class ServerSettings(BaseModel):
     )
     gc_freeze: bool = Field(True, description="gc.freeze() once started, so start-up objects are never rescanned")
     granian_http2: bool = Field(False, description="--server granian also speaks HTTP/2 (h2c); costs memory per stream")
+    # A peer that vanished without a FIN (power cut, NAT dropped the flow): TCP keepalive finds it
+    # on an idle connection, TCP_USER_TIMEOUT on one with unacknowledged data (a stream's heartbeat).
+    # Set on the listening sockets; Linux copies them to every accepted connection.
+    tcp_keepalive: bool = Field(True, description="SO_KEEPALIVE and the TCP_* options below on served connections")
+    tcp_keepalive_idle_s: int = Field(30, ge=1, le=32767, description="idle time before the first keepalive probe")
+    tcp_keepalive_interval_s: int = Field(10, ge=1, le=32767, description="between unanswered keepalive probes")
+    tcp_keepalive_count: int = Field(3, ge=1, le=127, description="unanswered probes before the connection is dropped")
+    tcp_user_timeout_s: float = Field(
+        60, ge=0, description="data unacknowledged this long drops the connection (TCP_USER_TIMEOUT; 0 = kernel's)"
+    )
 
 
 class LimitSettings(BaseModel):
@@ -91,9 +127,11 @@ class Settings(BaseSettings):
     # The flat variable the README documents; it takes precedence over auth.jwt_secret.
     jwt_secret: SecretStr | None = None
     history: HistorySettings = HistorySettings()
+    redis: RedisSettings = RedisSettings()
     stream: StreamSettings = StreamSettings()
     server: ServerSettings = ServerSettings()
     auth: AuthSettings = AuthSettings()
+    spool: SpoolSettings = SpoolSettings()
     # The configured registry of wells per tenant (the site config feeds it); ingestion adds
     # the wells it sees. A stream for a well in neither is a 404.
     wells: dict[Identifier, list[Identifier]] = Field(default_factory=dict)

@@ -39,6 +39,7 @@ class SimulatorConnection(BaseModel):
     tenant: Identifier
     wells: list[Identifier] = Field(min_length=1)
     interval_s: float = Field(1.0, gt=0, le=3600)
+    seed: int | None = Field(None, description="repeatable values (tests); unset: different every run")
 
 
 Connection = Annotated[
