@@ -66,7 +66,14 @@ async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
     """The Redis broker when `redis_url` is set, else the embedded memory broker."""
     history = settings.history
     if settings.redis_url:
-        async with RedisBroker.connect(settings.redis_url, history.max_len, history.max_age_s) as broker:
+        redis = settings.redis
+        async with RedisBroker.connect(
+            settings.redis_url,
+            history.max_len,
+            history.max_age_s,
+            timeout_s=redis.timeout_s,
+            ping_interval_s=redis.ping_interval_s,
+        ) as broker:
             yield broker
         return
     memory = MemoryBroker(history.max_len, history.max_age_s)
@@ -94,7 +101,9 @@ def create_app(
         async with contextlib.AsyncExitStack() as stack:
             active = broker if broker is not None else await stack.enter_async_context(open_broker(settings))
             stream = settings.stream
-            hub = Hub(active, stream.queue_size, stream.heartbeat_s, stream.send_timeout_s)
+            hub = Hub(
+                active, stream.queue_size, stream.heartbeat_s, stream.send_timeout_s, settings.history.replay_page
+            )
             await hub.start()
             stack.push_async_callback(hub.aclose)
             for tenant, wells in settings.wells.items():

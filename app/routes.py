@@ -190,6 +190,8 @@ async def readyz(request: Request) -> Response:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not await gateway.broker.ready():
         return JSONResponse({"status": "broker unreachable"}, status_code=503)
+    if not gateway.hub.live:
+        return JSONResponse({"status": "live feed reconnecting"}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 

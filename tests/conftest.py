@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def stop_process(process: subprocess.Popen[bytes] | None) -> None:
 class RedisServer:
     """A redis-server subprocess on a free loopback port, data in a temp dir."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False) -> None:
+    def __init__(self, workdir: Path, appendonly: bool = False, appendfsync: str = "everysec") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run `make test`, which installs it")
@@ -63,7 +64,14 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.workdir = workdir
         self._cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        self._cmd += ["--appendonly", "yes" if appendonly else "no", "--dir", str(workdir)]
+        self._cmd += [
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--appendfsync",
+            appendfsync,
+            "--dir",
+            str(workdir),
+        ]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -82,6 +90,21 @@ class RedisServer:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync, sockets reset by the kernel."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open and accept, nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)

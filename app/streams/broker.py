@@ -32,7 +32,20 @@ def decode_event(raw_id: bytes, data: bytes) -> StreamEvent:
 
 
 class LiveFeed(Protocol):
-    """One upstream subscription set shared by a whole process (one Redis Pub/Sub connection)."""
+    """One upstream subscription set shared by a whole process (one Redis Pub/Sub connection).
+
+    `on_gap`, set by the hub, is called after the feed reconnected and resent its
+    subscriptions: events published while it was down were never delivered.
+    """
+
+    on_gap: Callable[[], None] | None
+
+    @property
+    def connected(self) -> bool:
+        """Whether live events can arrive now."""
+
+    async def confirmed(self, topic: Topic) -> None:
+        """Once the topic's subscription is confirmed on the current connection; BrokerError if it drops."""
 
     async def subscribe(self, topic: Topic) -> None:
         """Subscribe to a topic; returns once live events for it are guaranteed to be delivered."""

@@ -7,6 +7,11 @@ resumes from history by Last-Event-ID.
 
 Timers are not per connection: one sweeper marks heartbeats due and ends streams whose send
 has been stuck longer than the send timeout.
+
+When the live feed drops and comes back, open streams stay open (heartbeats go on) and the
+hub fills the gap in place: per topic, live events are held back, history after the last
+delivered id is fanned out, then the held events newer than that, and the topic is live
+again. Browsers that stayed connected see every reading, in order, once.
 """
 
 from __future__ import annotations
@@ -110,12 +115,17 @@ class Subscriber:
 class HubStats:
     slow_disconnects: int = 0
     send_timeouts: int = 0
+    gaps: int = 0  # live feed reconnects the hub filled from history
+    gap_events: int = 0  # events fanned out from history by those fills
+    gap_resets: int = 0  # topics whose gap history could not cover (trimmed): streams ended
 
 
 @dataclass
 class _TopicState:
     subscribers: set[Subscriber] = field(default_factory=set)
     ready: asyncio.Task[None] | None = None
+    last_id: StreamId | None = None  # the newest event fanned out: where a gap fill starts
+    held: list[StreamEvent] | None = None  # live events held back while a gap is filled
 
 
 class Hub:
@@ -128,14 +138,23 @@ class Hub:
         send_timeout_s: a send stuck this long ends the stream (a peer that stopped reading).
     """
 
-    def __init__(self, broker: Broker, queue_size: int = 1024, heartbeat_s: float = 15, send_timeout_s: float = 10):
+    def __init__(
+        self,
+        broker: Broker,
+        queue_size: int = 1024,
+        heartbeat_s: float = 15,
+        send_timeout_s: float = 10,
+        replay_page: int = 500,
+    ):
         self._broker = broker
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
         self.send_timeout_s = send_timeout_s
+        self.replay_page = replay_page
         self._topics: dict[Topic, _TopicState] = {}
         self._feed: LiveFeed | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._filler: asyncio.Task[None] | None = None
         self.stats = HubStats()
         self.draining = False
         self._idle = asyncio.Event()
@@ -143,17 +162,22 @@ class Hub:
 
     async def start(self) -> None:
         self._feed = await self._broker.open_feed(self._deliver)
-        if hasattr(self._feed, "on_gap"):
-            self._feed.on_gap = self._on_gap
+        self._feed.on_gap = self._on_gap
         self._sweeper = asyncio.create_task(self._sweep(), name="hub-sweeper")
 
     async def aclose(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._filler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._feed is not None:
             await self._feed.aclose()
+
+    @property
+    def live(self) -> bool:
+        """The live feed is connected and no gap is being filled: new readings flow now."""
+        return self._feed is not None and self._feed.connected and (self._filler is None or self._filler.done())
 
     @property
     def open_streams(self) -> int:
@@ -221,10 +245,20 @@ class Hub:
             self._idle.set()
 
     def _deliver(self, topic: Topic, event: StreamEvent) -> None:
-        # The hot loop: once per event per subscriber, so it is written out inline.
         state = self._topics.get(topic)
         if state is None:
             return
+        held = state.held
+        if held is not None:
+            held.append(event)
+            if len(held) > 4 * self.queue_size:  # a fill this far behind would only end them as slow
+                self._reset(topic, state, "held events overflowed")
+            return
+        self._fan_out(topic, state, event)
+
+    def _fan_out(self, topic: Topic, state: _TopicState, event: StreamEvent) -> None:
+        # The hot loop: once per event per subscriber, so it is written out inline.
+        state.last_id = event.id
         frame: Frame = (event.id, reading_frame(event))
         tag = event.tag
         for sub in state.subscribers:
@@ -242,8 +276,72 @@ class Hub:
                 waiter.set_result(None)
 
     def _on_gap(self) -> None:
-        # Live events were missed while the feed was down; every stream resumes from history.
-        self._end_all("upstream-gap")
+        # Called by the feed right after it reconnected and resent its subscriptions, before it
+        # reads again: from here on, live events wait until history has filled the gap.
+        self.stats.gaps += 1
+        for state in self._topics.values():
+            if state.held is None:
+                state.held = []
+        if self._filler is not None:
+            self._filler.cancel()  # it would start from the same last ids; this one waits for the new connection
+        self._filler = asyncio.create_task(self._fill_all(), name="hub-gap-fill")
+        self._filler.add_done_callback(_retrieve)
+
+    async def _fill_all(self) -> None:
+        topics = list(self._topics.items())
+        logger.info("live feed back: filling the gap of %d topics from history", len(topics))
+        for start in range(0, len(topics), 32):  # bounded concurrency: one Redis round trip each
+            chunk = topics[start : start + 32]
+            await asyncio.gather(*(self._fill(topic, state) for topic, state in chunk))
+        logger.info("gap filled: streams are live again")
+
+    async def _fill(self, topic: Topic, state: _TopicState) -> None:
+        assert self._feed is not None
+        backoff = 0.1
+        while self._topics.get(topic) is state and state.held is not None:
+            try:
+                await self._feed.confirmed(topic)  # after this, history covers everything not held
+                await self._replay_gap(topic, state)
+                return
+            except BrokerError as exc:
+                if not self._feed.connected:
+                    return  # the next reconnect starts a new fill
+                logger.warning("gap fill of %s failed, retrying: %s", topic, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _replay_gap(self, topic: Topic, state: _TopicState) -> None:
+        cursor = state.last_id
+        if cursor is None:  # nothing went live on this topic yet: start where its streams' catch-up ended
+            positions = [sub.skip_through for sub in state.subscribers if sub.skip_through is not None]
+            cursor = min(positions, default=None)
+        while cursor is not None and state.held is not None:
+            found = await self._broker.history(topic, cursor, self.replay_page)
+            if state.held is None or self._topics.get(topic) is not state:
+                return
+            if found.truncated:
+                self._reset(topic, state, "history no longer covers the gap")
+                return
+            for event in found.events:
+                self._fan_out(topic, state, event)
+            self.stats.gap_events += len(found.events)
+            cursor = found.cursor
+            if not found.more:
+                break
+        held, state.held = state.held or [], None
+        newest = state.last_id
+        for event in sorted(held, key=lambda e: e.id):
+            if newest is None or event.id > newest:
+                self._fan_out(topic, state, event)
+                newest = event.id
+
+    def _reset(self, topic: Topic, state: _TopicState, why: str) -> None:
+        # The streams resume by Last-Event-ID and get a reset + snapshot if history is gone.
+        self.stats.gap_resets += 1
+        logger.warning("streams on %s ended: %s", topic, why)
+        state.held = None
+        for sub in state.subscribers:
+            sub.end("upstream-gap")
 
     def drain(self) -> None:
         """Tell every stream to say goodbye (with a retry hint) and end."""

@@ -28,6 +28,14 @@ class _MemoryFeed:
         self._broker = broker
         self.deliver = deliver
         self.topics: set[Topic] = set()
+        self.on_gap: Callable[[], None] | None = None  # an in-process feed never has a gap
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    async def confirmed(self, topic: Topic) -> None:
+        return None
 
     async def subscribe(self, topic: Topic) -> None:
         self.topics.add(topic)

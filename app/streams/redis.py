@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -141,8 +142,11 @@ class RedisBroker:
     so Redis Cluster would need batches grouped by slot first (not done).
     """
 
-    def __init__(self, client: aioredis.Redis, max_len: int = 10_000, max_age_s: float = 0) -> None:
+    def __init__(
+        self, client: aioredis.Redis, max_len: int = 10_000, max_age_s: float = 0, ping_interval_s: float = 5.0
+    ) -> None:
         self._client = client
+        self._ping_interval_s = ping_interval_s
         self._max_len = max_len
         self._max_age_ms = int(max_age_s * 1000)
         self._publish_script = client.register_script(_PUBLISH)
@@ -154,14 +158,31 @@ class RedisBroker:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(
-        cls, url: str, max_len: int = 10_000, max_age_s: float = 0, max_connections: int = 32
+        cls,
+        url: str,
+        max_len: int = 10_000,
+        max_age_s: float = 0,
+        max_connections: int = 32,
+        timeout_s: float = 5.0,
+        ping_interval_s: float = 5.0,
     ) -> AsyncIterator[RedisBroker]:
-        """`async with RedisBroker.connect(url) as broker:` the usual way to get one."""
+        """`async with RedisBroker.connect(url) as broker:` the usual way to get one.
+
+        `timeout_s` bounds every command and connect, so a frozen Redis (SIGSTOP, a dead host
+        without a RST) turns into a BrokerError instead of a request that hangs for ever;
+        `ping_interval_s` is the live feed's health check (three missed pongs: reconnect).
+        """
         # A blocking pool: a burst of stream opens waits for one of a bounded set of connections
         # instead of failing with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=10)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=10,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
         client = aioredis.Redis(connection_pool=pool, decode_responses=False, health_check_interval=10)
-        broker = cls(client, max_len, max_age_s)
+        broker = cls(client, max_len, max_age_s, ping_interval_s)
         try:
             yield broker
         finally:
@@ -256,7 +277,7 @@ class RedisBroker:
                 )
 
     async def open_feed(self, deliver: Deliver) -> LiveFeed:
-        feed = RedisFeed(self._client, deliver, on_close=self._feeds.discard)
+        feed = RedisFeed(self._client, deliver, on_close=self._feeds.discard, ping_interval_s=self._ping_interval_s)
         self._feeds.add(feed)
         await feed.start()
         return feed
@@ -290,8 +311,9 @@ class RedisFeed:
 
     A subscribe returns only after Redis confirmed it, which is what lets a stream read history
     after subscribing and know that no live event fell in between. When the connection drops
-    (or stops answering pings), the feed reconnects with backoff and resubscribes; events
-    published meanwhile were not on the wire, so `on_gap` tells the hub.
+    (or stops answering pings), the feed reconnects with jittered backoff and resubscribes;
+    events published meanwhile were not on the wire, so `on_gap` tells the hub, which awaits
+    `confirmed(topic)` and then fills the gap from history.
     """
 
     def __init__(
@@ -313,8 +335,13 @@ class RedisFeed:
         self._conn: Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
+        self._confirmations: dict[bytes, asyncio.Future[None]] = {}
         self._closing = False
         self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
 
     async def start(self) -> None:
         await self._connect()
@@ -335,18 +362,31 @@ class RedisFeed:
 
     def _realign_waiters(self) -> None:
         # Commands sent before the drop will never be answered: one resubscribe reply per
-        # channel now stands for all of them.
+        # channel now stands for all of them, and for the hub's gap fill (`confirmed`).
         loop = asyncio.get_running_loop()
         for channel in list(self._pending):
-            waiters = self._pending.pop(channel)
             if channel not in self._topics:
-                for waiter in waiters:
+                for waiter in self._pending.pop(channel):
                     if not waiter.done():
                         waiter.set_result(None)
-                continue
+        self._confirmations = {}
+        for channel in self._topics:
             joined: asyncio.Future[None] = loop.create_future()
+            confirmation: asyncio.Future[None] = loop.create_future()
+            waiters = self._pending.pop(channel, deque())
+            waiters.append(confirmation)
             joined.add_done_callback(functools.partial(_release, waiters))
             self._pending[channel] = deque([joined])
+            self._confirmations[channel] = confirmation
+
+    async def confirmed(self, topic: Topic) -> None:
+        """Returns once the topic's subscription is confirmed on the current connection.
+
+        Raises BrokerError if the connection drops first (the next gap fill starts over).
+        """
+        future = self._confirmations.get(channel_name(topic).encode())
+        if future is not None:
+            await asyncio.shield(future)
 
     async def subscribe(self, topic: Topic) -> None:
         channel = channel_name(topic).encode()
@@ -384,21 +424,30 @@ class RedisFeed:
                     return
                 logger.warning("redis pubsub connection lost: %s", exc)
             self._connected.clear()
+            self._fail_confirmations()
             if self._conn is not None:
                 await self._conn.disconnect()
             while True:
-                await asyncio.sleep(backoff)
+                # Jittered, so a fleet of gateways does not hit a restarted Redis in step.
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
                 try:
                     await self._connect()
                     break
-                except BrokerError as exc:
+                except (BrokerError, TimeoutError) as exc:
                     backoff = min(backoff * 2, 5.0)
-                    logger.warning("redis pubsub reconnect failed: %s", exc)
+                    logger.warning("redis pubsub reconnect failed: %s", exc or "timed out")
             backoff = 0.1
             self.reconnects += 1
             logger.info("redis pubsub reconnected, %d channels resubscribed", len(self._topics))
             if self.on_gap is not None:
                 self.on_gap()
+
+    def _fail_confirmations(self) -> None:
+        for future in self._confirmations.values():
+            if not future.done():
+                future.set_exception(BrokerError("resubscribe", "connection lost again"))
+                future.exception()  # retrieved here: nobody may be waiting on it
+        self._confirmations = {}
 
     async def _read_until_broken(self) -> None:
         conn = self._conn
@@ -451,5 +500,6 @@ class RedisFeed:
             for waiter in waiters:
                 waiter.cancel()
         self._pending.clear()
+        self._fail_confirmations()
         self._topics.clear()
         self._on_close(self)
