@@ -1,0 +1,236 @@
+"""The ingestion spool on a real SQLite file, and the publisher spooling through a real Redis outage."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from app.ingest import Publisher
+from app.models import ZERO_ID, Reading, Topic
+from app.spool import Spool, SpoolError
+from app.streams.redis import RedisBroker
+from tests.conftest import ROOT, RedisServer, wait_until
+from tests.factories import make_reading as reading
+
+pytestmark = pytest.mark.anyio
+
+TOPIC = Topic("acme", "w1")
+
+
+def batch(start: int, count: int) -> list[Reading]:
+    return [reading(float(v)) for v in range(start, start + count)]
+
+
+def values(readings: list[Reading]) -> list[float | None]:
+    return [r.value for r in readings]
+
+
+async def everything(spool: Spool) -> list[float | None]:
+    run = await spool.peek(1_000_000)
+    return [] if run is None else values(run.readings)
+
+
+async def test_batches_come_back_oldest_first_and_go_once_deleted(tmp_path: Path) -> None:
+    async with await Spool.open(tmp_path / "spool" / "s.sqlite3") as spool:
+        for start in (0, 3, 6):
+            await spool.append(batch(start, 3))
+        assert (spool.batches, spool.readings) == (3, 9)
+        first = await spool.peek(4)  # whole batches only: the second would pass 4
+        assert first is not None
+        assert values(first.readings) == [0.0, 1.0, 2.0]
+        assert first.readings[0] == reading(0.0), "a reading comes back exactly as it went in"
+        two = await spool.peek(6)
+        assert two is not None
+        assert values(two.readings) == [float(v) for v in range(6)]
+        await spool.delete_through(two.last_id)
+        assert (spool.batches, spool.readings) == (1, 3)
+        assert await everything(spool) == [6.0, 7.0, 8.0]
+        await spool.append(batch(9, 2))
+        assert await everything(spool) == [float(v) for v in range(6, 11)], "new batches after an emptied head"
+
+
+async def test_a_big_batch_is_handed_out_whole(tmp_path: Path) -> None:
+    async with await Spool.open(tmp_path / "s.sqlite3") as spool:
+        await spool.append(batch(0, 10))
+        run = await spool.peek(2)
+        assert run is not None
+        assert len(run.readings) == 10
+
+
+async def test_when_full_the_oldest_batches_are_dropped_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="app.spool")
+    async with await Spool.open(tmp_path / "s.sqlite3", max_readings=10) as spool:
+        for start in range(0, 16, 4):
+            await spool.append(batch(start, 4))
+        assert await everything(spool) == [float(v) for v in range(8, 16)]
+        assert (spool.dropped, spool.dropped_batches, spool.readings, spool.batches) == (8, 2, 8, 2)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "full" in r.getMessage()]
+    assert len(warnings) == 1, "logged once, not once per batch"
+    assert "dropped the oldest" in warnings[0].getMessage()
+
+
+async def test_the_byte_bound_keeps_the_newest_batch_even_if_it_alone_is_too_big(tmp_path: Path) -> None:
+    def size(readings: list[Reading]) -> int:
+        return len(b"[" + b",".join(r.to_json() for r in readings) + b"]")
+
+    bound = size(batch(5, 5)) + size(batch(10, 5))
+    async with await Spool.open(tmp_path / "s.sqlite3", max_bytes=bound) as spool:
+        for start in range(0, 15, 5):
+            await spool.append(batch(start, 5))
+        assert await everything(spool) == [float(v) for v in range(5, 15)]
+        assert spool.bytes == bound
+        await spool.append(batch(100, 50))
+        assert await everything(spool) == [float(v) for v in range(100, 150)]
+        assert spool.dropped == 15
+
+
+async def test_contents_and_counts_survive_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    async with await Spool.open(path) as spool:
+        await spool.append(batch(0, 5))
+        await spool.append(batch(5, 5))
+        size = spool.bytes
+    async with await Spool.open(path) as spool:
+        assert (spool.batches, spool.readings, spool.bytes) == (2, 10, size)
+        assert await everything(spool) == [float(v) for v in range(10)]
+
+
+async def test_a_second_worker_cannot_open_a_spool_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    async with await Spool.open(path):
+        with pytest.raises(SpoolError, match="in use by another worker"):
+            await Spool.open(path)
+    async with await Spool.open(path):
+        pass  # free again once closed
+
+
+async def test_an_unwritable_path_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(SpoolError, match="cannot open spool"):
+        await Spool.open(tmp_path / "file" / "s.sqlite3")
+
+
+async def test_a_damaged_batch_is_dropped_and_the_rest_still_drains(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    async with await Spool.open(path) as spool:
+        await spool.append(batch(0, 2))
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO batches (readings, bytes, payload) VALUES (1, 5, x'7b7b7b7b7b')")
+        db.execute("INSERT INTO batches (readings, bytes, payload) VALUES (1, 2, '[{\"value\": 1}]')")
+    db.close()
+    async with await Spool.open(path) as spool:
+        await spool.append(batch(2, 2))
+        first = await spool.peek(100)
+        assert first is not None
+        assert values(first.readings) == [0.0, 1.0], "the good batches before a damaged one"
+        await spool.delete_through(first.last_id)
+        rest = await spool.peek(100)
+        assert rest is not None
+        assert values(rest.readings) == [2.0, 3.0]
+        assert (spool.dropped, spool.dropped_batches) == (2, 2)
+
+
+# Appends numbered batches of 10 and prints each number once `append` returned (acknowledged).
+_APPENDER = """
+import asyncio, sys
+from pathlib import Path
+from app.spool import Spool
+from tests.factories import make_reading
+
+async def main():
+    spool = await Spool.open(Path(sys.argv[1]))
+    n = 0
+    while True:
+        await spool.append([make_reading(float(n * 10 + i)) for i in range(10)])
+        print(n, flush=True)
+        n += 1
+
+asyncio.run(main())
+"""
+
+
+async def test_a_process_killed_right_after_an_acknowledged_append_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _APPENDER, str(path), cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        acknowledged = -1
+        with anyio.fail_after(20):
+            while acknowledged < 50:
+                line = await process.stdout.readline()
+                assert line, "the appender died"
+                acknowledged = int(line)
+        process.kill()  # SIGKILL: no close, no checkpoint, the lock held
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    async with await Spool.open(path) as spool:
+        found = await everything(spool)
+    assert len(found) >= (acknowledged + 1) * 10, "every acknowledged batch is there"
+    assert found == [float(v) for v in range(len(found))], "in order, whole batches, nothing else"
+
+
+async def test_the_publisher_spools_through_an_outage_and_drains_in_order(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    (tmp_path / "redis").mkdir()
+    server.start()
+    try:
+        with anyio.fail_after(30):
+            async with (
+                RedisBroker.connect(server.url) as broker,
+                await Spool.open(tmp_path / "s.sqlite3") as spool,
+            ):
+                async with Publisher(broker, max_batch=50, max_delay_s=0.005, spool=spool) as publisher:
+                    await publisher.submit(batch(0, 100))
+                    await wait_until(lambda: publisher.published >= 100)
+                    server.stop()
+                    for start in range(100, 300, 10):  # never waits on the dead Redis
+                        await publisher.submit(batch(start, 10))
+                    await wait_until(lambda: publisher.spooled >= 200)
+                    server.start()
+                    await publisher.submit(batch(300, 50))
+                    await wait_until(lambda: publisher.published >= 350)
+                    assert spool.readings == 0
+                found = await broker.history(TOPIC, ZERO_ID, 1000)
+        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(350)]
+        assert publisher.spooled >= 200, "what arrived during the outage went to the spool"
+        assert (publisher.drained, publisher.dropped) == (publisher.spooled, 0)
+    finally:
+        server.stop()
+
+
+async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_drains_it_first(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    (tmp_path / "redis").mkdir()
+    server.start()
+    path = tmp_path / "s.sqlite3"
+    try:
+        with anyio.fail_after(30):
+            async with RedisBroker.connect(server.url) as broker:
+                server.stop()
+                async with await Spool.open(path) as spool:
+                    async with Publisher(broker, max_batch=50, max_delay_s=1, spool=spool) as publisher:
+                        await publisher.submit(batch(0, 120))  # still pending (1 s batching) at exit
+                    assert (spool.readings, publisher.spooled, publisher.published) == (120, 120, 0)
+                server.start()
+                async with await Spool.open(path) as spool:
+                    async with Publisher(broker, max_batch=50, spool=spool) as publisher:
+                        await publisher.submit(batch(120, 30))
+                    assert spool.readings == 0
+                found = await broker.history(TOPIC, ZERO_ID, 1000)
+        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(150)]
+        assert publisher.published == 150
+        assert publisher.drained >= 120
+    finally:
+        server.stop()
