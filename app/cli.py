@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from app import logs, server
+from app import devcert, logs, server
 from app.adapters.simulator import SimulatorAdapter
 from app.auth.tokens import mint_token
 from app.ingest import Publisher, run_ingest
@@ -80,7 +80,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         sys.exit("wellstream: WELLSTREAM_JWT_SECRET must be set for serve")
     logs.configure(args.log_level)
     _require_server(args.server)
-    _run(server.run(create_app(settings), settings, args.host, args.port, args.server))
+    toml = args.hypercorn_config
+    if toml is not None and (args.server != "hypercorn" or not toml.is_file()):
+        sys.exit(f"wellstream: --hypercorn-config needs --server hypercorn and an existing file: {toml}")
+    _run(server.run(create_app(settings), settings, args.host, args.port, args.server, toml))
+
+
+def cmd_dev_cert(args: argparse.Namespace) -> None:
+    files = devcert.write_dev_cert(args.dir, args.name)
+    print(f"CA (trust this one): {files.ca}\nserver certificate: {files.cert}\nserver key: {files.key}")
 
 
 def _require_server(name: str) -> None:
@@ -174,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     for name, func, help_text in (
         ("demo", cmd_demo, "gateway + simulator in one process, dashboard at /"),
-        ("serve", cmd_serve, "gateway only (Hypercorn, HTTP/1.1 and h2c)"),
+        ("serve", cmd_serve, "gateway only (Hypercorn: HTTP/1.1, h2c; h2 over TLS with --hypercorn-config)"),
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--host", default="127.0.0.1")
@@ -186,6 +194,22 @@ def parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name == "demo":
             sub.add_argument("--interval", type=float, default=1.0, help="seconds between samples of each tag")
+        else:
+            sub.add_argument(
+                "--hypercorn-config",
+                type=Path,
+                default=None,
+                help="Hypercorn TOML (config/hypercorn.toml: h2 over TLS, h1/h2c); its binds replace --host/--port",
+            )
+    dev_cert = commands.add_parser("dev-cert", help="make a local CA and a server certificate for TLS/HTTP/2")
+    dev_cert.add_argument("--dir", type=Path, default=Path("certs"), help="where ca.pem, server.pem, server.key go")
+    dev_cert.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="DNS name or IP the certificate is for (repeatable; default: " + ", ".join(devcert.DEFAULT_NAMES) + ")",
+    )
+    dev_cert.set_defaults(func=cmd_dev_cert)
     check = commands.add_parser("check-config", help="validate a site file")
     check.add_argument("file", type=Path)
     check.set_defaults(func=cmd_check_config)

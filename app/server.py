@@ -1,34 +1,81 @@
-"""Runs an app under Hypercorn with our own shutdown trigger.
+"""Runs an app under Hypercorn (or uvicorn, granian) with our own shutdown trigger.
 
 Hypercorn's own SIGTERM handling would leave streams open until graceful_timeout and then cut
-them; sse-starlette's drain hooks only uvicorn. Here SIGTERM first tells every stream to say
-goodbye (a jittered retry hint, then a clean end), waits for them up to the grace period, and
-only then lets Hypercorn stop.
+them; sse-starlette's drain hooks only uvicorn. Here SIGTERM first stops the server taking new
+connections (so a proxy's next attempt fails fast and goes to another gateway, rather than getting
+a 503 that would close a browser's EventSource for good), then tells every stream to say goodbye
+(a jittered retry hint, then a clean end), waits for them up to the grace period, and exits.
+
+Every listening socket gets TCP keepalive and TCP_USER_TIMEOUT (ServerSettings), which Linux
+copies to each accepted connection, so a peer that vanished without a FIN is dropped by the kernel
+instead of holding a stream open for the ~15 minutes of default retransmissions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
 import signal
+import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from hypercorn.asyncio import serve
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from starlette.applications import Starlette
 
-from app.settings import Settings
+from app.settings import ServerSettings, Settings
 
 logger = logging.getLogger(__name__)
 
-HYPERCORN_CONFIG = Path("config/hypercorn.toml")
+
+def tune_socket(sock: socket.socket, options: ServerSettings) -> None:
+    """Keepalive and user-timeout options on a (listening) TCP socket; accepted sockets inherit them."""
+    if not options.tcp_keepalive or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, options.tcp_keepalive_idle_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, options.tcp_keepalive_interval_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, options.tcp_keepalive_count)
+    if options.tcp_user_timeout_s > 0:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(options.tcp_user_timeout_s * 1000))
 
 
-def hypercorn_config(settings: Settings, host: str, port: int) -> Config:
-    config = Config.from_toml(HYPERCORN_CONFIG) if HYPERCORN_CONFIG.is_file() else Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+def listening_socket(host: str, port: int, options: ServerSettings) -> socket.socket:
+    """A bound TCP socket with our options, for servers that accept ready-made sockets (uvicorn)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune_socket(sock, options)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class TunedConfig(Config):
+    """Hypercorn's Config, whose sockets get our TCP options before Hypercorn listens on them."""
+
+    socket_options: ServerSettings = ServerSettings()
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            tune_socket(sock, self.socket_options)
+        return sockets
+
+
+def hypercorn_config(settings: Settings, host: str, port: int, toml: Path | None = None) -> TunedConfig:
+    """Our Hypercorn config: from `toml` (binds, TLS, h2 limits) if given, else one cleartext bind
+    on host:port. The settings streaming depends on are forced whatever the file says."""
+    config = TunedConfig.from_toml(toml) if toml is not None else TunedConfig()
+    assert isinstance(config, TunedConfig)
+    if toml is None:
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.socket_options = settings.server
     config.graceful_timeout = settings.stream.shutdown_grace_s + 2
     config.keep_alive_timeout = max(config.keep_alive_timeout, 75)
     config.read_timeout = None  # any read timeout kills live streams: clients send nothing while reading
@@ -66,8 +113,15 @@ def tune_gc(settings: Settings) -> None:
     logger.info("gc thresholds %s, %d objects frozen", gc.get_threshold(), gc.get_freeze_count())
 
 
-async def run(app: Starlette, settings: Settings, host: str, port: int, server: ServerName = "hypercorn") -> None:
-    """Serve until SIGTERM or SIGINT."""
+async def run(
+    app: Starlette,
+    settings: Settings,
+    host: str,
+    port: int,
+    server: ServerName = "hypercorn",
+    hypercorn_toml: Path | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT. `hypercorn_toml` (Hypercorn only) replaces host and port."""
     tune_gc(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,7 +132,7 @@ async def run(app: Starlette, settings: Settings, host: str, port: int, server: 
     elif server == "granian":
         await _serve_granian(app, settings, host, port, stop)
     else:
-        await serve_until(app, settings, host, port, stop)
+        await serve_until(app, settings, host, port, stop, hypercorn_toml)
 
 
 async def _serve_uvicorn(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
@@ -104,26 +158,27 @@ async def _serve_uvicorn(app: Starlette, settings: Settings, host: str, port: in
     )
     server = Server(config)
 
-    async def stop_after_drain() -> None:
+    async def stop_then_drain() -> None:
         await stop.wait()
+        server.should_exit = True  # uvicorn closes its listener, then waits for the streams we drain
         await drain(app, settings.stream.shutdown_grace_s)
-        server.should_exit = True
 
-    stopper = asyncio.create_task(stop_after_drain())
+    stopper = asyncio.create_task(stop_then_drain())
     logger.info("serving on http://%s:%d (uvicorn)", host, port)
+    sock = listening_socket(host, port, settings.server)
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         stopper.cancel()
+        sock.close()
 
 
 async def _serve_granian(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
     from granian.constants import HTTPModes, Interfaces
-    from granian.server.embed import Server
 
     # HTTP/2 support costs granian about 10 KiB more per connection (docs/performance.md): opt in.
     http = HTTPModes.auto if settings.server.granian_http2 else HTTPModes.http1
-    server = Server(
+    server = _granian_server(settings.server)(
         app, address=host, port=port, interface=Interfaces.ASGI, backlog=4096, backpressure=65536, http=http
     )
     serving = asyncio.create_task(server.serve())
@@ -132,19 +187,68 @@ async def _serve_granian(app: Starlette, settings: Settings, host: str, port: in
     await asyncio.wait([serving, waiting], return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():
         await drain(app, settings.stream.shutdown_grace_s)
-        server.stop()  # type: ignore[no-untyped-call]
+        server.stop()
     waiting.cancel()
     await serving
 
 
-async def serve_until(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
-    """Serve on Hypercorn until `stop` is set, then drain streams and stop."""
+def _granian_server(options: ServerSettings) -> Any:
+    """granian's embedded Server, building its listening socket where we can set options on it.
+
+    On Linux granian hands each worker a socket *spec* and the Rust side binds it, out of our reach.
+    Its other code path (used on every other platform) binds once and shares the socket; we take
+    that path so the options land on the listener. This leans on granian's private
+    `_init_shared_socket` (checked against granian 2.8): if a release renames it, the server still
+    runs, only without the options, and tests/deploy/test_keepalive.py fails.
+    """
+    from granian._granian import ListenerSpec
+    from granian.server.embed import Server
+
+    class TunedServer(Server):
+        def _init_shared_socket(self) -> None:
+            if self.bind_uds:
+                super()._init_shared_socket()  # type: ignore[no-untyped-call]
+                return
+            holder = ListenerSpec(self.bind_addr, self.bind_port, self.backlog).build()
+            fd: int = holder.get_fd()
+            self._ssp, self._shd, self._sfd = None, holder, fd  # type: ignore[assignment]
+            # A second descriptor for the same socket: options set through it apply to the listener.
+            with socket.socket(fileno=os.dup(fd)) as listener:
+                tune_socket(listener, options)
+
+    return TunedServer
+
+
+async def serve_until(
+    app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event, hypercorn_toml: Path | None = None
+) -> None:
+    """Serve on Hypercorn until `stop` is set, then stop listening, drain streams and stop.
+
+    The trigger returns at once, so Hypercorn closes its listeners and idle keep-alive connections
+    (a proxy's retry then goes to another gateway); the drain runs while Hypercorn waits up to
+    graceful_timeout for the open connections, which the drained streams end.
+    """
+    draining: asyncio.Task[None] | None = None
 
     async def shutdown_trigger() -> None:
+        nonlocal draining
         await stop.wait()
-        logger.info("shutting down: draining streams")
-        await drain(app, settings.stream.shutdown_grace_s)
+        logger.info("shutting down: no new connections, draining streams")
+        draining = asyncio.create_task(drain(app, settings.stream.shutdown_grace_s))
 
-    config = hypercorn_config(settings, host, port)
-    logger.info("serving on http://%s:%d", host, port)
-    await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    config = hypercorn_config(settings, host, port, hypercorn_toml)
+    logger.info("serving on %s", ", ".join(_urls(config)))
+    try:
+        await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
+    finally:
+        if draining is not None:
+            if not draining.done():
+                draining.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await draining
+
+
+def _urls(config: Config) -> list[str]:
+    if config.ssl_enabled:
+        return [f"https://{bind}" for bind in config.bind] + [f"http://{bind}" for bind in config.insecure_bind]
+    return [f"http://{bind}" for bind in config.bind]
