@@ -126,6 +126,9 @@ class _TopicState:
     ready: asyncio.Task[None] | None = None
     last_id: StreamId | None = None  # the newest event fanned out: where a gap fill starts
     held: list[StreamEvent] | None = None  # live events held back while a gap is filled
+    # After a fill, live messages already sent from history may still be in flight on the
+    # Pub/Sub connection (history answered first): they are dropped up to here.
+    floor: StreamId | None = None
 
 
 class Hub:
@@ -254,6 +257,11 @@ class Hub:
             if len(held) > 4 * self.queue_size:  # a fill this far behind would only end them as slow
                 self._reset(topic, state, "held events overflowed")
             return
+        floor = state.floor
+        if floor is not None:
+            if event.id <= floor:
+                return
+            state.floor = None  # one passed: ids only grow, so all later ones do
         self._fan_out(topic, state, event)
 
     def _fan_out(self, topic: Topic, state: _TopicState, event: StreamEvent) -> None:
@@ -334,12 +342,14 @@ class Hub:
             if newest is None or event.id > newest:
                 self._fan_out(topic, state, event)
                 newest = event.id
+        state.floor = newest
 
     def _reset(self, topic: Topic, state: _TopicState, why: str) -> None:
         # The streams resume by Last-Event-ID and get a reset + snapshot if history is gone.
         self.stats.gap_resets += 1
         logger.warning("streams on %s ended: %s", topic, why)
         state.held = None
+        state.floor = None
         for sub in state.subscribers:
             sub.end("upstream-gap")
 

@@ -457,6 +457,8 @@ class RedisFeed:
             while True:
                 # Pongs arrive every ping interval, so silence for three of them means a frozen peer.
                 response = await conn.read_response(timeout=self._ping_interval_s * 3, push_request=True)
+                if response is None:  # redis-py's answer to a timeout we asked for
+                    raise TimeoutError(f"no answer to pings for {self._ping_interval_s * 3:.1f} s")
                 self._handle(response)
         finally:
             pinger.cancel()
