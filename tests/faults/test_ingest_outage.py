@@ -255,3 +255,21 @@ async def test_the_worker_sigkilled_mid_outage_loses_nothing_it_had_spooled(
         assert_whole_prefix(after, well)  # the second run: from its first sample, complete
         second_total += len(after)
     assert second_total == stopped["accepted"]
+
+
+async def test_sigterm_while_redis_is_down_spools_what_is_pending_and_exits(
+    tmp_path: Path, durable_redis: DurableRedis
+) -> None:
+    spool = tmp_path / "spool" / "ingest.sqlite3"
+    durable_redis.kill()
+    with anyio.fail_after(30):
+        async with ingest_worker(tmp_path, durable_redis.url, spool, "sim") as worker:
+            await wait_until(lambda: len(spooled(spool)) >= 80, interval_s=0.05)
+            worker.terminate()
+            assert await worker.wait() == 0, "exits on its own while Redis is still down"
+    stopped = log_line(tmp_path, "sim", "ingest-stopped")
+    left = spooled(spool)
+    assert stopped["accepted"] == stopped["spooled"] == stopped["spool_depth"] == len(left)
+    assert stopped["published"] == 0
+    for well in WELLS:
+        assert_whole_prefix([r for r in left if r.well_id == well], well)
