@@ -273,3 +273,16 @@ async def test_sigterm_while_redis_is_down_spools_what_is_pending_and_exits(
     assert stopped["published"] == 0
     for well in WELLS:
         assert_whole_prefix([r for r in left if r.well_id == well], well)
+
+
+async def test_a_second_worker_on_the_same_spool_refuses_to_start(tmp_path: Path, durable_redis: DurableRedis) -> None:
+    spool = tmp_path / "spool" / "ingest.sqlite3"
+    with anyio.fail_after(30):
+        async with ingest_worker(tmp_path, durable_redis.url, spool, "first"):
+            await wait_until(spool.exists, interval_s=0.05)
+            await wait_for_readings(durable_redis, 8)  # the first one is up and owns the spool
+            async with ingest_worker(tmp_path, durable_redis.url, spool, "second") as second:
+                assert await second.wait() != 0
+    message = (tmp_path / "second.log").read_text()
+    assert "is in use by another worker" in message
+    assert "WELLSTREAM_SPOOL__PATH" in message
