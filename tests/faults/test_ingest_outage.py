@@ -155,7 +155,9 @@ def spooled(path: Path) -> list[Reading]:
     """What the spool file holds, read the way any SQLite client would (the worker may be writing)."""
     if not path.exists():
         return []
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'batches'").fetchone() is None:
+            return []  # the worker is still creating it
         rows = db.execute("SELECT payload FROM batches ORDER BY id").fetchall()
     return [Reading.model_validate(raw) for (payload,) in rows for raw in orjson.loads(payload)]
 
