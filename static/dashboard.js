@@ -44,7 +44,6 @@ const wells = new Map();
 const dirtyTags = new Set();
 const dirtyWells = new Set();
 let frame = 0;
-let everLive = false;
 
 // Read by the browser tests; small and bounded.
 const debug = {
@@ -108,7 +107,7 @@ function tagOf(well, name) {
   let tag = well.tags.get(name);
   if (!tag) {
     tag = { well, name, value: null, unit: "", quality: "", ts: NaN, points: [], intervals: [], row: null,
-            shown: {}, stale: false, sparkDirty: true };
+            stale: null, sparkDirty: true };
     well.tags.set(name, tag);
   }
   return tag;
@@ -235,7 +234,7 @@ function renderTag(tag, now) {
   const age = now - tag.ts;
   setText(parts.ago, Number.isFinite(age) ? formatAge(age) : "");
   const stale = Number.isFinite(age) && age > staleAfterMs(tag);
-  if (stale !== tag.stale || parts.stale.hidden === stale) {
+  if (stale !== tag.stale) {
     tag.stale = stale;
     parts.stale.hidden = !stale;
     setData(tag.row, "stale", String(stale));
@@ -305,7 +304,7 @@ const CONN_WORDS = { live: "", connecting: "connecting", reconnecting: "reconnec
                      unavailable: "not available" };
 
 function setConn(well, conn) {
-  if (conn === "live") { well.failingSince = null; everLive = true; }
+  if (conn === "live") well.failingSince = null;
   else if (well.failingSince === null && conn !== "connecting") well.failingSince = Date.now();
   if (well.conn === conn) return;
   well.conn = conn;
@@ -317,6 +316,7 @@ function setConn(well, conn) {
 function renderIndicator(now) {
   let live = 0;
   let total = 0;
+  let failing = 0;
   let failingSince = Infinity;
   const counts = { BAD: 0, STALE: 0, UNCERTAIN: 0 };
   for (const well of wells.values()) {
@@ -324,13 +324,16 @@ function renderIndicator(now) {
     if (well.conn === "unavailable") continue;
     total += 1;
     if (well.conn === "live") live += 1;
-    else if (well.failingSince !== null) failingSince = Math.min(failingSince, well.failingSince);
+    else if (well.failingSince !== null) {
+      failing += 1;
+      failingSince = Math.min(failingSince, well.failingSince);
+    }
   }
   let state;
   if (auth.signedOut) state = "Signed out";
   else if (total && live === total) state = "Live";
   else if (!navigator.onLine || (live === 0 && now - failingSince > OFFLINE_AFTER_MS)) state = "Offline";
-  else state = everLive ? "Reconnecting" : "Connecting";
+  else state = failing ? "Reconnecting" : "Connecting"; // Connecting: first connections still on their way
   if (el.indicator.dataset.state !== state) {
     el.indicator.dataset.state = state;
     debug.indicator.push({ state, at: now });

@@ -1,0 +1,225 @@
+"""The operator dashboard in Debian's Chromium against real gateway processes on Redis.
+
+No timed assertions: every wait is bounded and waits for what the page shows; the assertions
+are about content (values, states, words) and order (the ids of the readings received).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from playwright.async_api import Browser, Page, expect
+
+from app.models import StreamId
+from app.streams.redis import RedisBroker
+from tests.conftest import wait_until
+from tests.dashboard.conftest import open_page, reading
+from tests.dashboard.proxy import Proxy
+from tests.dashboard.servers import Gateway
+
+pytestmark = pytest.mark.anyio
+
+WAIT_MS = 10_000  # generous bound for "values within a second": the machine is shared
+
+
+def tile(page: Page, well: str) -> Any:
+    return page.locator(f'.well[data-well="{well}"]')
+
+
+def row(page: Page, well: str, tag: str) -> Any:
+    return page.locator(f'.well[data-well="{well}"] .tag[data-tag="{tag}"]')
+
+
+async def indicator_states(page: Page) -> list[str]:
+    states: list[str] = await page.evaluate("wellstream.indicator.map((t) => t.state)")
+    return states
+
+
+async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
+    browser: Browser, redis_url: str, secret: str, token
+) -> None:
+    registry = {"acme": ["w1", "w2", "w3"]}
+    with anyio.fail_after(45):
+        async with (
+            Gateway(secret, redis_url, registry).running() as gateway,
+            RedisBroker.connect(redis_url) as publisher,
+        ):
+            await publisher.publish(
+                [reading(well, "p", 12.5) for well in registry["acme"]]
+                + [reading(well, "t", 80.25, unit="degC") for well in registry["acme"]]
+            )
+            page = await open_page(browser)
+            await page.goto(f"{gateway.url}/#token={token('acme')}")
+
+            for well in registry["acme"]:
+                await expect(row(page, well, "p").locator(".number")).to_have_text("12.5", timeout=WAIT_MS)
+                await expect(row(page, well, "p").locator(".unit")).to_have_text("psi")
+                await expect(row(page, well, "t").locator(".number")).to_have_text("80.25")
+                await expect(row(page, well, "p").locator(".quality")).to_have_text("GOOD")
+                await expect(tile(page, well)).to_have_attribute("data-state", "GOOD")
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
+            # The demo's token went into an HttpOnly cookie and out of the address bar.
+            assert "token" not in page.url
+            cookies = await page.context.cookies()
+            assert [(c["name"], c["httpOnly"]) for c in cookies] == [("wellstream_session", True)]
+            assert await page.evaluate("wellstream.mode") == "cookie"
+
+            # BAD, UNCERTAIN and STALE: each a word on the tag and on the tile, not only a colour.
+            await publisher.publish(
+                [
+                    reading("w2", "p", None, "BAD"),
+                    reading("w1", "t", 81.0, "UNCERTAIN", unit="degC"),
+                    reading("w3", "level", 3.5, unit="m", age_s=600),
+                ]
+            )
+            await expect(row(page, "w2", "p")).to_have_attribute("data-quality", "BAD", timeout=WAIT_MS)
+            await expect(row(page, "w2", "p").locator(".quality")).to_have_text("BAD")
+            await expect(row(page, "w2", "p").locator(".number")).to_have_text("\u2014")
+            await expect(tile(page, "w2")).to_have_attribute("data-state", "BAD")
+            await expect(tile(page, "w2").locator("header .state")).to_have_text("BAD")
+            await expect(row(page, "w1", "t").locator(".quality")).to_have_text("UNCERTAIN", timeout=WAIT_MS)
+            await expect(tile(page, "w1")).to_have_attribute("data-state", "UNCERTAIN")
+            await expect(row(page, "w3", "level")).to_have_attribute("data-stale", "true", timeout=WAIT_MS)
+            await expect(row(page, "w3", "level").locator(".stale")).to_be_visible()
+            await expect(row(page, "w3", "level").locator(".ago")).to_have_text("10 min")
+            await expect(tile(page, "w3")).to_have_attribute("data-state", "STALE")
+            await expect(row(page, "w3", "p")).to_have_attribute("data-stale", "false")
+            await expect(page.locator("#summary")).to_have_text(
+                "3 wells \u00b7 1 BAD \u00b7 1 STALE \u00b7 1 UNCERTAIN"
+            )
+
+            # Keyboard: Tab reaches the first tile (after Sign out), arrows and Home/End move along.
+            focused = "document.activeElement.dataset.well || document.activeElement.id"
+            await page.keyboard.press("Tab")
+            assert await page.evaluate(focused) == "sign-out"
+            await page.keyboard.press("Tab")
+            assert await page.evaluate(focused) == "w1"
+            await page.keyboard.press("ArrowRight")
+            assert await page.evaluate(focused) == "w2"
+            await page.keyboard.press("End")
+            assert await page.evaluate(focused) == "w3"
+            await page.keyboard.press("ArrowLeft")
+            assert await page.evaluate(focused) == "w2"
+            await page.keyboard.press("Home")
+            assert await page.evaluate(focused) == "w1"
+            assert page.errors == []  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def paced_publisher(redis_url: str, wells: list[str], every_s: float) -> AsyncIterator[dict[str, list[str]]]:
+    """Publishes one reading per well every `every_s` until the block ends; yields the ids per well."""
+    published: dict[str, list[str]] = {well: [] for well in wells}
+
+    async def run(broker: RedisBroker) -> None:
+        n = 0
+        while True:
+            n += 1
+            ids = await broker.publish([reading(well, "p", float(n)) for well in wells])
+            for well, stream_id in zip(wells, ids, strict=True):
+                published[well].append(str(stream_id))
+            await asyncio.sleep(every_s)
+
+    async with RedisBroker.connect(redis_url) as broker:
+        task = asyncio.create_task(run(broker))
+        try:
+            yield published
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@pytest.mark.parametrize("mode", ["cookie", "ticket"])
+async def test_gateway_restart_behind_a_proxy_answering_502_resumes_without_gap_or_duplicate(
+    browser: Browser, redis_url: str, secret: str, token, mode: str
+) -> None:
+    wells = ["w1", "w2"]
+    gateway = Gateway(secret, redis_url, {"acme": wells})
+    proxy = Proxy(gateway.port)
+    fragment = f"token={token('acme')}" + ("&auth=ticket" if mode == "ticket" else "")
+    with anyio.fail_after(50):
+        async with proxy.running(), gateway.running(), paced_publisher(redis_url, wells, 0.1) as published:
+            page = await open_page(browser)
+            await page.goto(f"{proxy.url}/#{fragment}")
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
+            assert await page.evaluate("wellstream.mode") == mode
+            await page.wait_for_function(
+                "wellstream.received.filter((r) => r.event === 'reading').length >= 6", timeout=WAIT_MS
+            )
+
+            await gateway.stop()
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Reconnecting", timeout=WAIT_MS)
+            # Stay down until the proxy has refused the page at least once: in cookie mode that
+            # refusal is the EventSource's own reconnect, which a 502 closes for good.
+            refused = b"/stream" if mode == "cookie" else b"/stream-tickets"
+            with anyio.fail_after(15):
+                await wait_until(lambda: any(refused in line for line in proxy.bad_gateways))
+            await gateway.start()
+
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=20_000)
+            states = await indicator_states(page)
+            live = states.index("Live")
+            assert states[live:][states[live:].index("Reconnecting") :][-1] == "Live", states
+
+            # More readings after the restart, then stop publishing and wait for the last of them.
+            count = {well: len(ids) for well, ids in published.items()}
+            with anyio.fail_after(10):
+                await wait_until(lambda: all(len(published[well]) >= count[well] + 5 for well in wells))
+        last = {well: ids[-1] for well, ids in published.items()}
+        for well in wells:
+            await page.wait_for_function(
+                "([well, id]) => wellstream.received.some((r) => r.well === well && r.id === id)",
+                arg=[well, last[well]],
+                timeout=WAIT_MS,
+            )
+        received: list[dict[str, str]] = await page.evaluate("wellstream.received")
+        for well in wells:
+            events = [r for r in received if r["well"] == well]
+            assert [r["event"] for r in events[:1]] == ["snapshot"]
+            assert all(r["event"] == "reading" for r in events[1:]), events
+            after = StreamId.parse(events[0]["id"])
+            expected = [i for i in published[well] if StreamId.parse(i) > after]
+            got = [r["id"] for r in events[1:]]
+            assert got == expected, f"{well}: received {len(got)} ids, published {len(expected)} after the snapshot"
+        assert await page.evaluate("wellstream.ownReconnects") >= len(wells)
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_a_hundred_wells_over_http2_all_render_and_keep_updating(
+    browser: Browser, redis_url: str, secret: str, token, tmp_path: Path
+) -> None:
+    wells = [f"w{n:03d}" for n in range(100)]
+    with anyio.fail_after(50):
+        async with (
+            Gateway(secret, redis_url, {"acme": wells}, tls_dir=tmp_path).running() as gateway,
+            RedisBroker.connect(redis_url) as publisher,
+        ):
+            await publisher.publish([reading(well, tag, n + 0.5) for n, well in enumerate(wells) for tag in "pqt"])
+            page = await open_page(browser)
+            await page.goto(f"{gateway.url}/#token={token('acme')}")
+            all_show = """([round]) => {
+                const tiles = document.querySelectorAll('.well');
+                return tiles.length === 100 && [...tiles].every((tile, n) =>
+                    [...tile.querySelectorAll('.number')].map((e) => e.textContent).join() ===
+                    Array(3).fill(String(n + round)).join());
+            }"""
+            await page.wait_for_function(all_show, arg=[0.5], timeout=20_000)
+            assert await page.evaluate("wellstream.protocol") == "h2"
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
+
+            for round_ in (0.25, 0.75):
+                await publisher.publish(
+                    [reading(well, tag, n + round_) for n, well in enumerate(wells) for tag in "pqt"]
+                )
+                await page.wait_for_function(all_show, arg=[round_], timeout=20_000)
+            received = await page.evaluate("wellstream.received.length")
+            assert received == 100 + 2 * 300  # a snapshot per well, then every reading
+            # Batched: hundreds of events went to the DOM in far fewer flushes.
+            assert await page.evaluate("wellstream.flushes") < received
+            assert page.errors == []  # type: ignore[attr-defined]
