@@ -41,7 +41,11 @@ from app.streams.sse import (
 logger = logging.getLogger(__name__)
 
 SUBSCRIBE_TIMEOUT_S = 5.0
-GOODBYES = {"drain": "server shutting down", "upstream-gap": "live feed interrupted, resume from history"}
+GOODBYES = {
+    "drain": "server shutting down",
+    "upstream-gap": "live feed interrupted, resume from history",
+    "max-age": "stream reached its maximum age, resume (on any gateway)",
+}
 
 HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),

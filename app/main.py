@@ -102,7 +102,12 @@ def create_app(
             active = broker if broker is not None else await stack.enter_async_context(open_broker(settings))
             stream = settings.stream
             hub = Hub(
-                active, stream.queue_size, stream.heartbeat_s, stream.send_timeout_s, settings.history.replay_page
+                active,
+                stream.queue_size,
+                stream.heartbeat_s,
+                stream.send_timeout_s,
+                settings.history.replay_page,
+                stream.max_age_s,
             )
             await hub.start()
             stack.push_async_callback(hub.aclose)

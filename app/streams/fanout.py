@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +51,7 @@ class Subscriber:
         "heartbeat_due",
         "last_send",
         "max_queued",
+        "retire_at",
         "sending_since",
         "skip_through",
         "tags",
@@ -58,10 +61,17 @@ class Subscriber:
     )
 
     def __init__(
-        self, topic: Topic, tags: frozenset[str] | None, max_queued: int, now: float, expires_at: float | None
+        self,
+        topic: Topic,
+        tags: frozenset[str] | None,
+        max_queued: int,
+        now: float,
+        expires_at: float | None,
+        retire_at: float = math.inf,
     ) -> None:
         self.topic = topic
         self.expires_at = expires_at
+        self.retire_at = retire_at
         self.tags = tags
         self.max_queued = max_queued
         self.frames: list[Frame] = []  # a list, not a deque: an empty deque costs 600 bytes a stream
@@ -139,6 +149,9 @@ class Hub:
         queue_size: frames a subscriber may have queued before it is ended as slow.
         heartbeat_s: a stream that sent nothing for this long gets a heartbeat.
         send_timeout_s: a send stuck this long ends the stream (a peer that stopped reading).
+        replay_page: history entries read per round trip when a gap is filled.
+        max_age_s: streams end (with a goodbye and retry) after 75-100 % of this, so clients
+            rebalance onto gateways added since; None keeps streams open for as long as they last.
     """
 
     def __init__(
@@ -148,8 +161,10 @@ class Hub:
         heartbeat_s: float = 15,
         send_timeout_s: float = 10,
         replay_page: int = 500,
+        max_age_s: float | None = None,
     ):
         self._broker = broker
+        self.max_age_s = max_age_s
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
         self.send_timeout_s = send_timeout_s
@@ -201,7 +216,10 @@ class Hub:
         a task owned by the hub: one caller going away cannot fail the others waiting on it.
         """
         assert self._feed is not None, "hub not started"
-        sub = Subscriber(topic, tags, self.queue_size, asyncio.get_running_loop().time(), expires_at)
+        now = asyncio.get_running_loop().time()
+        # Jittered so streams opened together (after a restart) do not all retire together.
+        retire_at = now + self.max_age_s * random.uniform(0.75, 1.0) if self.max_age_s else math.inf
+        sub = Subscriber(topic, tags, self.queue_size, now, expires_at, retire_at)
         self._idle.clear()
         state = self._topics.get(topic)
         if state is None:
@@ -383,6 +401,8 @@ class Hub:
                 for sub in list(state.subscribers):
                     if sub.expires_at is not None and wall >= sub.expires_at:
                         sub.end("auth-expired")
+                    elif now >= sub.retire_at:
+                        sub.end("max-age")
                     self._check(sub, now)
 
     def _check(self, sub: Subscriber, now: float) -> None:

@@ -64,13 +64,23 @@ class RecordingStream:
     ended: bool = False
     opened: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def position(self) -> StreamId | None:
+        """What an EventSource would send as Last-Event-ID."""
+        return self.ids[-1] if self.ids else self.snapshot_id
+
     async def run(self, client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> None:
+        """Read until the server ends the stream; resumes from `position` if there is one."""
+        self.ended = False
+        if self.position is not None:
+            headers = {**headers, "Last-Event-ID": str(self.position)}
         async with client.stream("GET", url, headers=headers) as response:
             assert response.status_code == 200, response.status_code
             async for block in SSEReader(response):
                 self.last_block = block
                 if block.event == "snapshot":
                     assert block.id is not None
+                    assert self.snapshot_id is None, "a resume must not start over with a snapshot"
                     self.snapshot_id = StreamId.parse(block.id)
                     self.opened.set()
                 elif block.event == "reading":
