@@ -8,6 +8,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from app.adapters.base import Adapter, ReadingSink
 from app.adapters.modbus import ModbusAdapter
@@ -15,7 +16,7 @@ from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
 from app.adapters.simulator import SimulatorAdapter
 from app.errors import BrokerError
-from app.models import Reading
+from app.models import Reading, StreamId
 from app.settings import SpoolSettings
 from app.site import SimulatorConnection, Site
 from app.spool import Spool
@@ -37,9 +38,12 @@ class Publisher:
     holds anything, so adapters keep going through an outage. A drain task publishes the
     oldest spooled batches, deletes them once the broker took them, and backs off (jittered,
     capped) while it cannot; it starts at once, so a spool left by a previous run drains first.
-    Delivery is at least once: a publish that timed out may have been applied by Redis and is
-    then published again from the spool, as is a batch published just before a SIGKILL and
-    not yet deleted.
+    A publish that times out is not cancelled (a frozen Redis may still apply it when it wakes):
+    its batch is spooled for safety and the drain task first waits for that publish's outcome,
+    publishing nothing else meanwhile, and deletes the copy if it succeeded. Delivery is still
+    at least once where the outcome is unknowable: the connection broke after the script was
+    sent, the worker exited or was killed with a publish unanswered, or a SIGKILL came between
+    a drained publish and the delete of its batch. Each of these republishes one run once.
 
     On exit, what is pending is published (or spooled if the broker fails), then the spool
     is drained for up to `drain_on_exit_s` while the broker answers; the rest stays on disk.
@@ -74,6 +78,7 @@ class Publisher:
         self._spool_emptied = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
+        self._in_flight: _InFlight | None = None
         self._closing = False
         self.accepted = 0
         self.published = 0
@@ -136,6 +141,9 @@ class Publisher:
         except TimeoutError:
             drainer.cancel()
             await asyncio.gather(drainer, return_exceptions=True)
+        if self._in_flight is not None:  # handed over, never picked up: its copy is in the spool
+            self._in_flight.attempt.cancel()
+            await asyncio.gather(self._in_flight.attempt, return_exceptions=True)
         if spool.readings:
             logger.warning("exiting with %d readings in the spool %s", spool.readings, spool.path)
 
@@ -169,15 +177,33 @@ class Publisher:
                 backoff = min(backoff * 2, 5.0)
 
     async def _publish_or_spool(self, spool: Spool, batch: list[Reading]) -> None:
-        # The spool's count only grows here, so zero means no older batch is waiting: publishing
-        # directly cannot overtake one.
-        if spool.batches == 0:
+        # The spool only grows here, so when it is empty and nothing is in flight no older batch
+        # is waiting: publishing directly cannot overtake one.
+        if spool.batches == 0 and self._in_flight is None:
+            attempt = asyncio.create_task(self._broker.publish(batch), name="publish")
             try:
-                await asyncio.wait_for(self._broker.publish(batch), self._publish_timeout_s)
+                await asyncio.wait({attempt}, timeout=self._publish_timeout_s)
+            except asyncio.CancelledError:
+                attempt.cancel()
+                raise
+            if not attempt.done():
+                # Not cancelled: the script may already be in Redis's hands, and a copy from the
+                # spool could then land twice. The drain task waits for its outcome first.
+                logger.warning(
+                    "publish of %d readings unanswered after %.1f s: spooling", len(batch), self._publish_timeout_s
+                )
+                batch_id = await spool.append(batch)
+                self.spooled += len(batch)
+                self._in_flight = _InFlight(attempt, batch_id, len(batch))
+                self._spool_filled.set()
+                return
+            failure = attempt.exception()
+            if failure is None:
                 self.published += len(batch)
                 return
-            except (BrokerError, TimeoutError) as exc:
-                logger.warning("publish of %d readings failed, spooling until the broker is back: %s", len(batch), exc)
+            if not isinstance(failure, BrokerError):
+                raise failure
+            logger.warning("publish of %d readings failed, spooling until the broker is back: %s", len(batch), failure)
         await spool.append(batch)
         self.spooled += len(batch)
         self._spool_filled.set()
@@ -185,6 +211,11 @@ class Publisher:
     async def _drain(self, spool: Spool) -> None:
         backoff = _Backoff()
         while True:
+            if self._in_flight is not None:
+                handed, self._in_flight = self._in_flight, None
+                if await self._outcome(handed.attempt) is None:
+                    await self._drained(spool, handed.batch_id, handed.readings)
+                continue  # if it failed, the spooled copy is next in line
             if spool.batches == 0:
                 if self._closing and (self._task is None or self._task.done()):
                     return
@@ -194,29 +225,56 @@ class Publisher:
             run = await spool.peek(self._max_batch)
             if run is None:
                 continue
-            try:
-                await asyncio.wait_for(self._broker.publish(run.readings), self._publish_timeout_s)
-            except (BrokerError, TimeoutError) as exc:
-                if self._closing:
-                    return  # what is left stays spooled for the next start
-                delay = backoff.next()
-                log = logger.warning if backoff.failures == 1 else logger.debug
-                log("spool drain: publish failed, %d readings wait, retrying in %.2f s: %s", spool.readings, delay, exc)
-                self._spool_filled.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_closing(), delay)
+            failure = await self._outcome(asyncio.create_task(self._broker.publish(run.readings), name="drain"))
+            if failure is None:
+                await self._drained(spool, run.last_id, len(run.readings))
+                if backoff.failures or spool.batches == 0:
+                    logger.info("spool drain: %d readings drained, %d wait", self.drained, spool.readings)
+                backoff.reset()
                 continue
-            await spool.delete_through(run.last_id)
-            self.published += len(run.readings)
-            self.drained += len(run.readings)
-            if backoff.failures or spool.batches == 0:
-                logger.info("spool drain: %d readings drained, %d wait", self.drained, spool.readings)
-            backoff.reset()
+            if self._closing:
+                return  # what is left stays spooled for the next start
+            delay = backoff.next()
+            log = logger.warning if backoff.failures == 1 else logger.debug
+            log("spool drain: publish failed, %d readings wait, retrying in %.2f s: %s", spool.readings, delay, failure)
+            self._spool_filled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_closing(), delay)
+
+    async def _outcome(self, attempt: asyncio.Task[list[StreamId]]) -> BrokerError | None:
+        """Wait for a publish to succeed (None) or fail; a slow one is logged, never abandoned."""
+        try:
+            await asyncio.wait({attempt}, timeout=self._publish_timeout_s)
+            if not attempt.done():
+                logger.warning(
+                    "spool drain: a publish unanswered after %.1f s, waiting for it", self._publish_timeout_s
+                )
+            await attempt
+        except BrokerError as exc:
+            return exc
+        except asyncio.CancelledError:
+            attempt.cancel()  # on exit: the batch stays spooled for the next start
+            raise
+        return None
+
+    async def _drained(self, spool: Spool, last_id: int, readings: int) -> None:
+        await spool.delete_through(last_id)
+        self.published += readings
+        self.drained += readings
 
     async def _wait_closing(self) -> None:
         while not self._closing:
             await self._spool_filled.wait()
             self._spool_filled.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A publish that outlived its timeout, handed to the drain task with the id of its spooled copy."""
+
+    attempt: asyncio.Task[list[StreamId]]
+    batch_id: int
+    readings: int
 
 
 class _Backoff:

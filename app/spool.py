@@ -97,13 +97,14 @@ class _Store:
     def totals(self) -> _Totals:
         return _Totals(self.batches, self.readings, self.bytes, self.dropped_batches, self.dropped_readings)
 
-    def append(self, count: int, payload: bytes) -> _Totals:
+    def append(self, count: int, payload: bytes) -> tuple[_Totals, int]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             cursor = self._db.execute(
                 "INSERT INTO batches (readings, bytes, payload) VALUES (?, ?, ?)", (count, len(payload), payload)
             )
             newest = cursor.lastrowid
+            assert newest is not None
             batches, readings, size = self.batches + 1, self.readings + count, self.bytes + len(payload)
             dropped_batches = dropped_readings = 0
             if self._over(readings, size):
@@ -124,7 +125,7 @@ class _Store:
         self.batches, self.readings, self.bytes = batches, readings, size
         self.dropped_batches += dropped_batches
         self.dropped_readings += dropped_readings
-        return self.totals()
+        return self.totals(), newest
 
     def _over(self, readings: int, size: int) -> bool:
         return size > self._max_bytes or (self._max_readings is not None and readings > self._max_readings)
@@ -244,14 +245,15 @@ class Spool:
     async def _call(self, func: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func)
 
-    async def append(self, batch: Sequence[Reading]) -> None:
-        """Store `batch` durably after every older batch; returns once committed."""
+    async def append(self, batch: Sequence[Reading]) -> int:
+        """Store `batch` durably after every older batch; returns its id once committed."""
         payload = b"[" + b",".join(reading.to_json() for reading in batch) + b"]"
         dropped_before = self.dropped
-        totals = await self._call(lambda: self._store.append(len(batch), payload))
+        totals, batch_id = await self._call(lambda: self._store.append(len(batch), payload))
         self._set(totals)
         if totals.dropped_readings > dropped_before:
             self._warn_dropped()
+        return batch_id
 
     def _warn_dropped(self) -> None:
         now = time.monotonic()

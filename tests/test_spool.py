@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -233,4 +234,36 @@ async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_dr
         assert publisher.published == 150
         assert publisher.drained >= 120
     finally:
+        server.stop()
+
+
+async def test_a_frozen_redis_gets_every_batch_once_and_in_order(tmp_path: Path) -> None:
+    # SIGSTOP: connections stay open and nothing answers, so a publish that timed out may
+    # still be applied when Redis wakes; its spooled copy must then not be published again.
+    server = RedisServer(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    server.start()
+    assert server.process is not None
+    try:
+        with anyio.fail_after(30):
+            async with (
+                RedisBroker.connect(server.url) as broker,
+                await Spool.open(tmp_path / "s.sqlite3") as spool,
+            ):
+                publisher = Publisher(broker, max_batch=50, spool=spool, publish_timeout_s=0.2)
+                async with publisher:
+                    await publisher.submit(batch(0, 20))
+                    await wait_until(lambda: publisher.published >= 20)
+                    server.process.send_signal(signal.SIGSTOP)
+                    for start in range(20, 200, 5):
+                        await publisher.submit(batch(start, 5))
+                        await asyncio.sleep(0.02)  # an adapter's pace, so batches stay small
+                    await wait_until(lambda: spool.readings >= 150)
+                    server.process.send_signal(signal.SIGCONT)
+                    await wait_until(lambda: publisher.published >= 200)
+                found = await broker.history(TOPIC, ZERO_ID, 1000)
+        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(200)]
+        assert publisher.drained == publisher.spooled >= 150
+    finally:
+        server.process.send_signal(signal.SIGCONT)
         server.stop()
