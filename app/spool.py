@@ -105,19 +105,14 @@ class _Store:
             )
             newest = cursor.lastrowid
             assert newest is not None
-            batches, readings, size = self.batches + 1, self.readings + count, self.bytes + len(payload)
-            dropped_batches = dropped_readings = 0
-            if self._over(readings, size):
-                rows = self._db.execute("SELECT id, readings, bytes FROM batches WHERE id < ? ORDER BY id", (newest,))
-                last_dropped = None
-                for row_id, row_readings, row_bytes in rows:
-                    if not self._over(readings, size):
-                        break
-                    last_dropped = row_id
-                    batches, readings, size = batches - 1, readings - row_readings, size - row_bytes
-                    dropped_batches, dropped_readings = dropped_batches + 1, dropped_readings + row_readings
-                if last_dropped is not None:
-                    self._db.execute("DELETE FROM batches WHERE id <= ?", (last_dropped,))
+            last, dropped_batches, dropped_readings, dropped_bytes = self._oldest_to_drop(
+                newest, self.readings + count, self.bytes + len(payload)
+            )
+            if last is not None:
+                self._db.execute("DELETE FROM batches WHERE id <= ?", (last,))
+            batches = self.batches + 1 - dropped_batches
+            readings = self.readings + count - dropped_readings
+            size = self.bytes + len(payload) - dropped_bytes
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -127,17 +122,37 @@ class _Store:
         self.dropped_readings += dropped_readings
         return self.totals(), newest
 
+    def _oldest_to_drop(self, newest: int, readings: int, size: int) -> tuple[int | None, int, int, int]:
+        """The id through which old batches must go to fit the bound, and what that frees."""
+        last, batches, freed_readings, freed_bytes = None, 0, 0, 0
+        after = 0
+        while self._over(readings - freed_readings, size - freed_bytes):
+            rows = self._db.execute(
+                "SELECT id, readings, bytes FROM batches WHERE id > ? AND id < ? ORDER BY id LIMIT 256", (after, newest)
+            ).fetchall()
+            if not rows:
+                break  # only the newest batch is left: it stays, whatever its size
+            for row_id, row_readings, row_bytes in rows:
+                if not self._over(readings - freed_readings, size - freed_bytes):
+                    break
+                last, batches = row_id, batches + 1
+                freed_readings, freed_bytes = freed_readings + row_readings, freed_bytes + row_bytes
+            after = rows[-1][0]
+        return last, batches, freed_readings, freed_bytes
+
     def _over(self, readings: int, size: int) -> bool:
         return size > self._max_bytes or (self._max_readings is not None and readings > self._max_readings)
 
     def peek(self, max_readings: int) -> list[tuple[int, int, bytes]]:
         rows: list[tuple[int, int, bytes]] = []
         total = 0
-        for row in self._db.execute("SELECT id, readings, payload FROM batches ORDER BY id"):
-            if rows and total + row[1] > max_readings:
-                break
-            rows.append(row)
-            total += row[1]
+        cursor = self._db.execute("SELECT id, readings, payload FROM batches ORDER BY id")
+        try:  # one row at a time: a long outage's spool never comes into memory whole
+            while (row := cursor.fetchone()) is not None and not (rows and total + row[1] > max_readings):
+                rows.append(row)
+                total += row[1]
+        finally:
+            cursor.close()
         return rows
 
     def delete_through(self, last_id: int) -> _Totals:

@@ -77,6 +77,15 @@ async def test_when_full_the_oldest_batches_are_dropped_counted_and_logged(
     assert "dropped the oldest" in warnings[0].getMessage()
 
 
+async def test_one_big_batch_can_push_out_many_small_ones(tmp_path: Path) -> None:
+    async with await Spool.open(tmp_path / "s.sqlite3", max_readings=600) as spool:
+        for v in range(600):
+            await spool.append(batch(v, 1))
+        await spool.append(batch(1000, 300))
+        assert await everything(spool) == [float(v) for v in range(300, 600)] + [float(v) for v in range(1000, 1300)]
+        assert (spool.dropped_batches, spool.batches) == (300, 301)
+
+
 async def test_the_byte_bound_keeps_the_newest_batch_even_if_it_alone_is_too_big(tmp_path: Path) -> None:
     def size(readings: list[Reading]) -> int:
         return len(b"[" + b",".join(r.to_json() for r in readings) + b"]")
