@@ -117,6 +117,8 @@ class EventStream:
         try:
             await writer
         finally:
+            if self._started:
+                self.hub.stats.streams_closed[self.end_reason] += 1
             if self.lease is not None:
                 await self.lease.release()
             principal = self.principal
@@ -180,16 +182,21 @@ class EventStream:
             return chunk
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         self._started = True
+        self.hub.stats.streams_opened += 1
         return retry_frame(self.stream.retry_ms) + chunk
 
     async def _catch_up(self, sub: Subscriber) -> AsyncIterator[bytes]:
+        stats = self.hub.stats
         if self.last_id is None:
+            stats.snapshots += 1
             yield await self._snapshot(sub)
             return
+        stats.replays += 1
         cursor = self.last_id
         while not sub.end_reason:
             found = await self.broker.history(self.topic, cursor, self.history.replay_page)
             if found.truncated:  # on any page: a slow replay can be overtaken by trimming
+                stats.resets += 1
                 yield reset_frame(self.topic, cursor) + await self._snapshot(sub)
                 return
             cursor = found.cursor
@@ -211,21 +218,30 @@ class EventStream:
     async def _live(self, sub: Subscriber, send: Send) -> None:
         # The per-connection hot loop: _send is written out inline to save a coroutine frame per chunk.
         loop = asyncio.get_running_loop()
+        stats = self.hub.stats
+        latency = stats.latency
         while not sub.end_reason:
             await sub.wait()
             if sub.end_reason:
                 break
+            # The oldest frame's device time: one latency sample per send, not per event.
+            device_ts = sub.frames[0][2] if sub.frames else 0.0
             chunks = sub.take()
             self.events_sent += len(chunks)
+            stats.events_sent += len(chunks)
             if sub.heartbeat_due:
                 sub.heartbeat_due = False
                 if not chunks:
                     chunks = [heartbeat_frame()]
             if chunks:
+                body = b"".join(chunks)
+                stats.bytes_sent += len(body)
                 sub.sending_since = now = loop.time()
-                await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+                await send({"type": "http.response.body", "body": body, "more_body": True})
                 sub.sending_since = 0.0
                 sub.last_send = now
+                if device_ts:
+                    latency.observe(time.time() - device_ts)
         self.end_reason = sub.end_reason or "ended"
         if sub.end_reason == "client-closed":
             return

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.auth.guard import Guard
 from app.auth.limits import StreamLimits
 from app.auth.tokens import TokenVerifier
+from app.metrics import gateway_registry
 from app.routes import EXCEPTION_HANDLERS, ROUTES, STREAM_PATH, serve_stream
 from app.settings import Settings
 from app.streams.broker import Broker
@@ -127,6 +128,7 @@ def create_app(
         routes.append(Mount("/", StaticFiles(directory=settings.static_dir, html=True), name="static"))
     middleware = [Middleware(CORSMiddleware, **cors_options(settings))] if settings.auth.cors_origins else []
     app = GatewayApp(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
+    app.state.metrics = gateway_registry(lambda: app.state.gateway.hub if hasattr(app.state, "gateway") else None)
     app.stream_app = (
         CORSMiddleware(serve_stream, **cors_options(settings)) if settings.auth.cors_origins else serve_stream
     )

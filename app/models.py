@@ -174,6 +174,7 @@ class StreamEvent:
     id: StreamId
     tag: str
     data: bytes
+    ts: float = 0.0  # the device timestamp, epoch seconds (0: unknown), for the latency histogram
 
 
 @dataclass(frozen=True, slots=True)

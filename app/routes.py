@@ -18,6 +18,7 @@ from app.auth.guard import client_address
 from app.auth.limits import LimitError
 from app.errors import AuthError, BrokerError
 from app.eventstream import EventStream
+from app.metrics import CONTENT_TYPE, render
 from app.models import StreamId, Topic, is_valid_id
 from app.streams.sse import single_line_json
 
@@ -195,6 +196,11 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
+async def metrics(request: Request) -> Response:
+    # Not behind auth, like /healthz: keep it off the public listener (docs/deploy.md).
+    return Response(render(request.app.state.metrics), media_type=CONTENT_TYPE)
+
+
 async def on_bad_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BadRequest)
     logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.reason)
@@ -253,6 +259,7 @@ async def serve_stream(scope: Scope, receive: Receive, send: Send) -> None:
 ROUTES = [
     Route("/healthz", healthz),
     Route("/readyz", readyz),
+    Route("/metrics", metrics),
     Route("/tenants/{tenant}/wells", wells),
     Route("/tenants/{tenant}/wells/{well}/latest", latest),
     Route("/tenants/{tenant}/wells/{well}/stream", stream),

@@ -8,9 +8,15 @@ subjects and ids only.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 logger = logging.getLogger("wellstream.audit")
 
+# (event, reason) of every refusal, for /metrics; reasons are fixed strings, so the set stays small.
+refusals: Counter[tuple[str, str]] = Counter()
+
 
 def audit(event: str, **fields: object) -> None:
+    if event in ("auth-failure", "limit"):
+        refusals[(event, str(fields.get("reason")))] += 1
     logger.info(event, extra={"audit": {"event": event, **fields}})

@@ -8,6 +8,7 @@ Two implementations sit side by side and pass one conformance suite
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Protocol
 
 import orjson
@@ -25,10 +26,21 @@ It must not block or raise: the hub's fan-out is the only intended implementatio
 def decode_event(raw_id: bytes, data: bytes) -> StreamEvent:
     """An event from stored bytes; raises ValueError (or KeyError/TypeError) if it is not a reading."""
     data = single_line_json(data)
-    tag = orjson.loads(data)["tagName"]
+    parsed = orjson.loads(data)
+    tag = parsed["tagName"]
     if not isinstance(tag, str):
         raise TypeError("tagName must be a string")
-    return StreamEvent(StreamId.parse(raw_id.decode()), tag, data)
+    return StreamEvent(StreamId.parse(raw_id.decode()), tag, data, epoch_s(parsed.get("timestamp")))
+
+
+def epoch_s(timestamp: object) -> float:
+    """A reading's ISO 8601 UTC timestamp as epoch seconds; 0.0 when it is not one."""
+    if not isinstance(timestamp, str):
+        return 0.0
+    try:
+        return datetime.fromisoformat(timestamp).timestamp()
+    except ValueError:
+        return 0.0
 
 
 class LiveFeed(Protocol):

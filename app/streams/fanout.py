@@ -28,10 +28,11 @@ from app.errors import BrokerError
 from app.models import StreamEvent, StreamId, Topic
 from app.streams.broker import Broker, LiveFeed
 from app.streams.sse import reading_frame
+from app.streams.stats import HubStats
 
 logger = logging.getLogger(__name__)
 
-Frame = tuple[StreamId, bytes]
+Frame = tuple[StreamId, bytes, float]  # id, SSE bytes, device time (epoch s) for the latency histogram
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
@@ -90,8 +91,8 @@ class Subscriber:
         self.frames = []
         skip = self.skip_through
         if skip is None:
-            return [data for _, data in frames]
-        out = [data for stream_id, data in frames if stream_id > skip]
+            return [data for _, data, _ in frames]
+        out = [data for stream_id, data, _ in frames if stream_id > skip]
         if out:
             self.skip_through = None  # ids only grow: once one passes, all later ones do
         return out
@@ -119,15 +120,6 @@ class Subscriber:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-
-@dataclass
-class HubStats:
-    slow_disconnects: int = 0
-    send_timeouts: int = 0
-    gaps: int = 0  # live feed reconnects the hub filled from history
-    gap_events: int = 0  # events fanned out from history by those fills
-    gap_resets: int = 0  # topics whose gap history could not cover (trimmed): streams ended
 
 
 @dataclass
@@ -204,6 +196,17 @@ class Hub:
     @property
     def topics(self) -> int:
         return len(self._topics)
+
+    def streams_by_tenant(self) -> dict[str, int]:
+        """For /metrics: walks every topic, so not for the hot path."""
+        counts: dict[str, int] = {}
+        for topic, state in self._topics.items():
+            counts[topic.tenant] = counts.get(topic.tenant, 0) + len(state.subscribers)
+        return counts
+
+    @property
+    def feed_reconnects(self) -> int:
+        return int(getattr(self._feed, "reconnects", 0))
 
     async def subscribe(
         self, topic: Topic, tags: frozenset[str] | None = None, expires_at: float | None = None
@@ -285,7 +288,7 @@ class Hub:
     def _fan_out(self, topic: Topic, state: _TopicState, event: StreamEvent) -> None:
         # The hot loop: once per event per subscriber, so it is written out inline.
         state.last_id = event.id
-        frame: Frame = (event.id, reading_frame(event))
+        frame: Frame = (event.id, reading_frame(event), event.ts)
         tag = event.tag
         for sub in state.subscribers:
             if sub.end_reason is not None or (sub.tags is not None and tag not in sub.tags):

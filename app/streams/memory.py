@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.models import ZERO_ID, History, Reading, Snapshot, StreamEvent, StreamId, Topic
-from app.streams.broker import Deliver, LiveFeed
+from app.streams.broker import Deliver, LiveFeed, epoch_s
 
 
 @dataclass
@@ -80,7 +80,7 @@ class MemoryBroker:
         log = self._logs[topic]
         now = self._clock()
         stream_id = StreamId(now, 0) if now > log.last_id.ms else StreamId(log.last_id.ms, log.last_id.seq + 1)
-        event = StreamEvent(stream_id, reading.tag_name, reading.to_json())
+        event = StreamEvent(stream_id, reading.tag_name, reading.to_json(), epoch_s(reading.timestamp))
         log.entries.append(event)
         log.latest[reading.tag_name] = event.data
         log.last_id = stream_id
