@@ -16,7 +16,7 @@ const STALE_FLOOR_MS = 5000;
 const STALE_DEFAULT_MS = 60000;
 const CADENCE_SAMPLES = 15;
 const SPARK_WINDOW_MS = 5 * 60 * 1000;
-const SPARK_WIDTH = 560; // canvas pixels; CSS scales it to the tile, so drawing never reads layout
+const SPARK_WIDTH = 480; // canvas pixels; CSS scales it to the tile, so drawing never reads layout
 const SPARK_HEIGHT = 44;
 // What the page exposes for tests and troubleshooting is bounded: it runs all day on a wall.
 const RECEIVED_KEEP = 50000;
@@ -261,7 +261,7 @@ function drawSpark(tag, now) {
   const end = Math.max(now, tag.points[tag.points.length - 1][0], first + 1000);
   const x = (t) => ((t - first) / (end - first)) * (SPARK_WIDTH - 4) + 2;
   const y = (v) => SPARK_HEIGHT - 3 - ((v - low) / (high - low)) * (SPARK_HEIGHT - 6);
-  ctx.lineWidth = 2;
+  ctx.lineWidth = 3;
   ctx.strokeStyle = getSparkColour();
   ctx.beginPath();
   let pen = false;
@@ -331,8 +331,9 @@ function renderIndicator(now) {
   }
   let state;
   if (auth.signedOut) state = "Signed out";
+  else if (!navigator.onLine) state = "Offline"; // the browser has no network: what is open will not last
   else if (total && live === total) state = "Live";
-  else if (!navigator.onLine || (live === 0 && now - failingSince > OFFLINE_AFTER_MS)) state = "Offline";
+  else if (live === 0 && now - failingSince > OFFLINE_AFTER_MS) state = "Offline";
   else state = failing ? "Reconnecting" : "Connecting"; // Connecting: first connections still on their way
   if (el.indicator.dataset.state !== state) {
     el.indicator.dataset.state = state;
@@ -354,8 +355,18 @@ setInterval(() => {
   for (const well of wells.values()) for (const tag of well.tags.values()) dirtyTags.add(tag);
   schedule();
 }, 1000);
-window.addEventListener("online", schedule);
 window.addEventListener("offline", schedule);
+window.addEventListener("online", () => {
+  // Back on the network: wells waiting out a backoff try now instead of at the end of it.
+  for (const well of wells.values()) {
+    if (well.timer) {
+      clearTimeout(well.timer);
+      well.backoff = BACKOFF_FIRST_MS;
+      connect(well);
+    }
+  }
+  schedule();
+});
 
 // ---- streams ----
 

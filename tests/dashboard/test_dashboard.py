@@ -108,6 +108,15 @@ async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
             assert await page.evaluate(focused) == "w2"
             await page.keyboard.press("Home")
             assert await page.evaluate(focused) == "w1"
+
+            # The browser loses the network: Offline at once; back on it: Live, and new readings show.
+            await page.context.set_offline(True)
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Offline", timeout=WAIT_MS)
+            await page.context.set_offline(False)
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=20_000)
+            await publisher.publish([reading(well, "p", 13.75) for well in registry["acme"]])
+            for well in registry["acme"]:
+                await expect(row(page, well, "p").locator(".number")).to_have_text("13.75", timeout=WAIT_MS)
             assert page.errors == []  # type: ignore[attr-defined]
 
 
@@ -223,3 +232,43 @@ async def test_a_hundred_wells_over_http2_all_render_and_keep_updating(
             # Batched: hundreds of events went to the DOM in far fewer flushes.
             assert await page.evaluate("wellstream.flushes") < received
             assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_sign_in_form_then_auth_expired_asks_again_and_resumes_without_gap(
+    browser: Browser, redis_url: str, secret: str, token
+) -> None:
+    wells = ["w1"]
+    with anyio.fail_after(45):
+        async with (
+            Gateway(secret, redis_url, {"acme": wells}).running() as gateway,
+            paced_publisher(redis_url, wells, 0.1) as published,
+        ):
+            page = await open_page(browser)
+            await page.goto(gateway.url + "/")  # no token, no cookie: the sign-in form
+            await expect(page.locator("#sign-in")).to_be_visible(timeout=WAIT_MS)
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Signed out")
+
+            await page.fill("#sign-in-token", token("acme", ttl_s=3))
+            await page.click("#sign-in button[type=submit]")
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
+            await expect(page.locator("#sign-in")).to_be_hidden()
+
+            # The stream ends with auth-expired; the page's fresh attempt is refused (401): sign in again.
+            await expect(page.locator("#sign-in")).to_be_visible(timeout=15_000)
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Signed out")
+            await expect(page.locator("#sign-in-reason")).to_contain_text("Sign in again")
+            seen = await page.evaluate("wellstream.received.length")
+            await wait_until(lambda: len(published["w1"]) >= seen + 10)  # readings the page missed meanwhile
+
+            await page.fill("#sign-in-token", token("acme"))
+            await page.click("#sign-in button[type=submit]")
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
+            count = len(published["w1"])
+            await wait_until(lambda: len(published["w1"]) >= count + 3)
+        last = published["w1"][-1]
+        await page.wait_for_function("(id) => wellstream.received.some((r) => r.id === id)", arg=last, timeout=WAIT_MS)
+        events: list[dict[str, str]] = await page.evaluate("wellstream.received")
+        assert [e["event"] for e in events[:1]] == ["snapshot"]
+        after = StreamId.parse(events[0]["id"])
+        assert [e["id"] for e in events[1:]] == [i for i in published["w1"] if StreamId.parse(i) > after]
+        assert page.errors == []  # type: ignore[attr-defined]
