@@ -22,6 +22,7 @@ const SPARK_HEIGHT = 44;
 const RECEIVED_KEEP = 50000;
 const TRANSITIONS_KEEP = 1000;
 const TENANT_KEY = "wellstream.tenant";
+const WELLS_REFRESH_MS = 60000;
 const QUALITY_RANK = { GOOD: 0, UNCERTAIN: 1, STALE: 2, BAD: 3 };
 
 const el = {
@@ -51,6 +52,7 @@ const debug = {
   indicator: [], // {state, at} on every change of the page's connection indicator
   ownReconnects: 0, // EventSources re-created by the page (closed for good, ticket mode, auth-expired)
   flushes: 0,
+  flushMs: [], // how long the last flushes took (bounded), to check for jank
   get mode() { return auth.mode; },
   get protocol() { return navigationProtocol(); },
 };
@@ -58,7 +60,8 @@ window.wellstream = debug;
 debug.indicator.push({ state: el.indicator.dataset.state, at: Date.now() });
 
 function trim(list, keep) {
-  if (list.length > keep) list.splice(0, list.length - keep);
+  // In chunks: one splice per keep/4 pushes, not a shift of the whole list on every event.
+  if (list.length > keep * 1.25) list.splice(0, list.length - keep);
 }
 
 function claims(jwt) {
@@ -153,12 +156,15 @@ function schedule() {
 function flush() {
   frame = 0;
   debug.flushes += 1;
+  const began = performance.now();
   const now = Date.now();
   for (const tag of dirtyTags) renderTag(tag, now);
   dirtyTags.clear();
   for (const well of dirtyWells) renderWell(well);
   dirtyWells.clear();
   renderIndicator(now);
+  debug.flushMs.push(performance.now() - began);
+  trim(debug.flushMs, TRANSITIONS_KEEP);
 }
 
 function setText(node, text) {
@@ -195,7 +201,11 @@ function buildTile(name) {
   const title = tile.querySelector("h2");
   title.textContent = name;
   title.id = `well-${name}`;
+  tile.querySelector(".state").id = `well-${name}-state`;
+  tile.querySelector(".conn").id = `well-${name}-conn`;
+  // Focusing a tile reads its name, its worst state and whether it is streaming.
   tile.setAttribute("aria-labelledby", title.id);
+  tile.setAttribute("aria-describedby", `well-${name}-state well-${name}-conn`);
   el.wells.append(tile);
   return tile;
 }
@@ -566,6 +576,26 @@ async function start() {
     showNotice("This page came over HTTP/1.1, where a browser keeps at most 6 connections per server: only about " +
       "5 wells can stream at once. Serve the dashboard over HTTPS with HTTP/2 to see them all live.");
   }
+  addWells(names);
+  clearInterval(wellsTimer);
+  wellsTimer = setInterval(refreshWells, WELLS_REFRESH_MS);
+}
+
+let wellsTimer = 0;
+
+// Wells registered later (a new site, ingestion publishing for a new well) get a tile without a reload.
+async function refreshWells() {
+  if (auth.signedOut) return;
+  let response;
+  try {
+    response = await fetch(tenantPath("/wells"), { credentials: "same-origin", headers: authHeaders() });
+  } catch {
+    return;
+  }
+  if (response.ok && !auth.signedOut) addWells((await response.json()).wells);
+}
+
+function addWells(names) {
   for (const name of names) {
     if (!wells.has(name)) wells.set(name, newWell(name));
   }
@@ -592,6 +622,11 @@ el.signOut.addEventListener("click", async () => {
   await fetch("/auth/session", { method: "DELETE", credentials: "same-origin" }).catch(() => null);
   localStorage.removeItem(TENANT_KEY);
   signOut("Signed out.");
+  // Signed out on purpose: nothing of this tenant stays on the screen.
+  for (const well of wells.values()) well.el.remove();
+  wells.clear();
+  shownTenant = null;
+  schedule();
 });
 
 // ---- keyboard: Tab reaches the tiles; arrows, Home and End move between them ----
