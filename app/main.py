@@ -16,6 +16,7 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.access import AccessLog
 from app.auth.guard import Guard
 from app.auth.limits import StreamLimits
 from app.auth.tokens import TokenVerifier
@@ -39,6 +40,10 @@ class GatewayApp(Starlette):
     """
 
     stream_app: ASGIApp  # set by create_app: serve_stream, wrapped in CORS when origins are configured
+    # Everything else: Starlette, behind the access log when it is on. Streams are not
+    # access-logged: their audit connect/disconnect lines say more, and a wrapper would cost
+    # a coroutine frame on every send.
+    other_app: ASGIApp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
@@ -48,6 +53,9 @@ class GatewayApp(Starlette):
                 scope["path_params"] = {"tenant": match[1], "well": match[2]}
                 await self.stream_app(scope, receive, send)
                 return
+        await self.other_app(scope, receive, send)
+
+    async def starlette(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
 
 
@@ -128,6 +136,7 @@ def create_app(
         routes.append(Mount("/", StaticFiles(directory=settings.static_dir, html=True), name="static"))
     middleware = [Middleware(CORSMiddleware, **cors_options(settings))] if settings.auth.cors_origins else []
     app = GatewayApp(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
+    app.other_app = AccessLog(app.starlette) if settings.server.access_log else app.starlette
     app.state.metrics = gateway_registry(lambda: app.state.gateway.hub if hasattr(app.state, "gateway") else None)
     app.stream_app = (
         CORSMiddleware(serve_stream, **cors_options(settings)) if settings.auth.cors_origins else serve_stream

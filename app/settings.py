@@ -73,6 +73,7 @@ class ServerSettings(BaseModel):
         description="gc.set_threshold for serve/demo; None keeps Python's (700, 10, 10)",
     )
     gc_freeze: bool = Field(True, description="gc.freeze() once started, so start-up objects are never rescanned")
+    access_log: bool = Field(True, description="one JSON line per request (no query strings, no headers)")
     granian_http2: bool = Field(False, description="--server granian also speaks HTTP/2 (h2c); costs memory per stream")
     # A peer that vanished without a FIN (power cut, NAT dropped the flow): TCP keepalive finds it
     # on an idle connection, TCP_USER_TIMEOUT on one with unacknowledged data (a stream's heartbeat).
