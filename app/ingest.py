@@ -19,7 +19,7 @@ from app.errors import BrokerError
 from app.models import Reading, StreamId
 from app.settings import SpoolSettings
 from app.site import SimulatorConnection, Site
-from app.spool import Spool
+from app.spool import Spool, SpoolError
 from app.streams.broker import Broker
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class Publisher:
         self.published = 0
         self.spooled = 0
         self.drained = 0
+        self.lost = 0
 
     @property
     def dropped(self) -> int:
@@ -104,6 +105,7 @@ class Publisher:
             "pending": len(self._pending),
             "spooled": self.spooled,
             "drained": self.drained,
+            "lost": self.lost,
             "dropped": self.dropped,
             "spool_depth": self.depth,
             "spool_bytes": self.depth_bytes,
@@ -192,8 +194,7 @@ class Publisher:
                 logger.warning(
                     "publish of %d readings unanswered after %.1f s: spooling", len(batch), self._publish_timeout_s
                 )
-                batch_id = await spool.append(batch)
-                self.spooled += len(batch)
+                batch_id = await self._append(spool, batch)
                 self._in_flight = _InFlight(attempt, batch_id, len(batch))
                 self._spool_filled.set()
                 return
@@ -204,17 +205,57 @@ class Publisher:
             if not isinstance(failure, BrokerError):
                 raise failure
             logger.warning("publish of %d readings failed, spooling until the broker is back: %s", len(batch), failure)
-        await spool.append(batch)
-        self.spooled += len(batch)
+        await self._append(spool, batch)
         self._spool_filled.set()
 
+    async def _append(self, spool: Spool, batch: list[Reading]) -> int | None:
+        # An unwritable spool (disk full) holds the batch here and retries: readings then wait
+        # in memory, and adapters feel backpressure at `max_pending`, as without a spool. On
+        # exit there is nowhere left to keep them: they are counted as lost, and the exit is prompt.
+        backoff = _Backoff()
+        while True:
+            try:
+                batch_id = await spool.append(batch)
+            except SpoolError as exc:
+                if self._closing:
+                    logger.error(
+                        "exiting: %d readings lost, neither Redis nor the spool took them: %s", len(batch), exc
+                    )
+                    self.lost += len(batch)
+                    return None
+                delay = backoff.next()
+                log = logger.error if backoff.failures == 1 else logger.debug
+                log(
+                    "cannot spool %d readings (%d more pending), retrying in %.2f s: %s",
+                    len(batch),
+                    len(self._pending),
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self.spooled += len(batch)
+            return batch_id
+
     async def _drain(self, spool: Spool) -> None:
+        while True:
+            try:
+                await self._drain_until_closed(spool)
+                return
+            except SpoolError as exc:
+                logger.error("spool drain: %s; retrying in 1 s", exc)
+                await asyncio.sleep(1)
+
+    async def _drain_until_closed(self, spool: Spool) -> None:
         backoff = _Backoff()
         while True:
             if self._in_flight is not None:
                 handed, self._in_flight = self._in_flight, None
                 if await self._outcome(handed.attempt) is None:
-                    await self._drained(spool, handed.batch_id, handed.readings)
+                    if handed.batch_id is None:  # it was counted lost on exit, but it made it
+                        self.published, self.lost = self.published + handed.readings, self.lost - handed.readings
+                    else:
+                        await self._drained(spool, handed.batch_id, handed.readings)
                 continue  # if it failed, the spooled copy is next in line
             if spool.batches == 0:
                 if self._closing and (self._task is None or self._task.done()):
@@ -273,7 +314,7 @@ class _InFlight:
     """A publish that outlived its timeout, handed to the drain task with the id of its spooled copy."""
 
     attempt: asyncio.Task[list[StreamId]]
-    batch_id: int
+    batch_id: int | None  # None: the spool could not take a copy either
     readings: int
 
 

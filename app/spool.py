@@ -59,7 +59,7 @@ CREATE TABLE IF NOT EXISTS batches (
 
 
 class SpoolError(Exception):
-    """The spool cannot be opened (unwritable path, or another worker owns it)."""
+    """The spool cannot be opened (unwritable path, another worker owns it) or written (disk full)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +115,8 @@ class _Store:
             size = self.bytes + len(payload) - dropped_bytes
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                self._db.execute("ROLLBACK")
             raise
         self.batches, self.readings, self.bytes = batches, readings, size
         self.dropped_batches += dropped_batches
@@ -165,7 +166,8 @@ class _Store:
             self._db.execute("DELETE FROM batches WHERE id <= ?", (last_id,))
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                self._db.execute("ROLLBACK")
             raise
         self.batches -= row[0]
         self.readings -= row[1]
@@ -258,7 +260,10 @@ class Spool:
         self.dropped = totals.dropped_readings
 
     async def _call(self, func: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, func)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, func)
+        except sqlite3.Error as exc:  # a full or failing disk: the caller decides, nothing is half-done
+            raise SpoolError(f"spool {self.path}: {exc}") from exc
 
     async def append(self, batch: Sequence[Reading]) -> int:
         """Store `batch` durably after every older batch; returns its id once committed."""

@@ -276,3 +276,39 @@ async def test_a_frozen_redis_gets_every_batch_once_and_in_order(tmp_path: Path)
     finally:
         server.process.send_signal(signal.SIGCONT)
         server.stop()
+
+
+async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("ERROR", logger="app.ingest")
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    (tmp_path / "redis").mkdir()
+    server.start()
+    try:
+        with anyio.fail_after(30):
+            async with (
+                RedisBroker.connect(server.url) as broker,
+                await Spool.open(tmp_path / "s.sqlite3") as spool,
+            ):
+
+                def limit_pages(pages: int | None) -> None:  # SQLite's own "disk is full"; on the spool's thread
+                    db = spool._store._db
+                    db.execute(f"PRAGMA max_page_count = {pages or db.execute('PRAGMA page_count').fetchone()[0]}")
+
+                async with Publisher(broker, max_batch=50, spool=spool) as publisher:
+                    server.stop()
+                    await spool._call(lambda: limit_pages(None))
+                    for start in range(0, 500, 50):
+                        await publisher.submit(batch(start, 50))
+                    await wait_until(lambda: any("cannot spool" in r.getMessage() for r in caplog.records))
+                    assert publisher.spooled < 500
+                    await spool._call(lambda: limit_pages(1_000_000))
+                    await wait_until(lambda: publisher.spooled == 500)
+                    server.start()
+                    await wait_until(lambda: publisher.published == 500)
+                found = await broker.history(TOPIC, ZERO_ID, 1000)
+        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(500)]
+        assert publisher.lost == 0
+    finally:
+        server.stop()
