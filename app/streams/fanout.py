@@ -338,6 +338,10 @@ class Hub:
                 logger.warning("gap fill of %s failed, retrying: %s", topic, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            except Exception:  # a bug must not leave the topic held for ever: its streams resume instead
+                logger.exception("gap fill of %s failed", topic)
+                self._reset(topic, state, "gap fill failed")
+                return
 
     async def _replay_gap(self, topic: Topic, state: _TopicState) -> None:
         cursor = state.last_id
