@@ -272,3 +272,42 @@ async def test_sign_in_form_then_auth_expired_asks_again_and_resumes_without_gap
         after = StreamId.parse(events[0]["id"])
         assert [e["id"] for e in events[1:]] == [i for i in published["w1"] if StreamId.parse(i) > after]
         assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_history_trimmed_while_away_gives_a_reset_then_a_fresh_snapshot(
+    browser: Browser, redis_url: str, secret: str, token
+) -> None:
+    gateway = Gateway(secret, redis_url, {"acme": ["w1"]})
+    with anyio.fail_after(45):
+        # This publisher keeps about 10 entries per well (Redis trims approximately, whole nodes).
+        async with gateway.running(), RedisBroker.connect(redis_url, 10) as publisher:
+            await publisher.publish([reading("w1", "p", 1.0)])
+            page = await open_page(browser)
+            await page.goto(f"{gateway.url}/#token={token('acme')}")
+            await expect(row(page, "w1", "p").locator(".number")).to_have_text("1", timeout=WAIT_MS)
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
+
+            await gateway.stop()
+            for batch in range(10):
+                await publisher.publish([reading("w1", "p", batch * 100 + n + 0.5) for n in range(100)])
+            await gateway.start()
+
+            await expect(row(page, "w1", "p").locator(".number")).to_have_text("999.5", timeout=20_000)
+            events = [e["event"] for e in await page.evaluate("wellstream.received")]
+            assert events[0] == "snapshot"
+            assert events[events.index("reset") + 1] == "snapshot", events
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live")
+
+
+async def test_over_http1_with_more_than_five_wells_the_page_says_to_use_http2(
+    browser: Browser, redis_url: str, secret: str, token
+) -> None:
+    wells = [f"w{n}" for n in range(8)]
+    with anyio.fail_after(30):
+        async with Gateway(secret, redis_url, {"acme": wells}).running() as gateway:
+            page = await open_page(browser)
+            await page.goto(f"{gateway.url}/#token={token('acme')}")
+            await expect(page.locator(".well")).to_have_count(8, timeout=WAIT_MS)
+            await expect(page.locator("#notice")).to_be_visible()
+            await expect(page.locator("#notice")).to_contain_text("HTTP/2")
+            assert await page.evaluate("wellstream.protocol") == "http/1.1"
