@@ -6,6 +6,9 @@
 // so a hundred wells coming back after a gateway restart do not arrive as one storm.
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 30000;
+// The first reconnect after a live stream ended is spread over this window, like the server's
+// jittered retry hint on shutdown: every dashboard on the wall comes back, but not at once.
+const RECONNECT_SPREAD_MS = 2500;
 // The whole page says Offline when no well has been live for this long (or the browser is offline).
 const OFFLINE_AFTER_MS = 15000;
 // STALE: the API gives no expected interval per tag, so it is learnt from the tag's own cadence
@@ -409,11 +412,12 @@ function onReset(well, e) {
   for (const tag of well.tags.values()) tag.points.push([tag.ts, null]);
 }
 
-function scheduleReconnect(well, retryAfterS = 0) {
+function scheduleReconnect(well, retryAfterS = 0, wasLive = false) {
   clearTimeout(well.timer);
   const base = well.backoff;
   well.backoff = Math.min(well.backoff * 2, BACKOFF_MAX_MS);
-  const delay = Math.max(retryAfterS * 1000, base / 2 + Math.random() * (base / 2));
+  const jittered = wasLive ? Math.random() * RECONNECT_SPREAD_MS : base / 2 + Math.random() * (base / 2);
+  const delay = Math.max(retryAfterS * 1000, jittered);
   setConn(well, well.conn === "offline" ? "offline" : "reconnecting");
   well.timer = setTimeout(() => connect(well), delay);
 }
@@ -493,7 +497,7 @@ function openSource(well, url) {
       // A used ticket cannot reconnect, and a CLOSED EventSource (a 502/503 from a proxy, a 401)
       // never retries: reconnect ourselves, from the last id we have.
       dropSource(well);
-      scheduleReconnect(well);
+      scheduleReconnect(well, 0, well.conn === "live");
     } else {
       setConn(well, "reconnecting"); // the browser retries by itself with Last-Event-ID
     }
