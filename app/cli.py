@@ -170,7 +170,9 @@ async def _ingest(site: Site, redis_url: str, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     history = settings.history
-    async with RedisBroker.connect(redis_url, history.max_len, history.max_age_s) as broker:
+    async with RedisBroker.connect(
+        redis_url, history.max_len, history.max_age_s, timeout_s=settings.redis.timeout_s
+    ) as broker:
         try:
             await run_ingest(site, broker, stop, environment(), spool=settings.spool)
         except SpoolError as exc:

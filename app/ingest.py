@@ -41,9 +41,10 @@ class Publisher:
     A publish that times out is not cancelled (a frozen Redis may still apply it when it wakes):
     its batch is spooled for safety and the drain task first waits for that publish's outcome,
     publishing nothing else meanwhile, and deletes the copy if it succeeded. Delivery is still
-    at least once where the outcome is unknowable: the connection broke after the script was
-    sent, the worker exited or was killed with a publish unanswered, or a SIGKILL came between
-    a drained publish and the delete of its batch. Each of these republishes one run once.
+    at least once where the outcome is unknowable: the broker's own timeout fired (the script
+    may still run when Redis wakes), the connection broke after the script was sent, the worker
+    exited or was killed with a publish unanswered, or a SIGKILL came between a drained publish
+    and the delete of its batch. Each of these republishes one run once, right after itself.
 
     On exit, what is pending is published (or spooled if the broker fails), then the spool
     is drained for up to `drain_on_exit_s` while the broker answers; the rest stays on disk.
