@@ -103,7 +103,7 @@ function compareIds(a, b) {
 function newWell(name) {
   const well = {
     name, tags: new Map(), lastId: null, source: null, timer: null, backoff: BACKOFF_FIRST_MS,
-    conn: "connecting", failingSince: null, opened: 0, state: "", connecting: false,
+    conn: "connecting", failingSince: null, opened: 0, state: "", connecting: false, backfilled: false,
   };
   well.el = buildTile(name);
   return well;
@@ -119,21 +119,26 @@ function tagOf(well, name) {
   return tag;
 }
 
-function apply(well, reading) {
+// `seed` readings (from GET /latest, before the stream's replay) give every tag a value and an
+// age at once, but no sparkline point: the replay that follows brings the points in order.
+function apply(well, reading, seed = false) {
   if (!reading || typeof reading.tagName !== "string") return;
   const tag = tagOf(well, reading.tagName);
-  const ts = Date.parse(reading.timestamp);
-  if (Number.isFinite(ts) && Number.isFinite(tag.ts) && ts > tag.ts) {
-    tag.intervals.push(ts - tag.ts);
-    if (tag.intervals.length > CADENCE_SAMPLES) tag.intervals.shift();
-  }
   tag.value = typeof reading.value === "number" ? reading.value : null;
   tag.unit = reading.unit || "";
   tag.quality = QUALITY_RANK[reading.quality] !== undefined ? reading.quality : "BAD";
-  if (Number.isFinite(ts) && !(ts < tag.ts)) {
-    tag.ts = ts;
-    tag.points.push([ts, tag.value]);
-    tag.sparkDirty = true;
+  const ts = Date.parse(reading.timestamp);
+  if (Number.isFinite(ts)) {
+    if (!(ts <= tag.ts)) tag.ts = ts;
+    const last = tag.points[tag.points.length - 1];
+    if (!seed && (!last || ts > last[0])) {
+      if (last) {
+        tag.intervals.push(ts - last[0]);
+        if (tag.intervals.length > CADENCE_SAMPLES) tag.intervals.shift();
+      }
+      tag.points.push([ts, tag.value]);
+      tag.sparkDirty = true;
+    }
   }
   dirtyTags.add(tag);
   schedule();
@@ -409,7 +414,10 @@ function onReading(well, e) {
 function onReset(well, e) {
   // History no longer reaches back to our id: a snapshot follows. The sparkline gets a gap.
   record(well, "reset", e.lastEventId);
-  for (const tag of well.tags.values()) tag.points.push([tag.ts, null]);
+  for (const tag of well.tags.values()) {
+    const last = tag.points[tag.points.length - 1];
+    if (last) tag.points.push([last[0], null]);
+  }
 }
 
 function scheduleReconnect(well, retryAfterS = 0, wasLive = false) {
@@ -438,7 +446,31 @@ async function connect(well) {
   }
 }
 
+// A fresh page starts from the latest value of every tag, then asks the stream to replay the
+// last SPARK_WINDOW_MS of history (measured on the server's clock: the newest entry's id), so
+// sparklines are full at once after a reload. Where history does not reach back that far, the
+// stream answers with reset + snapshot, which the page handles like any other.
+async function backfill(well) {
+  well.backfilled = true;
+  let latest;
+  try {
+    const response = await fetch(tenantPath(`/wells/${encodeURIComponent(well.name)}/latest`), {
+      credentials: "same-origin", headers: authHeaders(),
+    });
+    if (!response.ok) return;
+    latest = await response.json();
+  } catch {
+    return; // the stream's snapshot will do
+  }
+  if (well.lastId) return;
+  for (const reading of latest.readings || []) apply(well, reading, true);
+  const [newest] = parseId(latest.lastEventId || "0-0");
+  if (newest > SPARK_WINDOW_MS) well.lastId = `${newest - SPARK_WINDOW_MS}-0`;
+}
+
 async function connectOnce(well) {
+  if (!well.lastId && !well.backfilled) await backfill(well);
+  if (auth.signedOut) return;
   const path = tenantPath(`/wells/${encodeURIComponent(well.name)}/stream`);
   const params = new URLSearchParams();
   if (well.lastId) params.set("lastEventId", well.lastId);
