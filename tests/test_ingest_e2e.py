@@ -42,6 +42,7 @@ tags = [{{ topic = "pads/7/tubing", well = "well-01", tag = "tubing_pressure", u
 """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")} | {"WELLSTREAM_REDIS_URL": redis_url}
+    env["WELLSTREAM_SPOOL__PATH"] = str(tmp_path / "spool.sqlite3")  # never the repo's var/: runs may overlap
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "ingest", "--config", str(site), cwd=ROOT, env=env
     )

@@ -75,6 +75,7 @@ def test_ingest_registers_the_wells_publishes_and_stops_cleanly(tmp_path: Path, 
     site.write_text(SITE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
     env["WELLSTREAM_REDIS_URL"] = redis_server.url
+    env["WELLSTREAM_SPOOL__PATH"] = str(tmp_path / "spool.sqlite3")  # never the repo's var/: runs may overlap
     log = (tmp_path / "ingest.log").open("w")
     worker = subprocess.Popen(
         [sys.executable, "-m", "app", "ingest", "--config", str(site)], cwd=ROOT, env=env, stderr=log
