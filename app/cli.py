@@ -161,10 +161,10 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     if not settings.redis_url:
         sys.exit("wellstream: ingest publishes into Redis: set WELLSTREAM_REDIS_URL")
     logs.configure(args.log_level)
-    _run(_ingest(site, settings.redis_url, settings))
+    _run(_ingest(site, settings.redis_url, settings, args))
 
 
-async def _ingest(site: Site, redis_url: str, settings: Settings) -> None:
+async def _ingest(site: Site, redis_url: str, settings: Settings, args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -174,7 +174,8 @@ async def _ingest(site: Site, redis_url: str, settings: Settings) -> None:
         redis_url, history.max_len, history.max_age_s, timeout_s=settings.redis.timeout_s
     ) as broker:
         try:
-            await run_ingest(site, broker, stop, environment(), spool=settings.spool)
+            metrics = (args.metrics_host, args.metrics_port) if args.metrics_port else None
+            await run_ingest(site, broker, stop, environment(), spool=settings.spool, metrics=metrics)
         except SpoolError as exc:
             sys.exit(f"wellstream: {exc}")
 
@@ -218,6 +219,8 @@ def parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="read the site file's connections and publish into Redis")
     ingest.add_argument("--config", type=Path, default=Path("config/site.toml"))
     ingest.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ingest.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    ingest.add_argument("--metrics-host", default="127.0.0.1")
     ingest.set_defaults(func=cmd_ingest)
     token = commands.add_parser("token", help="mint a development token (HS256, WELLSTREAM_JWT_SECRET)")
     token.add_argument("--tenant", required=True, type=_id)

@@ -16,6 +16,7 @@ from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
 from app.adapters.simulator import SimulatorAdapter
 from app.errors import BrokerError
+from app.metrics import ingest_registry, serve_metrics
 from app.models import Reading, StreamId
 from app.settings import SpoolSettings
 from app.site import SimulatorConnection, Site
@@ -360,8 +361,9 @@ class ConnectionHealth:
     the last one: a connection that went quiet shows even while its adapter reconnects.
     """
 
-    def __init__(self, adapter: Adapter, sink: ReadingSink) -> None:
+    def __init__(self, adapter: Adapter, sink: ReadingSink, protocol: str = "") -> None:
         self.adapter = adapter
+        self.protocol = protocol
         self._sink = sink
         self.readings: dict[str, int] = {"GOOD": 0, "UNCERTAIN": 0, "BAD": 0}
         self.last_reading_at: float | None = None
@@ -392,8 +394,11 @@ async def run_ingest(
     credentials: Mapping[str, str],
     health_every_s: float = 30,
     spool: SpoolSettings | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> None:
     """Register the site's wells, run every adapter into one publisher until `stop`, then flush.
+
+    `metrics` (host, port): serve Prometheus /metrics there while running.
 
     With `spool` settings (enabled), batches Redis cannot take go to that local spool; the
     spool is opened before anything runs, so a locked or unwritable path fails at start
@@ -403,7 +408,7 @@ async def run_ingest(
     if spool is not None and spool.enabled:
         opened = await Spool.open(spool.path, spool.max_bytes, spool.max_readings, spool.synchronous)
     try:
-        await _run_adapters(site, broker, stop, credentials, health_every_s, opened, spool)
+        await _run_adapters(site, broker, stop, credentials, health_every_s, opened, spool, metrics)
     finally:
         if opened is not None:
             await opened.aclose()
@@ -417,6 +422,7 @@ async def _run_adapters(
     health_every_s: float,
     spool: Spool | None,
     settings: SpoolSettings | None,
+    metrics: tuple[str, int] | None,
 ) -> None:
     adapters = adapters_for(site, credentials)
     settings = settings or SpoolSettings()
@@ -424,15 +430,23 @@ async def _run_adapters(
         broker, spool=spool, publish_timeout_s=settings.publish_timeout_s, drain_on_exit_s=settings.drain_on_exit_s
     )
     async with publisher:
-        health = [ConnectionHealth(adapter, publisher) for adapter in adapters]
+        health = [
+            ConnectionHealth(adapter, publisher, connection.protocol)
+            for adapter, connection in zip(adapters, site.connections, strict=True)
+        ]
+        stop_metrics = serve_metrics(ingest_registry(health, publisher), *metrics) if metrics else None
         tasks = [asyncio.create_task(a.run(h), name=a.name) for a, h in zip(adapters, health, strict=True)]
         tasks.append(asyncio.create_task(_log_health(health, publisher, health_every_s), name="health"))
         tasks.append(asyncio.create_task(_register_wells(site, broker), name="register-wells"))
         logger.info("ingesting from %d connections", len(adapters))
-        await stop.wait()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if stop_metrics is not None:
+                await asyncio.to_thread(stop_metrics)
     logger.info(
         "ingest stopped after publishing %d readings",
         publisher.published,

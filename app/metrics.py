@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import generate_latest
+from prometheus_client import generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
@@ -20,9 +20,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from app.auth import audit
 
 if TYPE_CHECKING:
+    from app.ingest import ConnectionHealth, Publisher
     from app.streams.fanout import Hub
 
-__all__ = ["CONTENT_TYPE", "gateway_registry", "render"]
+__all__ = ["CONTENT_TYPE", "gateway_registry", "ingest_registry", "render", "serve_metrics"]
 
 # The classic text format every Prometheus (2.x too) and agent reads; our names need no escaping.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -89,3 +90,70 @@ def gateway_registry(hub: Callable[[], Hub | None]) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+class IngestCollector(Collector):
+    def __init__(self, connections: list[ConnectionHealth], publisher: Publisher) -> None:
+        self._connections = connections
+        self._publisher = publisher
+
+    def collect(self) -> Iterable[Metric]:
+        labels = ["connection", "protocol"]
+        readings = CounterMetricFamily(
+            "wellstream_ingest_readings", "Readings read from devices", labels=[*labels, "quality"]
+        )
+        connected = GaugeMetricFamily("wellstream_ingest_connected", "1 while the adapter is connected", labels=labels)
+        errors = CounterMetricFamily("wellstream_ingest_errors", "Failed connects and lost connections", labels=labels)
+        age = GaugeMetricFamily(
+            "wellstream_ingest_last_reading_age_seconds", "Time since the connection's last reading", labels=labels
+        )
+        for health in self._connections:
+            names = [health.adapter.name, health.protocol]
+            for quality, count in health.readings.items():
+                readings.add_metric([*names, quality], count)
+            report = health.report()
+            if isinstance(report["connected"], bool):
+                connected.add_metric(names, report["connected"])
+            if isinstance(report["errors"], int):
+                errors.add_metric(names, report["errors"])
+            if isinstance(report["last_reading_age_s"], float):
+                age.add_metric(names, report["last_reading_age_s"])
+        yield from (readings, connected, errors, age)
+        publisher = self._publisher
+        yield _counter("wellstream_ingest_accepted", "Readings handed to the publisher", publisher.accepted)
+        yield _counter(
+            "wellstream_ingest_published", "Readings Redis took (directly or from the spool)", publisher.published
+        )
+        yield _counter(
+            "wellstream_spool_spooled", "Readings written to the spool while Redis was down", publisher.spooled
+        )
+        yield _counter("wellstream_spool_drained", "Readings drained from the spool into Redis", publisher.drained)
+        yield _counter(
+            "wellstream_spool_dropped",
+            "Readings dropped because the spool hit its size bound (oldest first)",
+            publisher.dropped,
+        )
+        yield _counter("wellstream_ingest_lost", "Readings neither Redis nor the spool took (on exit)", publisher.lost)
+        yield GaugeMetricFamily("wellstream_spool_depth_readings", "Readings waiting in the spool", publisher.depth)
+        yield GaugeMetricFamily(
+            "wellstream_spool_depth_bytes", "Bytes of readings waiting in the spool", publisher.depth_bytes
+        )
+
+
+def ingest_registry(connections: list[ConnectionHealth], publisher: Publisher) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(IngestCollector(connections, publisher))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> Callable[[], None]:
+    """Serve /metrics from a thread (an ingest worker has no web server); returns the stop function."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop

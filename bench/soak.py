@@ -96,6 +96,7 @@ class Gateway:
             "WELLSTREAM_JWT_SECRET": secret,
             "WELLSTREAM_REDIS_URL": redis_url,
             "WELLSTREAM_REDIS__PING_INTERVAL_S": "1",
+            "WELLSTREAM_HISTORY__MAX_LEN": "10000000",
             "WELLSTREAM_STREAM__HEARTBEAT_S": "5",
             "WELLSTREAM_AUTH__LIMITS__CONNECTS_PER_S": "10000",
             "WELLSTREAM_AUTH__LIMITS__CONNECT_BURST": "10000",
@@ -267,6 +268,7 @@ def check(client: Client, log: list[StreamId]) -> dict[str, int]:
         "expected": len(expected),
         "received": len(received),
         "missing": len(set(expected) - seen),
+        "not_in_log": len(seen - set(expected)),
         "duplicates": len(received) - len(seen),
         "out_of_order": sum(1 for a, b in itertools.pairwise(received) if b <= a),
     }
@@ -290,7 +292,8 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
             stop_load, stop_chaos, stop_clients = asyncio.Event(), asyncio.Event(), asyncio.Event()
             limits = httpx.Limits(max_connections=None)
             async with (
-                RedisBroker.connect(redis_server.url, timeout_s=2) as broker,
+                # History long enough to hold the whole run, so every stream is checked from its start.
+                RedisBroker.connect(redis_server.url, max_len=10_000_000, timeout_s=2) as broker,
                 httpx.AsyncClient(timeout=httpx.Timeout(10, read=30), limits=limits) as http,
             ):
                 await broker.register_wells(TENANT, wells)

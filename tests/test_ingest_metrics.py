@@ -1,0 +1,99 @@
+"""An ingest worker's /metrics: readings by protocol and quality, and the spool through a Redis outage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, RedisServer, free_port
+
+SITE = """
+[tenants.acme]
+wells = ["well-01", "well-02"]
+
+[[connections]]
+protocol = "simulator"
+id = "sim"
+tenant = "acme"
+wells = ["well-01", "well-02"]
+interval_s = 0.05
+"""
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def eventually(port: int, check: Callable[[Samples], bool]) -> Samples:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            samples = scrape(port)
+            if check(samples):
+                return samples
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the metric never got there"
+        time.sleep(0.05)
+
+
+def metric(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return (name, tuple(sorted(labels.items())))
+
+
+def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    site = tmp_path / "site.toml"
+    site.write_text(SITE)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env |= {
+        "WELLSTREAM_REDIS_URL": redis.url,
+        "WELLSTREAM_REDIS__TIMEOUT_S": "1",
+        "WELLSTREAM_SPOOL__PATH": str(tmp_path / "spool.sqlite3"),
+        "WELLSTREAM_SPOOL__MAX_READINGS": "200",  # small, so the outage hits the bound
+    }
+    command = [sys.executable, "-m", "app", "ingest", "--config", str(site), "--metrics-port", str(port)]
+    worker = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    try:
+        good = metric("wellstream_ingest_readings_total", connection="sim", protocol="simulator", quality="GOOD")
+        first = eventually(port, lambda m: m.get(good, 0) > 20 and m[metric("wellstream_ingest_published_total")] > 0)
+        assert first[metric("wellstream_ingest_connected", connection="sim", protocol="simulator")] == 1
+        assert first[metric("wellstream_spool_depth_readings")] == 0
+
+        redis.kill()
+        down = eventually(port, lambda m: m[metric("wellstream_spool_dropped_total")] > 0)
+        assert down[metric("wellstream_spool_spooled_total")] > 200
+        assert 0 < down[metric("wellstream_spool_depth_readings")] <= 200 + 40  # one batch may overshoot
+
+        redis.start()
+        back = eventually(port, lambda m: m[metric("wellstream_spool_depth_readings")] == 0)
+        assert back[metric("wellstream_spool_drained_total")] > 0
+        assert back[metric("wellstream_ingest_published_total")] > first[metric("wellstream_ingest_published_total")]
+        assert back[metric("wellstream_ingest_lost_total")] == 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(15)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            redis.stop()
+    assert worker.returncode == 0
