@@ -23,7 +23,9 @@ async def test_access_lines_have_path_and_status_but_no_query_token_or_ticket(
         async with running_gateway(make_settings(secret)) as gateway, httpx.AsyncClient() as client:
             headers = {"Authorization": f"Bearer {bearer}"}
             assert (await client.get(gateway.url + "/healthz?access_token=querysecret123")).status_code == 200
-            issued = await client.post(gateway.url + "/tenants/acme/stream-tickets", headers=headers, json={"wells": ["w1"]})
+            issued = await client.post(
+                gateway.url + "/tenants/acme/stream-tickets", headers=headers, json={"wells": ["w1"]}
+            )
             assert issued.status_code == 200
             ticket = issued.json()["ticket"]
             missing = await client.get(
