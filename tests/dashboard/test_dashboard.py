@@ -10,11 +10,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, Locator, Page, expect
 
 from app.models import StreamId
 from app.streams.redis import RedisBroker
@@ -28,11 +27,11 @@ pytestmark = pytest.mark.anyio
 WAIT_MS = 10_000  # generous bound for "values within a second": the machine is shared
 
 
-def tile(page: Page, well: str) -> Any:
+def tile(page: Page, well: str) -> Locator:
     return page.locator(f'.well[data-well="{well}"]')
 
 
-def row(page: Page, well: str, tag: str) -> Any:
+def row(page: Page, well: str, tag: str) -> Locator:
     return page.locator(f'.well[data-well="{well}"] .tag[data-tag="{tag}"]')
 
 
@@ -258,13 +257,14 @@ async def test_sign_in_form_then_auth_expired_asks_again_and_resumes_without_gap
             await expect(page.locator("#sign-in")).to_be_visible(timeout=WAIT_MS)
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Signed out")
 
-            await page.fill("#sign-in-token", token("acme", ttl_s=3))
+            # Short enough to expire during the test, long enough to outlast a slow sign-in on a busy machine.
+            await page.fill("#sign-in-token", token("acme", ttl_s=6))
             await page.click("#sign-in button[type=submit]")
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
             await expect(page.locator("#sign-in")).to_be_hidden()
 
             # The stream ends with auth-expired; the page's fresh attempt is refused (401): sign in again.
-            await expect(page.locator("#sign-in")).to_be_visible(timeout=15_000)
+            await expect(page.locator("#sign-in")).to_be_visible(timeout=20_000)
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Signed out")
             await expect(page.locator("#sign-in-reason")).to_contain_text("Sign in again")
             seen = await page.evaluate("wellstream.received.length")
