@@ -49,7 +49,7 @@ const dirtyTags = new Set();
 const dirtyWells = new Set();
 let frame = 0;
 
-// Read by the browser tests; small and bounded.
+// Read by the browser tests and handy in the console; every list is bounded.
 const debug = {
   received: [], // {well, event, id} for every snapshot, reading and reset, in arrival order
   indicator: [], // {state, at} on every change of the page's connection indicator
