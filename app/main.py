@@ -12,6 +12,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -57,6 +58,16 @@ class GatewayApp(Starlette):
 
     async def starlette(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
+
+
+class DashboardFiles(StaticFiles):
+    """static/, revalidated on every load (ETag: a 304 when unchanged), so a wall screen that
+    reloads picks up a new dashboard.js instead of a heuristically cached one."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 @dataclass
@@ -133,7 +144,7 @@ def create_app(
 
     routes: list[BaseRoute] = list(ROUTES)
     if settings.static_dir.is_dir():
-        routes.append(Mount("/", StaticFiles(directory=settings.static_dir, html=True), name="static"))
+        routes.append(Mount("/", DashboardFiles(directory=settings.static_dir, html=True), name="static"))
     middleware = [Middleware(CORSMiddleware, **cors_options(settings))] if settings.auth.cors_origins else []
     app = GatewayApp(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
     app.other_app = AccessLog(app.starlette) if settings.server.access_log else app.starlette
