@@ -228,24 +228,48 @@ async def serve_until(
     (a proxy's retry then goes to another gateway); the drain runs while Hypercorn waits up to
     graceful_timeout for the open connections, which the drained streams end.
     """
-    draining: asyncio.Task[None] | None = None
+    config = hypercorn_config(settings, host, port, hypercorn_toml)
+    shutdown: list[asyncio.Task[None]] = []
 
     async def shutdown_trigger() -> None:
-        nonlocal draining
         await stop.wait()
         logger.info("shutting down: no new connections, draining streams")
-        draining = asyncio.create_task(drain(app, settings.stream.shutdown_grace_s))
+        shutdown.append(asyncio.create_task(drain(app, settings.stream.shutdown_grace_s)))
+        shutdown.append(asyncio.create_task(_abort_stuck_connections(config.graceful_timeout + 1)))
 
-    config = hypercorn_config(settings, host, port, hypercorn_toml)
     logger.info("serving on %s", ", ".join(_urls(config)))
     try:
         await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
     finally:
-        if draining is not None:
-            if not draining.done():
-                draining.cancel()
+        for task in shutdown:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await draining
+                await task
+
+
+async def _abort_stuck_connections(after_s: float) -> None:
+    """Abort the connections still open `after_s` into a shutdown, so the process exits.
+
+    Hypercorn waits for every connection to close before it finishes (uvloop's Server.wait_closed
+    waits for them), and closing a TLS connection waits up to 30 s for the peer's close_notify,
+    which a vanished client, or one that keeps an idle connection without reading, never sends.
+    Their streams have ended by now. Hypercorn keeps no list of its connections, so they are
+    found as its `_server_callback(reader, writer)` tasks (checked against Hypercorn 0.18; if
+    that changes, nothing is aborted and the exit waits as before).
+    """
+    await asyncio.sleep(after_s)
+    aborted = 0
+    for task in asyncio.all_tasks():
+        coro = task.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        if frame is None or not getattr(coro, "__qualname__", "").endswith("._server_callback"):
+            continue
+        writer = frame.f_locals.get("writer")
+        if isinstance(writer, asyncio.StreamWriter):
+            writer.transport.abort()
+            aborted += 1
+    if aborted:
+        logger.warning("aborted %d connections still open %.0f s into the shutdown", aborted, after_s)
 
 
 def _urls(config: Config) -> list[str]:

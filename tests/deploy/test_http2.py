@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import ssl
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 from app.devcert import DevCert
 from app.streams.redis import RedisBroker
 from tests.conftest import ROOT, free_port
-from tests.deploy.processes import CONFIG, gateway, gateway_env, render
+from tests.deploy.processes import CONFIG, Gateway, gateway, gateway_env, render
 from tests.factories import make_reading
 from tests.sse_client import SSEReader
 
@@ -29,8 +30,10 @@ WELLS = [f"h2-{n:02d}" for n in range(50)]
 
 
 @contextlib.asynccontextmanager
-async def tls_gateway(secret: str, redis_url: str, dev_cert: DevCert, workdir: Path) -> AsyncIterator[tuple[str, str]]:
-    """A gateway serving config/hypercorn.toml (ports and certificate swapped): (https URL, http URL)."""
+async def tls_gateway(
+    secret: str, redis_url: str, dev_cert: DevCert, workdir: Path
+) -> AsyncIterator[tuple[str, str, Gateway]]:
+    """A gateway serving config/hypercorn.toml (ports and certificate swapped): (https URL, http URL, process)."""
     tls_port, plain_port = free_port(), free_port()
     toml = workdir / "hypercorn.toml"
     replacements = {
@@ -41,9 +44,10 @@ async def tls_gateway(secret: str, redis_url: str, dev_cert: DevCert, workdir: P
     }
     toml.write_text(render(CONFIG / "hypercorn.toml", replacements))
     env = gateway_env(secret, redis_url, WELLSTREAM_WELLS=json.dumps({"acme": WELLS}))
+    env["WELLSTREAM_STREAM__SHUTDOWN_GRACE_S"] = "1"
     plain = f"http://127.0.0.1:{plain_port}"
-    async with gateway(["--hypercorn-config", str(toml)], env, plain + "/readyz"):
-        yield f"https://127.0.0.1:{tls_port}", plain
+    async with gateway(["--hypercorn-config", str(toml)], env, plain + "/readyz") as process:
+        yield f"https://127.0.0.1:{tls_port}", plain, process
 
 
 def established_connections(port: int) -> int:
@@ -58,9 +62,9 @@ async def test_fifty_streams_of_fifty_wells_flow_over_one_tls_connection(
     secret: str, token, redis_url: str, dev_cert: DevCert, tls_context: ssl.SSLContext, tmp_path
 ) -> None:
     headers = {"Authorization": f"Bearer {token('acme')}"}
-    with anyio.fail_after(40):
+    with anyio.fail_after(25):
         async with (
-            tls_gateway(secret, redis_url, dev_cert, tmp_path) as (https, _),
+            tls_gateway(secret, redis_url, dev_cert, tmp_path) as (https, _, served),
             httpx.AsyncClient(base_url=https, http2=True, verify=tls_context, timeout=20) as client,
             RedisBroker.connect(redis_url) as publisher,
             contextlib.AsyncExitStack() as stack,
@@ -78,10 +82,17 @@ async def test_fifty_streams_of_fifty_wells_flow_over_one_tls_connection(
                 await reader.next_event("snapshot")
             ids = await publisher.publish([make_reading(float(n), well=well) for n, well in enumerate(WELLS)])
             events = await asyncio.gather(*(reader.next_event("reading") for reader in readers))
+            # SIGTERM: every stream on the connection ends with a goodbye, and the process exits,
+            # even though this client, unlike a browser, leaves the TLS connection open (the
+            # gateway must not wait 30 s for its close_notify: see fail_after).
+            served.process.send_signal(signal.SIGTERM)
+            endings = await asyncio.gather(*(reader.collect() for reader in readers))
+            assert await served.process.wait() == 0
     assert [(event.json()["wellId"], event.json()["value"]) for event in events] == [
         (well, float(n)) for n, well in enumerate(WELLS)
     ]
     assert [event.id for event in events] == [str(stream_id) for stream_id in ids]
+    assert all(blocks[-1].retry is not None and "shutting down" in " ".join(blocks[-1].comments) for blocks in endings)
 
 
 async def test_the_cleartext_port_speaks_http1_and_h2c(secret: str, token, redis_url: str, dev_cert: DevCert, tmp_path):
@@ -89,7 +100,7 @@ async def test_the_cleartext_port_speaks_http1_and_h2c(secret: str, token, redis
     path = f"/tenants/acme/wells/{WELLS[0]}/stream"
     with anyio.fail_after(30):
         async with (
-            tls_gateway(secret, redis_url, dev_cert, tmp_path) as (_, plain),
+            tls_gateway(secret, redis_url, dev_cert, tmp_path) as (_, plain, _),
             httpx.AsyncClient(base_url=plain, timeout=10) as h1,
             httpx.AsyncClient(base_url=plain, http1=False, http2=True, timeout=10) as h2c,
             h1.stream("GET", path, headers=headers) as over_h1,
@@ -99,6 +110,22 @@ async def test_the_cleartext_port_speaks_http1_and_h2c(secret: str, token, redis
             assert (over_h2c.status_code, over_h2c.http_version) == (200, "HTTP/2")
             for response in (over_h1, over_h2c):
                 assert (await SSEReader(response).next_event("snapshot")).json()["wellId"] == WELLS[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hypercorn-config", "no/such.toml"], "existing file"),
+        (["--server", "uvicorn", "--hypercorn-config", "config/hypercorn.toml"], "--server hypercorn"),
+    ],
+)
+def test_serve_refuses_a_hypercorn_config_it_cannot_use(secret: str, args: list[str], message: str) -> None:
+    env = gateway_env(secret, "")
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
 
 
 def test_dev_cert_writes_a_ca_a_server_certificate_and_a_private_key_only_its_owner_reads(tmp_path) -> None:
