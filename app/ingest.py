@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
 from app.adapters.simulator import SimulatorAdapter
 from app.errors import BrokerError
 from app.metrics import ingest_registry, serve_metrics
-from app.models import Reading, StreamId
+from app.models import Origin, Reading, StreamId
 from app.settings import SpoolSettings
 from app.site import SimulatorConnection, Site
 from app.spool import Spool, SpoolError
@@ -41,11 +42,12 @@ class Publisher:
     capped) while it cannot; it starts at once, so a spool left by a previous run drains first.
     A publish that times out is not cancelled (a frozen Redis may still apply it when it wakes):
     its batch is spooled for safety and the drain task first waits for that publish's outcome,
-    publishing nothing else meanwhile, and deletes the copy if it succeeded. Delivery is still
-    at least once where the outcome is unknowable: the broker's own timeout fired (the script
-    may still run when Redis wakes), the connection broke after the script was sent, the worker
-    exited or was killed with a publish unanswered, or a SIGKILL came between a drained publish
-    and the delete of its batch. Each of these republishes one run once, right after itself.
+    publishing nothing else meanwhile, and deletes the copy if it succeeded. Where the outcome
+    cannot be known (the broker's own timeout fired while the script waited in Redis, the
+    connection broke after the script was sent, a SIGKILL between a drained publish and the
+    delete of its batch) the batch is published again, and the broker skips what it already
+    applied: every batch carries its `Origin` (this publisher's id and a seq per reading, kept
+    with the spooled copy), so each reading lands in the stream log once.
 
     On exit, what is pending is published (or spooled if the broker fails), then the spool
     is drained for up to `drain_on_exit_s` while the broker answers; the rest stays on disk.
@@ -82,6 +84,9 @@ class Publisher:
         self._drainer: asyncio.Task[None] | None = None
         self._in_flight: _InFlight | None = None
         self._closing = False
+        # Every reading gets the next seq of this publisher: a batch sent twice lands once (Origin).
+        self._producer = secrets.token_hex(8)
+        self._next_seq = 1
         self.accepted = 0
         self.published = 0
         self.spooled = 0
@@ -162,17 +167,19 @@ class Publisher:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+            origin = Origin(self._producer, tuple(range(self._next_seq, self._next_seq + len(batch))))
+            self._next_seq += len(batch)
             if self._spool is None:
-                await self._publish(batch)
+                await self._publish(batch, origin)
             else:
-                await self._publish_or_spool(self._spool, batch)
+                await self._publish_or_spool(self._spool, batch, origin)
         self._has_room.set()
 
-    async def _publish(self, batch: list[Reading]) -> None:
+    async def _publish(self, batch: list[Reading], origin: Origin) -> None:
         backoff = 0.05
         while True:
             try:
-                await self._broker.publish(batch)
+                await self._broker.publish(batch, origin)
                 self.published += len(batch)
                 return
             except BrokerError as exc:
@@ -180,11 +187,11 @@ class Publisher:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def _publish_or_spool(self, spool: Spool, batch: list[Reading]) -> None:
+    async def _publish_or_spool(self, spool: Spool, batch: list[Reading], origin: Origin) -> None:
         # The spool only grows here, so when it is empty and nothing is in flight no older batch
         # is waiting: publishing directly cannot overtake one.
         if spool.batches == 0 and self._in_flight is None:
-            attempt = asyncio.create_task(self._broker.publish(batch), name="publish")
+            attempt = asyncio.create_task(self._broker.publish(batch, origin), name="publish")
             try:
                 await asyncio.wait({attempt}, timeout=self._publish_timeout_s)
             except asyncio.CancelledError:
@@ -196,7 +203,7 @@ class Publisher:
                 logger.warning(
                     "publish of %d readings unanswered after %.1f s: spooling", len(batch), self._publish_timeout_s
                 )
-                batch_id = await self._append(spool, batch)
+                batch_id = await self._append(spool, batch, origin)
                 self._in_flight = _InFlight(attempt, batch_id, len(batch))
                 self._spool_filled.set()
                 return
@@ -207,17 +214,17 @@ class Publisher:
             if not isinstance(failure, BrokerError):
                 raise failure
             logger.warning("publish of %d readings failed, spooling until the broker is back: %s", len(batch), failure)
-        await self._append(spool, batch)
+        await self._append(spool, batch, origin)
         self._spool_filled.set()
 
-    async def _append(self, spool: Spool, batch: list[Reading]) -> int | None:
+    async def _append(self, spool: Spool, batch: list[Reading], origin: Origin) -> int | None:
         # An unwritable spool (disk full) holds the batch here and retries: readings then wait
         # in memory, and adapters feel backpressure at `max_pending`, as without a spool. On
         # exit there is nowhere left to keep them: they are counted as lost, and the exit is prompt.
         backoff = _Backoff()
         while True:
             try:
-                batch_id = await spool.append(batch)
+                batch_id = await spool.append(batch, origin)
             except SpoolError as exc:
                 if self._closing:
                     logger.error(
@@ -268,7 +275,9 @@ class Publisher:
             run = await spool.peek(self._max_batch)
             if run is None:
                 continue
-            failure = await self._outcome(asyncio.create_task(self._broker.publish(run.readings), name="drain"))
+            failure = await self._outcome(
+                asyncio.create_task(self._broker.publish(run.readings, run.origin), name="drain")
+            )
             if failure is None:
                 await self._drained(spool, run.last_id, len(run.readings))
                 if backoff.failures or spool.batches == 0:

@@ -148,6 +148,25 @@ class StreamId:
 
 ZERO_ID = StreamId(0, 0)
 
+_PRODUCER_RE = re.compile(r"[0-9a-f]{8,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who published a batch, and each reading's place in that producer's sequence.
+
+    A broker applies a reading only if its `seq` is above the highest it applied for the
+    producer, so a batch sent twice (a reply lost to a timeout, a worker killed between
+    publishing a spooled batch and deleting it) lands once. Seqs grow in publish order.
+    """
+
+    producer: str
+    seqs: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not _PRODUCER_RE.fullmatch(self.producer):
+            raise ValueError("producer must be 8-64 lowercase hex digits")
+
 
 @dataclass(frozen=True, slots=True)
 class Topic:

@@ -10,7 +10,8 @@ cache. `synchronous` decides what survives a power cut or kernel crash:
   The spool only writes while the broker is down, so the fsync is paid during an outage,
   never on the normal path, and a site that loses Redis often loses power next.
 - `NORMAL` fsyncs only at checkpoints: cheaper on slow flash, but a power cut can lose the
-  last transactions (appends, or deletes, which then republish a batch after restart).
+  last transactions (appends; or deletes, whose batches are then published again and
+  skipped by Redis, which knows their origin).
 
 Bounded by `max_bytes` of payload (and optionally `max_readings`). When an append would pass
 the bound, the OLDEST batches are dropped, counted in `dropped` / `dropped_batches` and
@@ -42,7 +43,7 @@ from typing import Literal, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from app.models import Reading
+from app.models import Origin, Reading
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY,  -- rowid: max + 1 on insert, so ascending id is arrival order
     readings INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
-    payload BLOB NOT NULL    -- JSON array of readings in the wire format
+    payload BLOB NOT NULL,   -- JSON array of readings in the wire format
+    producer TEXT,           -- the batch's Origin: the publisher that made it...
+    seq INTEGER              -- ...and its first reading's seq (the others follow, one each)
 )
 """
 
@@ -64,10 +67,12 @@ class SpoolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SpooledRun:
-    """Consecutive spooled batches, oldest first, and the id of the last one (for `delete_through`)."""
+    """Consecutive spooled batches of one producer, oldest first, and the id of the last one
+    (for `delete_through`). `origin` lets the broker skip what an earlier attempt applied."""
 
     last_id: int
     readings: list[Reading]
+    origin: Origin | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,10 @@ class _Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
+        for column, kind in (("producer", "TEXT"), ("seq", "INTEGER")):  # a spool from before origins
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE batches ADD COLUMN {column} {kind}")
         row = self._db.execute("SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(bytes), 0) FROM batches")
         self.batches, self.readings, self.bytes = row.fetchone()
         self.dropped_batches = 0
@@ -97,11 +106,12 @@ class _Store:
     def totals(self) -> _Totals:
         return _Totals(self.batches, self.readings, self.bytes, self.dropped_batches, self.dropped_readings)
 
-    def append(self, count: int, payload: bytes) -> tuple[_Totals, int]:
+    def append(self, count: int, payload: bytes, producer: str | None, seq: int | None) -> tuple[_Totals, int]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             cursor = self._db.execute(
-                "INSERT INTO batches (readings, bytes, payload) VALUES (?, ?, ?)", (count, len(payload), payload)
+                "INSERT INTO batches (readings, bytes, payload, producer, seq) VALUES (?, ?, ?, ?, ?)",
+                (count, len(payload), payload, producer, seq),
             )
             newest = cursor.lastrowid
             assert newest is not None
@@ -144,12 +154,14 @@ class _Store:
     def _over(self, readings: int, size: int) -> bool:
         return size > self._max_bytes or (self._max_readings is not None and readings > self._max_readings)
 
-    def peek(self, max_readings: int) -> list[tuple[int, int, bytes]]:
-        rows: list[tuple[int, int, bytes]] = []
+    def peek(self, max_readings: int) -> list[tuple[int, int, bytes, str | None, int | None]]:
+        rows: list[tuple[int, int, bytes, str | None, int | None]] = []
         total = 0
-        cursor = self._db.execute("SELECT id, readings, payload FROM batches ORDER BY id")
+        cursor = self._db.execute("SELECT id, readings, payload, producer, seq FROM batches ORDER BY id")
         try:  # one row at a time: a long outage's spool never comes into memory whole
             while (row := cursor.fetchone()) is not None and not (rows and total + row[1] > max_readings):
+                if rows and row[3] != rows[0][3]:
+                    break  # one publish carries one producer's seqs
                 rows.append(row)
                 total += row[1]
         finally:
@@ -265,11 +277,15 @@ class Spool:
         except sqlite3.Error as exc:  # a full or failing disk: the caller decides, nothing is half-done
             raise SpoolError(f"spool {self.path}: {exc}") from exc
 
-    async def append(self, batch: Sequence[Reading]) -> int:
-        """Store `batch` durably after every older batch; returns its id once committed."""
+    async def append(self, batch: Sequence[Reading], origin: Origin | None = None) -> int:
+        """Store `batch` durably after every older batch; returns its id once committed.
+
+        `origin` must number the batch's readings consecutively (seq, seq + 1, ...).
+        """
         payload = b"[" + b",".join(reading.to_json() for reading in batch) + b"]"
+        producer, seq = (origin.producer, origin.seqs[0]) if origin is not None and origin.seqs else (None, None)
         dropped_before = self.dropped
-        totals, batch_id = await self._call(lambda: self._store.append(len(batch), payload))
+        totals, batch_id = await self._call(lambda: self._store.append(len(batch), payload, producer, seq))
         self._set(totals)
         if totals.dropped_readings > dropped_before:
             self._warn_dropped()
@@ -297,8 +313,9 @@ class Spool:
             if not rows:
                 return None
             readings: list[Reading] = []
+            seqs: list[int] = []
             last_id = None
-            for row_id, count, payload in rows:
+            for row_id, count, payload, _producer, first_seq in rows:
                 try:
                     decoded = [Reading.model_validate(raw) for raw in orjson.loads(payload)]
                 except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
@@ -310,9 +327,13 @@ class Spool:
                     self._set(await self._call(lambda row_id=row_id: self._store.discard(row_id)))  # type: ignore[misc]
                     break
                 readings += decoded
+                if first_seq is not None:
+                    seqs += range(first_seq, first_seq + len(decoded))
                 last_id = row_id
             if last_id is not None:
-                return SpooledRun(last_id, readings)
+                producer = rows[0][3]
+                origin = Origin(producer, tuple(seqs)) if producer is not None and len(seqs) == len(readings) else None
+                return SpooledRun(last_id, readings, origin)
 
     async def delete_through(self, last_id: int) -> None:
         """Forget every batch up to and including `last_id` (they reached the broker)."""

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from app.ingest import Publisher
-from app.models import ZERO_ID, Reading, Topic
+from app.models import ZERO_ID, Origin, Reading, Topic
 from app.spool import Spool, SpoolError
 from app.streams.redis import RedisBroker
 from tests.conftest import ROOT, RedisServer, wait_until
@@ -276,6 +276,52 @@ async def test_a_frozen_redis_gets_every_batch_once_and_in_order(tmp_path: Path)
     finally:
         server.process.send_signal(signal.SIGCONT)
         server.stop()
+
+
+async def test_a_freeze_longer_than_the_redis_timeout_still_stores_every_batch_once(tmp_path: Path) -> None:
+    # The client gives up (timeout_s) while its script waits in the frozen Redis, which runs
+    # it on SIGCONT; the spooled copy then carries the same origin, and Redis skips it.
+    server = RedisServer(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    server.start()
+    assert server.process is not None
+    try:
+        with anyio.fail_after(30):
+            async with (
+                RedisBroker.connect(server.url, timeout_s=0.3) as broker,
+                await Spool.open(tmp_path / "s.sqlite3") as spool,
+            ):
+                publisher = Publisher(broker, max_batch=50, spool=spool, publish_timeout_s=0.2)
+                async with publisher:
+                    await publisher.submit(batch(0, 20))
+                    await wait_until(lambda: publisher.published >= 20)
+                    server.process.send_signal(signal.SIGSTOP)
+                    for start in range(20, 200, 5):
+                        await publisher.submit(batch(start, 5))
+                        await asyncio.sleep(0.02)
+                    await wait_until(lambda: spool.readings >= 150)
+                    server.process.send_signal(signal.SIGCONT)
+                    await wait_until(lambda: publisher.published >= 200 and spool.readings == 0)
+                found = await broker.history(TOPIC, ZERO_ID, 1000)
+        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(200)]
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()
+
+
+async def test_runs_keep_one_producer_and_its_seqs(tmp_path: Path) -> None:
+    async with await Spool.open(tmp_path / "s.sqlite3") as spool:
+        await spool.append(batch(0, 2), Origin("aaaaaaaa", (1, 2)))
+        await spool.append(batch(2, 2), Origin("aaaaaaaa", (3, 4)))
+        await spool.append(batch(4, 1), Origin("bbbbbbbb", (1,)))
+        first = await spool.peek(100)
+        assert first is not None
+        assert first.origin == Origin("aaaaaaaa", (1, 2, 3, 4))
+        assert values(first.readings) == [0.0, 1.0, 2.0, 3.0]
+        await spool.delete_through(first.last_id)
+        second = await spool.peek(100)
+        assert second is not None
+        assert second.origin == Origin("bbbbbbbb", (1,))
 
 
 async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_again(

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import orjson
 
-from app.models import History, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.models import History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
 from app.streams.sse import single_line_json
 
 Deliver = Callable[[Topic, StreamEvent], None]
@@ -80,8 +80,12 @@ class Broker(Protocol):
       entry newer than `id` was trimmed, or when `id` is newer than anything ever written.
     """
 
-    async def publish(self, readings: Sequence[Reading]) -> list[StreamId]:
-        """Store and announce a batch; returns the ids in input order."""
+    async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:
+        """Store and announce a batch; returns the ids in input order.
+
+        With an `origin`, readings whose seq the producer already had applied are skipped
+        (they get no id): publishing the same batch twice stores it once.
+        """
 
     async def snapshot(self, topic: Topic) -> Snapshot:
         """Latest reading per tag, consistent with the id of the newest entry."""

@@ -11,7 +11,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from app.models import ZERO_ID, History, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.models import ZERO_ID, History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
 from app.streams.broker import Deliver, LiveFeed, epoch_s
 
 
@@ -65,9 +65,16 @@ class MemoryBroker:
         self._wells: dict[str, set[str]] = defaultdict(set)
         self._tickets: dict[str, tuple[bytes, float]] = {}
         self._leases: dict[str, dict[str, float]] = defaultdict(dict)
+        self._applied: dict[str, int] = {}  # producer -> highest seq applied (see Origin)
         self.feeds: set[_MemoryFeed] = set()
 
-    async def publish(self, readings: Sequence[Reading]) -> list[StreamId]:
+    async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:
+        if origin is not None:
+            if len(origin.seqs) != len(readings):
+                raise ValueError("an origin needs one seq per reading")
+            applied = self._applied.get(origin.producer, -1)
+            readings = [r for r, seq in zip(readings, origin.seqs, strict=True) if seq > applied]
+            self._applied[origin.producer] = max((applied, *origin.seqs))
         stored = [self._append(reading) for reading in readings]
         for topic, event in stored:
             for feed in self.feeds:

@@ -6,6 +6,8 @@ Per (tenant, well), keys share the hash tag `{tenant/well}` so they sit on one C
 - `scada:{t/w}:latest` Hash, tag -> latest reading JSON;
 - `scada:{t}:wells`    Set of the tenant's wells (configured, and what ingestion saw);
 - `scada:ticket:<sha256 of a ticket>`  single-use stream ticket, with a TTL;
+- `scada:producer:<id>`  highest reading seq applied for an ingest worker run (see Origin),
+                        so a batch sent twice lands once; expires 30 days after its last batch;
 - channel `scada:readings:<t>:<w>`, message `<stream id> <reading JSON>`.
 XADD, HSET, SADD and PUBLISH happen in the same script, so history and live never disagree.
 """
@@ -26,11 +28,13 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
 from app.errors import BrokerError
-from app.models import History, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.models import History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
 from app.streams.broker import Deliver, LiveFeed, decode_event
 
 logger = logging.getLogger(__name__)
 
+# ARGV: maxlen, age_ms, producer ('' = no dedupe), then per reading: well, tag, channel, json, seq.
+# KEYS: per reading log, latest, wells; then the producer's key when there is a producer.
 _PUBLISH = """
 local maxlen, age_ms = ARGV[1], tonumber(ARGV[2])
 local minid = nil
@@ -38,17 +42,30 @@ if age_ms > 0 then
   local t = redis.call('TIME')
   minid = (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - age_ms) .. '-0'
 end
-local ids = {}
-for i = 0, (#KEYS / 3) - 1 do
-  local log, latest, wells = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local well, tag, channel, json = ARGV[4 * i + 3], ARGV[4 * i + 4], ARGV[4 * i + 5], ARGV[4 * i + 6]
-  local id = redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'r', json)
-  if minid then redis.call('XTRIM', log, 'MINID', '~', minid) end
-  redis.call('HSET', latest, tag, json)
-  redis.call('SADD', wells, well)
-  redis.call('PUBLISH', channel, id .. ' ' .. json)
-  ids[#ids + 1] = id
+local n = #KEYS
+local producer, applied = nil, -1
+if ARGV[3] ~= '' then
+  producer = KEYS[n]
+  n = n - 1
+  applied = tonumber(redis.call('GET', producer) or '-1')
 end
+local top = applied
+local ids = {}
+for i = 0, (n / 3) - 1 do
+  local seq = tonumber(ARGV[5 * i + 8])
+  if producer == nil or seq > applied then
+    local log, latest, wells = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+    local well, tag, channel, json = ARGV[5 * i + 4], ARGV[5 * i + 5], ARGV[5 * i + 6], ARGV[5 * i + 7]
+    local id = redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'r', json)
+    if minid then redis.call('XTRIM', log, 'MINID', '~', minid) end
+    redis.call('HSET', latest, tag, json)
+    redis.call('SADD', wells, well)
+    redis.call('PUBLISH', channel, id .. ' ' .. json)
+    ids[#ids + 1] = id
+    if seq > top then top = seq end
+  end
+end
+if producer and top > applied then redis.call('SET', producer, top, 'EX', 2592000) end
 return ids
 """
 
@@ -109,6 +126,11 @@ def wells_key(tenant: str) -> str:
 
 def lease_key(key: str) -> str:
     return f"scada:lease:{key}"
+
+
+def producer_key(producer: str) -> str:
+    """The highest seq applied for an ingest producer (expires 30 days after its last batch)."""
+    return f"scada:producer:{producer}"
 
 
 def ticket_key(key: str) -> str:
@@ -188,15 +210,20 @@ class RedisBroker:
         finally:
             await broker.aclose()
 
-    async def publish(self, readings: Sequence[Reading]) -> list[StreamId]:
+    async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:
         if not readings:
             return []
+        seqs = origin.seqs if origin is not None else (0,) * len(readings)
+        if len(seqs) != len(readings):
+            raise ValueError("an origin needs one seq per reading")
         keys: list[str] = []
-        args: list[str | bytes | int] = [self._max_len, self._max_age_ms]
-        for reading in readings:
+        args: list[str | bytes | int] = [self._max_len, self._max_age_ms, origin.producer if origin else ""]
+        for reading, seq in zip(readings, seqs, strict=True):
             topic = Topic(reading.tenant_id, reading.well_id)
             keys += [log_key(topic), latest_key(topic), wells_key(topic.tenant)]
-            args += [reading.well_id, reading.tag_name, channel_name(topic), reading.to_json()]
+            args += [reading.well_id, reading.tag_name, channel_name(topic), reading.to_json(), seq]
+        if origin is not None:
+            keys.append(producer_key(origin.producer))
         with _redis_errors("publish"):
             ids = await self._publish_script(keys=keys, args=args)
         return [StreamId.parse(raw.decode()) for raw in ids]

@@ -11,7 +11,7 @@ import anyio
 import pytest
 import redis
 
-from app.models import ZERO_ID, Reading, StreamEvent, StreamId, Topic
+from app.models import ZERO_ID, Origin, Reading, StreamEvent, StreamId, Topic
 from app.streams.broker import Broker
 from app.streams.memory import MemoryBroker
 from app.streams.redis import RedisBroker, channel_name, latest_key, log_key
@@ -209,3 +209,25 @@ async def test_a_lease_that_is_not_renewed_stops_counting(kind: str, url: str) -
             assert await broker.acquire_lease(counters, "g1:1", ttl_s=30) == 0
             await asyncio.sleep(0.7)
             assert await broker.acquire_lease(counters, "g1:1", ttl_s=30) is None
+
+
+async def test_a_batch_published_twice_with_its_origin_is_stored_once(kind: str, url: str) -> None:
+    topic = Topic("acme", "w1")
+    first, other = Origin("a1b2c3d4", (1, 2, 3)), Origin("ffff0000", (1, 2, 3))
+    with anyio.fail_after(5):
+        async with open_broker(kind, url) as broker:
+            batch = [reading(float(i)) for i in range(3)]
+            assert len(await broker.publish(batch, first)) == 3
+            assert await broker.publish(batch, first) == [], "a retry of the same batch adds nothing"
+            # A retry merged with newer readings: only the new ones land, in order.
+            more = [*batch, reading(3.0), reading(4.0)]
+            assert len(await broker.publish(more, Origin("a1b2c3d4", (1, 2, 3, 4, 5)))) == 2
+            assert len(await broker.publish(batch, other)) == 3, "producers are independent"
+            assert len(await broker.publish(batch)) == 3, "without an origin nothing is skipped"
+            found = await broker.history(topic, ZERO_ID, 100)
+            values = [Reading.from_json(e.data).value for e in found.events]
+            assert values == [0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0]
+            with pytest.raises(ValueError, match="one seq per reading"):
+                await broker.publish(batch, Origin("a1b2c3d4", (9,)))
+    with pytest.raises(ValueError, match="hex"):
+        Origin("not-hex!", (1,))
