@@ -56,7 +56,7 @@ async def test_events_arrive_one_by_one_over_http1_and_http2(
     headers = {"Authorization": f"Bearer {token('acme')}"}
     with anyio.fail_after(40):
         async with (
-            two_gateways_behind(proxy_name, secret, redis_url, dev_cert, tmp_path) as (proxy, _),
+            two_gateways_behind(proxy_name, secret, redis_url, dev_cert, tmp_path) as (proxy, gateways),
             clients(proxy, tls_context) as (h1, h2),
             RedisBroker.connect(redis_url) as publisher,
             h1.stream("GET", PATH, headers=headers) as over_h1,
@@ -75,6 +75,10 @@ async def test_events_arrive_one_by_one_over_http1_and_http2(
                 for reader in readers:
                     event = await reader.next_event("reading")
                     assert (event.id, event.json()["value"]) == (str(stream_id), value)
+            # Metrics are scraped from each gateway, never served to the internet by the proxy.
+            assert (await h1.get("/metrics")).status_code == 404
+            assert (await h2.get("/metrics")).status_code == 404
+            assert (await h1.get(gateways[0].url + "/metrics")).status_code == 200
 
 
 @dataclass
