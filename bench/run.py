@@ -135,6 +135,15 @@ def gateway(system: str, redis_url: str, secret: str) -> Iterator[tuple[int, psu
         "WELLSTREAM_HISTORY__MAX_LEN": "1000",
         "WELLSTREAM_HISTORY__MAX_AGE_S": "0",
         "WELLSTREAM_STREAM__QUEUE_SIZE": "4096",
+        # The load generator is one subject at one address opening 10,000 streams at once:
+        # the production caps (app/auth/limits.py) would refuse all but a few dozen.
+        "WELLSTREAM_AUTH__LIMITS__STREAMS_PER_SUBJECT": "1000000",
+        "WELLSTREAM_AUTH__LIMITS__STREAMS_PER_TENANT": "1000000",
+        "WELLSTREAM_AUTH__LIMITS__STREAMS_PER_PROCESS": "1000000",
+        "WELLSTREAM_AUTH__LIMITS__CONNECTS_PER_S": "1000000",
+        "WELLSTREAM_AUTH__LIMITS__CONNECT_BURST": "1000000",
+        # Streams open before the first reading: the wells must be in the registry (else 404).
+        "WELLSTREAM_WELLS": json.dumps({TENANT: [f"well-{n:03d}" for n in range(1, WELLS + 1)]}),
         **extra,
     }
     cmd = [sys.executable, *args, "--port", str(port)]
@@ -213,6 +222,9 @@ def run_scenario(
         opened = [json.loads(w.stdout.readline() or "{}") for w in workers]  # type: ignore[union-attr]
         open_s = time.monotonic() - started
         connected = sum(o.get("opened", 0) for o in opened)
+        if connected < streams:
+            # Refused streams (limits, an unknown well) would make every later figure meaningless.
+            print(f"WARNING: {system}: only {connected} of {streams} streams opened", file=sys.stderr, flush=True)
         time.sleep(2)
         rss_after = rss(server)
         for w in workers:
