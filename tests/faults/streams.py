@@ -29,6 +29,7 @@ class PacedPublisher:
     tick_s: float = 0.05
     acknowledged: dict[str, list[StreamId]] = field(default_factory=dict)
     refused: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
     _n: int = 0
 
     async def run(self, stop: asyncio.Event) -> None:
