@@ -50,23 +50,31 @@ if ARGV[3] ~= '' then
   applied = tonumber(redis.call('GET', producer) or '-1')
 end
 local top = applied
-local ids = {}
+local ids, problems = {}, {}
 for i = 0, (n / 3) - 1 do
   local seq = tonumber(ARGV[5 * i + 8])
   if producer == nil or seq > applied then
     local log, latest, wells = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
     local well, tag, channel, json = ARGV[5 * i + 4], ARGV[5 * i + 5], ARGV[5 * i + 6], ARGV[5 * i + 7]
-    local id = redis.call('XADD', log, 'MAXLEN', '~', maxlen, '*', 'r', json)
-    if minid then redis.call('XTRIM', log, 'MINID', '~', minid) end
-    redis.call('HSET', latest, tag, json)
-    redis.call('SADD', wells, well)
-    redis.call('PUBLISH', channel, id .. ' ' .. json)
-    ids[#ids + 1] = id
+    -- pcall: a key of the wrong type (written by something else) must not abort the script
+    -- half-way, which would leave the batch half-applied and make every retry repeat that half.
+    local id = redis.pcall('XADD', log, 'MAXLEN', '~', maxlen, '*', 'r', json)
+    if type(id) == 'table' then
+      problems[#problems + 1] = 'rejected ' .. log .. ': ' .. id.err
+    else
+      if minid then redis.pcall('XTRIM', log, 'MINID', '~', minid) end
+      local ok = redis.pcall('HSET', latest, tag, json)
+      if type(ok) == 'table' then problems[#problems + 1] = 'latest not kept ' .. latest .. ': ' .. ok.err end
+      ok = redis.pcall('SADD', wells, well)
+      if type(ok) == 'table' then problems[#problems + 1] = 'not registered ' .. wells .. ': ' .. ok.err end
+      redis.call('PUBLISH', channel, id .. ' ' .. json)
+      ids[#ids + 1] = id
+    end
     if seq > top then top = seq end
   end
 end
 if producer and top > applied then redis.call('SET', producer, top, 'EX', 2592000) end
-return ids
+return {ids, problems}
 """
 
 # Counts a stream in shared counters (sorted sets scored by lease expiry, server time).
@@ -176,6 +184,7 @@ class RedisBroker:
         self._acquire_script = client.register_script(_ACQUIRE)
         self._renew_script = client.register_script(_RENEW)
         self._feeds: set[RedisFeed] = set()
+        self.rejected = 0  # readings Redis refused for good (a key of the wrong type)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -225,7 +234,16 @@ class RedisBroker:
         if origin is not None:
             keys.append(producer_key(origin.producer))
         with _redis_errors("publish"):
-            ids = await self._publish_script(keys=keys, args=args)
+            ids, problems = await self._publish_script(keys=keys, args=args)
+        if problems:
+            # Not retryable (the same keys would refuse again): said loudly, counted, never repeated.
+            self.rejected += sum(1 for p in problems if p.startswith(b"rejected"))
+            logger.error(
+                "publish: %d problems in a batch of %d readings, first: %s",
+                len(problems),
+                len(readings),
+                problems[0].decode(errors="replace"),
+            )
         return [StreamId.parse(raw.decode()) for raw in ids]
 
     async def _state(self, topic: Topic, start: StreamId | None, limit: int, latest: bool) -> list[Any]:
@@ -358,7 +376,8 @@ class RedisFeed:
         self._ping_interval_s = ping_interval_s
         self._topics: dict[bytes, Topic] = {}
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
-        self._commands: asyncio.Queue[tuple[bytes, ...]] = asyncio.Queue()
+        self._commands: asyncio.Queue[tuple[int, bytes, bytes]] = asyncio.Queue()  # (generation, command, arg)
+        self._generation = 0  # one per connection
         self._conn: Connection | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
@@ -379,11 +398,19 @@ class RedisFeed:
 
     async def _connect(self) -> None:
         conn: Connection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        with _redis_errors("connect pubsub"):
-            await conn.connect()  # type: ignore[no-untyped-call]
-            if self._topics:
-                self._realign_waiters()
-                await conn.send_command("SUBSCRIBE", *self._topics)
+        try:
+            with _redis_errors("connect pubsub"):
+                await conn.connect()  # type: ignore[no-untyped-call]
+                # Commands queued for the old connection are covered by this resubscribe (or,
+                # for UNSUBSCRIBE, by not resubscribing): the writer drops them, so no stray
+                # reply can confirm a later subscriber early.
+                self._generation += 1
+                self._realign_waiters()  # also with no topics: stale waiters must not stay in line
+                if self._topics:
+                    await conn.send_command("SUBSCRIBE", *self._topics)
+        except BaseException:
+            await conn.disconnect()
+            raise
         self._conn = conn
         self._connected.set()
 
@@ -420,21 +447,23 @@ class RedisFeed:
         self._topics[channel] = topic
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel, deque()).append(waiter)
-        self._commands.put_nowait((b"SUBSCRIBE", channel))
+        self._commands.put_nowait((self._generation, b"SUBSCRIBE", channel))
         await waiter
 
     async def unsubscribe(self, topic: Topic) -> None:
         channel = channel_name(topic).encode()
         if self._topics.pop(channel, None) is not None:
-            self._commands.put_nowait((b"UNSUBSCRIBE", channel))
+            self._commands.put_nowait((self._generation, b"UNSUBSCRIBE", channel))
 
     async def _write_forever(self) -> None:
         while not self._closing:  # redis-py may swallow our cancel inside send_command
-            command = await self._commands.get()
+            generation, *command = await self._commands.get()
             await self._connected.wait()
+            if generation != self._generation:
+                continue  # queued for a connection that is gone: the reconnect covered it
             assert self._conn is not None
             try:
-                await self._conn.send_command(*command)
+                await self._conn.send_command(*[part for part in command if part])
             except Exception as exc:  # redis-py raises AttributeError, not ConnectionError, on a closed socket
                 # The reader notices the broken connection; reconnecting resubscribes what is wanted.
                 logger.debug("pubsub command %s not sent: %s", command[0], exc)
@@ -493,7 +522,7 @@ class RedisFeed:
     async def _ping(self) -> None:
         while True:
             await asyncio.sleep(self._ping_interval_s)
-            self._commands.put_nowait((b"PING",))
+            self._commands.put_nowait((self._generation, b"PING", b""))
 
     def _handle(self, response: Any) -> None:
         kind = response[0]

@@ -231,3 +231,24 @@ async def test_a_batch_published_twice_with_its_origin_is_stored_once(kind: str,
                 await broker.publish(batch, Origin("a1b2c3d4", (9,)))
     with pytest.raises(ValueError, match="hex"):
         Origin("not-hex!", (1,))
+
+
+async def test_a_key_of_the_wrong_type_rejects_its_readings_only_and_a_retry_repeats_nothing(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with redis.Redis.from_url(redis_url) as client:
+        client.set(log_key(Topic("acme", "w2")), "not a stream")  # something else wrote our key
+        client.set(latest_key(Topic("acme", "w3")), "not a hash")
+    batch = [reading(1.0, well="w1"), reading(2.0, well="w2"), reading(3.0, well="w3"), reading(4.0, well="w1")]
+    origin = Origin("0123abcd", (1, 2, 3, 4))
+    with anyio.fail_after(5):
+        async with RedisBroker.connect(redis_url) as broker:
+            ids = await broker.publish(batch, origin)
+            assert len(ids) == 3, "w2's reading is refused; w3's is stored (only its latest is not)"
+            assert broker.rejected == 1
+            assert await broker.publish(batch, origin) == [], "the retry repeats nothing"
+            w1 = await broker.history(Topic("acme", "w1"), ZERO_ID, 10)
+            assert [Reading.from_json(e.data).value for e in w1.events] == [1.0, 4.0]
+            w3 = await broker.history(Topic("acme", "w3"), ZERO_ID, 10)
+            assert [Reading.from_json(e.data).value for e in w3.events] == [3.0]
+    assert "scada:{acme/w2}:log" in caplog.text
