@@ -94,6 +94,11 @@ class Publisher:
         self.lost = 0
 
     @property
+    def rejected(self) -> int:
+        """Readings Redis refused for good (a key of the wrong type): logged by the broker, never retried."""
+        return int(getattr(self._broker, "rejected", 0))
+
+    @property
     def dropped(self) -> int:
         return self._spool.dropped if self._spool is not None else 0
 
@@ -182,8 +187,9 @@ class Publisher:
                 await self._broker.publish(batch, origin)
                 self.published += len(batch)
                 return
-            except BrokerError as exc:
-                logger.warning("publish of %d readings failed, retrying in %.2f s: %s", len(batch), backoff, exc)
+            except Exception as exc:  # not only BrokerError: the one publishing task must not die
+                log = logger.warning if isinstance(exc, BrokerError) else logger.exception
+                log("publish of %d readings failed, retrying in %.2f s: %s", len(batch), backoff, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
@@ -211,9 +217,10 @@ class Publisher:
             if failure is None:
                 self.published += len(batch)
                 return
-            if not isinstance(failure, BrokerError):
-                raise failure
-            logger.warning("publish of %d readings failed, spooling until the broker is back: %s", len(batch), failure)
+            if isinstance(failure, BrokerError):
+                logger.warning("publish of %d readings failed, spooling until it is back: %s", len(batch), failure)
+            else:  # unexpected, but the batch is kept all the same and the publisher goes on
+                logger.error("publish of %d readings failed, spooling", len(batch), exc_info=failure)
         await self._append(spool, batch, origin)
         self._spool_filled.set()
 
@@ -253,6 +260,9 @@ class Publisher:
                 return
             except SpoolError as exc:
                 logger.error("spool drain: %s; retrying in 1 s", exc)
+                await asyncio.sleep(1)
+            except Exception:  # the drain must outlive a bug: a dead drain would spool everything from now on
+                logger.exception("spool drain failed; retrying in 1 s")
                 await asyncio.sleep(1)
 
     async def _drain_until_closed(self, spool: Spool) -> None:
@@ -307,6 +317,9 @@ class Publisher:
         except asyncio.CancelledError:
             attempt.cancel()  # on exit: the batch stays spooled for the next start
             raise
+        except Exception as exc:  # unexpected: logged, and the batch is tried again like any failure
+            logger.error("spool drain: publish failed", exc_info=exc)
+            return BrokerError("publish", repr(exc))
         return None
 
     async def _drained(self, spool: Spool, last_id: int, readings: int) -> None:

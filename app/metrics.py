@@ -134,6 +134,11 @@ class IngestCollector(Collector):
             publisher.dropped,
         )
         yield _counter("wellstream_ingest_lost", "Readings neither Redis nor the spool took (on exit)", publisher.lost)
+        yield _counter(
+            "wellstream_ingest_rejected",
+            "Readings Redis refused for good (a key of the wrong type)",
+            publisher.rejected,
+        )
         yield GaugeMetricFamily("wellstream_spool_depth_readings", "Readings waiting in the spool", publisher.depth)
         yield GaugeMetricFamily(
             "wellstream_spool_depth_bytes", "Bytes of readings waiting in the spool", publisher.depth_bytes

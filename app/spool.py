@@ -331,9 +331,16 @@ class Spool:
                     seqs += range(first_seq, first_seq + len(decoded))
                 last_id = row_id
             if last_id is not None:
-                producer = rows[0][3]
-                origin = Origin(producer, tuple(seqs)) if producer is not None and len(seqs) == len(readings) else None
-                return SpooledRun(last_id, readings, origin)
+                return SpooledRun(last_id, readings, self._origin(rows[0][3], seqs, len(readings)))
+
+    def _origin(self, producer: str | None, seqs: list[int], readings: int) -> Origin | None:
+        if producer is None or len(seqs) != readings:
+            return None
+        try:
+            return Origin(producer, tuple(seqs))
+        except ValueError:  # a damaged row: publish it without dedupe rather than not at all
+            logger.error("spool %s: a batch's origin %r is damaged; publishing it without one", self.path, producer)
+            return None
 
     async def delete_through(self, last_id: int) -> None:
         """Forget every batch up to and including `last_id` (they reached the broker)."""
