@@ -32,6 +32,9 @@ from app.streams.stats import HubStats
 
 logger = logging.getLogger(__name__)
 
+# Ends that let a send in progress finish, so the goodbye with its retry hint still goes out.
+GENTLE = frozenset({"drain", "max-age"})
+
 Frame = tuple[StreamId, bytes, float]  # id, SSE bytes, device time (epoch s) for the latency histogram
 
 
@@ -108,10 +111,11 @@ class Subscriber:
             self.waiter = None
 
     def end(self, reason: str) -> None:
-        """Ask the stream to end. 'drain' ends it cleanly; anything else also interrupts a stuck send."""
+        """Ask the stream to end. 'drain' and 'max-age' end it cleanly, after the send in progress;
+        anything else also interrupts a stuck send."""
         if self.end_reason is None:
             self.end_reason = reason
-        if reason != "drain" and self.sending_since and self.task is not None and not self.cancelled:
+        if reason not in GENTLE and self.sending_since and self.task is not None and not self.cancelled:
             self.cancelled = True
             self.task.cancel()
         self.wake()
@@ -319,22 +323,28 @@ class Hub:
     async def _fill_all(self) -> None:
         topics = list(self._topics.items())
         logger.info("live feed back: filling the gap of %d topics from history", len(topics))
-        for start in range(0, len(topics), 32):  # bounded concurrency: one Redis round trip each
-            chunk = topics[start : start + 32]
-            await asyncio.gather(*(self._fill(topic, state) for topic, state in chunk))
+        # Each topic on its own (one slow or failing well holds back no other), 32 at a time.
+        slots = asyncio.Semaphore(32)
+        await asyncio.gather(*(self._fill(topic, state, slots) for topic, state in topics))
         logger.info("gap filled: streams are live again")
 
-    async def _fill(self, topic: Topic, state: _TopicState) -> None:
+    async def _fill(self, topic: Topic, state: _TopicState, slots: asyncio.Semaphore) -> None:
         assert self._feed is not None
         backoff = 0.1
+        failures = 0
         while self._topics.get(topic) is state and state.held is not None:
             try:
                 await self._feed.confirmed(topic)  # after this, history covers everything not held
-                await self._replay_gap(topic, state)
+                async with slots:
+                    await self._replay_gap(topic, state)
                 return
             except BrokerError as exc:
                 if not self._feed.connected:
                     return  # the next reconnect starts a new fill
+                failures += 1
+                if failures >= 5:  # Redis answers, but not for this well: its streams resume instead
+                    self._reset(topic, state, f"gap fill failed {failures} times: {exc}")
+                    return
                 logger.warning("gap fill of %s failed, retrying: %s", topic, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
