@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from ipaddress import ip_address
 from typing import TYPE_CHECKING
 
 import orjson
@@ -197,7 +198,16 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    # Not behind auth, like /healthz: keep it off the public listener (docs/deploy.md).
+    # No token (a scraper has none), but only for the configured peers: it names tenants.
+    peer = request.client.host if request.client else ""
+    try:
+        address = ip_address(peer)
+    except ValueError:
+        address = None
+    allowed = _gateway(request).settings.server.metrics_allow
+    if address is None or not any(address in network for network in allowed):
+        logger.info("GET /metrics -> 404: peer %s is not in server.metrics_allow", peer)
+        return JSONResponse({"error": "not found"}, status_code=404)
     return Response(render(request.app.state.metrics), media_type=CONTENT_TYPE)
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from app.models import Identifier
@@ -65,6 +66,10 @@ class SpoolSettings(BaseModel):
     drain_on_exit_s: float = Field(5, ge=0, description="on SIGTERM, time to drain the spool while Redis answers")
 
 
+def _loopback() -> list[IPv4Network | IPv6Network]:
+    return [IPv4Network("127.0.0.0/8"), IPv6Network("::1/128")]
+
+
 class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -73,7 +78,11 @@ class ServerSettings(BaseModel):
         description="gc.set_threshold for serve/demo; None keeps Python's (700, 10, 10)",
     )
     gc_freeze: bool = Field(True, description="gc.freeze() once started, so start-up objects are never rescanned")
-    access_log: bool = Field(True, description="one JSON line per request (no query strings, no headers)")
+    access_log: bool = Field(True, description="one JSON line per non-stream request (no query strings, no headers)")
+    metrics_allow: list[IPvAnyNetwork] = Field(
+        default_factory=_loopback,
+        description="peers that may read /metrics (it names tenants); others get 404",
+    )
     granian_http2: bool = Field(False, description="--server granian also speaks HTTP/2 (h2c); costs memory per stream")
     # A peer that vanished without a FIN (power cut, NAT dropped the flow): TCP keepalive finds it
     # on an idle connection, TCP_USER_TIMEOUT on one with unacknowledged data (a stream's heartbeat).

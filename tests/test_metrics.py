@@ -126,3 +126,12 @@ async def test_counters_follow_a_scripted_session(tmp_path: Path, secret: str, t
                 assert value(back, "wellstream_gap_fills_total") >= 1
     finally:
         redis.stop()
+
+
+async def test_metrics_answer_only_the_configured_peers(secret: str) -> None:
+    settings = make_settings(secret, server={"metrics_allow": ["10.0.0.0/8"]})
+    with anyio.fail_after(30):
+        async with running_gateway(settings) as gateway, httpx.AsyncClient(timeout=10) as client:
+            refused = await client.get(gateway.url + "/metrics")
+    assert refused.status_code == 404, "it names tenants: a peer outside metrics_allow sees nothing"
+    assert "wellstream_" not in refused.text
