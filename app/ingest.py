@@ -323,7 +323,7 @@ class Publisher:
         return None
 
     async def _drained(self, spool: Spool, last_id: int, readings: int) -> None:
-        await spool.delete_through(last_id)
+        await spool.delete_through(last_id, published=readings)
         self.published += readings
         self.drained += readings
 

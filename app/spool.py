@@ -168,7 +168,7 @@ class _Store:
             cursor.close()
         return rows
 
-    def delete_through(self, last_id: int) -> _Totals:
+    def delete_through(self, last_id: int, published: int | None = None) -> _Totals:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             row = self._db.execute(
@@ -184,6 +184,10 @@ class _Store:
         self.batches -= row[0]
         self.readings -= row[1]
         self.bytes -= row[2]
+        if published is not None and published > row[1]:
+            # Some of what was just published had been evicted meanwhile (the bound was hit while
+            # the publish ran) and counted as dropped: it reached Redis after all.
+            self.dropped_readings = max(0, self.dropped_readings - (published - row[1]))
         if self.batches == 0:
             # Empty again: give the WAL's disk space back instead of keeping an outage's worth.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -342,9 +346,9 @@ class Spool:
             logger.error("spool %s: a batch's origin %r is damaged; publishing it without one", self.path, producer)
             return None
 
-    async def delete_through(self, last_id: int) -> None:
+    async def delete_through(self, last_id: int, published: int | None = None) -> None:
         """Forget every batch up to and including `last_id` (they reached the broker)."""
-        self._set(await self._call(lambda: self._store.delete_through(last_id)))
+        self._set(await self._call(lambda: self._store.delete_through(last_id, published)))
 
     async def aclose(self) -> None:
         await self._call(self._store.close)

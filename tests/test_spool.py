@@ -337,3 +337,16 @@ async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_a
         assert publisher.lost == 0
     finally:
         server.stop()
+
+
+async def test_readings_evicted_while_their_publish_ran_are_not_counted_as_dropped(tmp_path: Path) -> None:
+    async with await Spool.open(tmp_path / "s.sqlite3", max_readings=10) as spool:
+        await spool.append(batch(0, 5))
+        await spool.append(batch(5, 5))
+        run = await spool.peek(100)  # the drain takes both and publishes them...
+        assert run is not None
+        await spool.append(batch(10, 5))  # ...while the bound evicts the oldest
+        assert spool.dropped == 5
+        await spool.delete_through(run.last_id, published=len(run.readings))  # the publish succeeded
+        assert spool.dropped == 0, "they reached Redis: not lost"
+        assert await everything(spool) == [float(v) for v in range(10, 15)]
