@@ -48,4 +48,3 @@ async def test_a_subscribe_lost_in_a_freeze_does_not_delay_every_later_one(tmp_p
     finally:
         server.thaw()
         server.stop()
-
