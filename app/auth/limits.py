@@ -91,6 +91,12 @@ class StreamLimits:
         self._sequence = itertools.count()
         self._leases: dict[str, Lease] = {}
         self._renewer: asyncio.Task[None] | None = None
+        # Releases are batched: when thousands of streams end at once (a drain, a proxy restart)
+        # they share a few pipelines instead of queueing for the connection pool one by one.
+        self._releasing: list[Lease] = []
+        self._released: asyncio.Future[None] | None = None  # resolves when `_releasing` is flushed
+        self._release_due = asyncio.Event()
+        self._releaser: asyncio.Task[None] | None = None
         self._attempts_by_address = TokenBuckets(settings.connects_per_s, settings.connect_burst)
         self._attempts_by_subject = TokenBuckets(settings.connects_per_s, settings.connect_burst)
 
@@ -100,12 +106,17 @@ class StreamLimits:
 
     async def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew_forever(), name="lease-renewer")
+        self._releaser = asyncio.create_task(self._release_forever(), name="lease-releaser")
 
     async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        if self._released is not None:  # the last streams' releases go out before we stop
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._released), 5)
+        for task in (self._renewer, self._releaser):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def check_attempt(self, address: str) -> None:
         """Before auth: a client address hammering the gateway is turned away cheaply."""
@@ -135,11 +146,36 @@ class StreamLimits:
         return lease
 
     async def _release(self, lease: Lease) -> None:
+        """Returns once the lease is uncounted (or failed to be, and will expire by itself)."""
         self._leases.pop(lease.member, None)
+        if self._releaser is None or self._releaser.done():  # not started (or stopped): do it here
+            await self._flush([lease])
+            return
+        self._releasing.append(lease)
+        if self._released is None:
+            self._released = asyncio.get_running_loop().create_future()
+            self._release_due.set()
+        # Shielded: a stream cancelled while it waits (a server's shutdown) does not cancel the
+        # batch the other streams are in.
+        await asyncio.shield(self._released)
+
+    async def _release_forever(self) -> None:
+        while True:
+            await self._release_due.wait()
+            self._release_due.clear()
+            batch, self._releasing = self._releasing, []
+            done, self._released = self._released, None
+            try:
+                await self._flush(batch)
+            finally:
+                if done is not None and not done.done():
+                    done.set_result(None)
+
+    async def _flush(self, leases: list[Lease]) -> None:
         try:
-            await self._broker.release_lease(lease.counters, lease.member)
-        except ServiceError as exc:  # the lease then expires by itself
-            logger.warning("could not release a stream count: %s", exc)
+            await self._broker.release_leases([(key, lease.member) for lease in leases for key in lease.counters])
+        except Exception as exc:  # they then expire by themselves within LEASE_TTL_S
+            logger.warning("could not release %d stream counts: %s", len(leases), exc)
 
     async def _renew_forever(self) -> None:
         while True:

@@ -115,8 +115,8 @@ class Broker(Protocol):
         stops counting (a gateway that died). Returns the index of the full counter, or None.
         """
 
-    async def release_lease(self, counters: Sequence[str], member: str) -> None:
-        """Stop counting `member`."""
+    async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
+        """Stop counting these (counter, member) pairs; one round trip for many streams."""
 
     async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
         """Keep (counter, member) pairs counting for another `ttl_s`."""

@@ -153,8 +153,8 @@ class MemoryBroker:
             self._leases[key][member] = now + ttl_s
         return None
 
-    async def release_lease(self, counters: Sequence[str], member: str) -> None:
-        for key in counters:
+    async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
+        for key, member in leases:
             self._leases[key].pop(member, None)
             if not self._leases[key]:
                 del self._leases[key]

@@ -306,12 +306,13 @@ class RedisBroker:
             full = await self._acquire_script(keys=keys, args=[member, int(ttl_s * 1000), *(n for _, n in counters)])
         return int(full) - 1 if int(full) else None
 
-    async def release_lease(self, counters: Sequence[str], member: str) -> None:
-        with _redis_errors("uncount stream"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in counters:
-                    pipe.zrem(lease_key(key), member)
-                await pipe.execute()
+    async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
+        for start in range(0, len(leases), 1000):
+            with _redis_errors("uncount streams"):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for key, member in leases[start : start + 1000]:
+                        pipe.zrem(lease_key(key), member)
+                    await pipe.execute()
 
     async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
         for start in range(0, len(leases), 500):

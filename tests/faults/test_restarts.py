@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from app.settings import StreamSettings
-from app.streams.redis import RedisBroker
+from app.streams.redis import RedisBroker, lease_key
 from tests.conftest import gateway_process, make_settings, running_gateway, wait_until
 from tests.faults.streams import PacedPublisher, assert_exactly_the_log, recording_streams, stream_log
 from tests.sse_client import SSEReader
@@ -18,6 +18,7 @@ from tests.sse_client import SSEReader
 pytestmark = pytest.mark.anyio
 
 WELLS = [f"w{i:02d}" for i in range(10)]
+TENANT_LEASES = lease_key("{acme}:tenant")
 
 
 async def test_sigterm_under_1000_streams_ends_all_with_a_retry_and_a_second_gateway_fills_in(
@@ -42,6 +43,10 @@ async def test_sigterm_under_1000_streams_ends_all_with_a_retry_and_a_second_gat
                 first.process.send_signal(signal.SIGTERM)
                 await wait_until(lambda: all(s.ended for s in streams))
                 assert await asyncio.wait_for(first.process.wait(), 30) == 0
+                with redis_server.client() as r:
+                    # The stopped gateway uncounted its 1,000 streams on the way out, so they do
+                    # not hold the tenant's cap for a lease TTL while the clients come back.
+                    assert r.zcard(TENANT_LEASES) == 0
                 goodbyes = [s.last_block for s in streams]
                 # Like an EventSource: come back with the last id, here to the gateway still up.
                 tasks = [

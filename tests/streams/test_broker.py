@@ -193,10 +193,10 @@ async def test_leases_count_across_callers_and_expire_unless_renewed(kind: str, 
             other = [("{acme}:tenant", 3), ("{acme}:sub:s2", 2)]
             assert await broker.acquire_lease(other, "g1:3", ttl_s=30) is None
             assert await broker.acquire_lease(other, "g1:4", ttl_s=30) == 0, "the tenant's counter is full"
-            await broker.release_lease([key for key, _ in counters], "g1:1")
+            await broker.release_leases([(key, "g1:1") for key, _ in counters])
             assert await broker.acquire_lease(counters, "g1:5", ttl_s=1) is None, "released, so there is room"
             await broker.renew_leases([("{acme}:tenant", "g1:5"), ("{acme}:sub:s1", "g1:5")], ttl_s=30)
-            await broker.release_lease([key for key, _ in other], "g1:3")
+            await broker.release_leases([(key, "g1:3") for key, _ in other])
             await asyncio.sleep(1.2)
             assert await broker.acquire_lease(counters, "g1:6", ttl_s=30) == 1, "a renewed lease still counts"
 
