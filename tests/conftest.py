@@ -110,6 +110,22 @@ class RedisServer:
         return redis.Redis(port=self.port, socket_timeout=5)
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to kill, freeze or restart on the same port.
+
+    AOF with appendfsync always: what Redis acknowledged survives a kill -9 and a restart.
+    """
+    workdir = tmp_path / "own-redis"
+    workdir.mkdir()
+    server = RedisServer(workdir, appendonly=True, appendfsync="always")
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.thaw()  # a frozen process cannot act on SIGTERM
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))

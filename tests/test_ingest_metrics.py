@@ -57,15 +57,15 @@ def metric(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     return (name, tuple(sorted(labels.items())))
 
 
-def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(tmp_path: Path) -> None:
-    redis = RedisServer(tmp_path)
-    redis.start()
+def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
     site = tmp_path / "site.toml"
     site.write_text(SITE)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
     env |= {
-        "WELLSTREAM_REDIS_URL": redis.url,
+        "WELLSTREAM_REDIS_URL": own_redis.url,
         "WELLSTREAM_REDIS__TIMEOUT_S": "1",
         "WELLSTREAM_SPOOL__PATH": str(tmp_path / "spool.sqlite3"),
         "WELLSTREAM_SPOOL__MAX_READINGS": "200",  # small, so the outage hits the bound
@@ -78,12 +78,12 @@ def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(tm
         assert first[metric("wellstream_ingest_connected", connection="sim", protocol="simulator")] == 1
         assert first[metric("wellstream_spool_depth_readings")] == 0
 
-        redis.kill()
+        own_redis.kill()
         down = eventually(port, lambda m: m[metric("wellstream_spool_dropped_total")] > 0)
         assert down[metric("wellstream_spool_spooled_total")] > 200
         assert 0 < down[metric("wellstream_spool_depth_readings")] <= 200 + 40  # one batch may overshoot
 
-        redis.start()
+        own_redis.start()
         back = eventually(port, lambda m: m[metric("wellstream_spool_depth_readings")] == 0)
         assert back[metric("wellstream_spool_drained_total")] > 0
         assert back[metric("wellstream_ingest_published_total")] > first[metric("wellstream_ingest_published_total")]
@@ -95,5 +95,4 @@ def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(tm
         finally:
             if worker.poll() is None:
                 worker.kill()
-            redis.stop()
     assert worker.returncode == 0

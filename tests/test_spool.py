@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -191,59 +190,51 @@ async def test_a_process_killed_right_after_an_acknowledged_append_loses_nothing
     assert found == [float(v) for v in range(len(found))], "in order, whole batches, nothing else"
 
 
-async def test_the_publisher_spools_through_an_outage_and_drains_in_order(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    (tmp_path / "redis").mkdir()
-    server.start()
-    try:
-        with anyio.fail_after(30):
-            async with (
-                RedisBroker.connect(server.url) as broker,
-                await Spool.open(tmp_path / "s.sqlite3") as spool,
-            ):
-                async with Publisher(broker, max_batch=50, max_delay_s=0.005, spool=spool) as publisher:
-                    await publisher.submit(batch(0, 100))
-                    await wait_until(lambda: publisher.published >= 100)
-                    server.stop()
-                    for start in range(100, 300, 10):  # never waits on the dead Redis
-                        await publisher.submit(batch(start, 10))
-                    await wait_until(lambda: publisher.spooled >= 200)
-                    server.start()
-                    await publisher.submit(batch(300, 50))
-                    await wait_until(lambda: publisher.published >= 350)
-                    assert spool.readings == 0
-                found = await broker.history(TOPIC, ZERO_ID, 1000)
-        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(350)]
-        assert publisher.spooled >= 200, "what arrived during the outage went to the spool"
-        assert (publisher.drained, publisher.dropped) == (publisher.spooled, 0)
-    finally:
-        server.stop()
+async def test_the_publisher_spools_through_an_outage_and_drains_in_order(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
+    with anyio.fail_after(30):
+        async with (
+            RedisBroker.connect(own_redis.url) as broker,
+            await Spool.open(tmp_path / "s.sqlite3") as spool,
+        ):
+            async with Publisher(broker, max_batch=50, max_delay_s=0.005, spool=spool) as publisher:
+                await publisher.submit(batch(0, 100))
+                await wait_until(lambda: publisher.published >= 100)
+                own_redis.stop()
+                for start in range(100, 300, 10):  # never waits on the dead Redis
+                    await publisher.submit(batch(start, 10))
+                await wait_until(lambda: publisher.spooled >= 200)
+                own_redis.start()
+                await publisher.submit(batch(300, 50))
+                await wait_until(lambda: publisher.published >= 350)
+                assert spool.readings == 0
+            found = await broker.history(TOPIC, ZERO_ID, 1000)
+    assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(350)]
+    assert publisher.spooled >= 200, "what arrived during the outage went to the spool"
+    assert (publisher.drained, publisher.dropped) == (publisher.spooled, 0)
 
 
-async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_drains_it_first(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    (tmp_path / "redis").mkdir()
-    server.start()
+async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_drains_it_first(
+    tmp_path: Path, own_redis: RedisServer
+) -> None:
     path = tmp_path / "s.sqlite3"
-    try:
-        with anyio.fail_after(30):
-            async with RedisBroker.connect(server.url) as broker:
-                server.stop()
-                async with await Spool.open(path) as spool:
-                    async with Publisher(broker, max_batch=50, max_delay_s=1, spool=spool) as publisher:
-                        await publisher.submit(batch(0, 120))  # still pending (1 s batching) at exit
-                    assert (spool.readings, publisher.spooled, publisher.published) == (120, 120, 0)
-                server.start()
-                async with await Spool.open(path) as spool:
-                    async with Publisher(broker, max_batch=50, spool=spool) as publisher:
-                        await publisher.submit(batch(120, 30))
-                    assert spool.readings == 0
-                found = await broker.history(TOPIC, ZERO_ID, 1000)
-        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(150)]
-        assert publisher.published == 150
-        assert publisher.drained >= 120
-    finally:
-        server.stop()
+    with anyio.fail_after(30):
+        async with RedisBroker.connect(own_redis.url) as broker:
+            own_redis.stop()
+            async with await Spool.open(path) as spool:
+                async with Publisher(broker, max_batch=50, max_delay_s=1, spool=spool) as publisher:
+                    await publisher.submit(batch(0, 120))  # still pending (1 s batching) at exit
+                assert (spool.readings, publisher.spooled, publisher.published) == (120, 120, 0)
+            own_redis.start()
+            async with await Spool.open(path) as spool:
+                async with Publisher(broker, max_batch=50, spool=spool) as publisher:
+                    await publisher.submit(batch(120, 30))
+                assert spool.readings == 0
+            found = await broker.history(TOPIC, ZERO_ID, 1000)
+    assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(150)]
+    assert publisher.published == 150
+    assert publisher.drained >= 120
 
 
 @pytest.mark.parametrize(
@@ -256,36 +247,30 @@ async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_dr
         pytest.param(0.3, id="client-gives-up"),
     ],
 )
-async def test_a_frozen_redis_gets_every_batch_once_and_in_order(tmp_path: Path, redis_timeout_s: float) -> None:
+async def test_a_frozen_redis_gets_every_batch_once_and_in_order(
+    tmp_path: Path, own_redis: RedisServer, redis_timeout_s: float
+) -> None:
     # SIGSTOP: connections stay open and nothing answers, so a publish that timed out may
     # still be applied when Redis wakes; its spooled copy must then not land again.
-    server = RedisServer(tmp_path / "redis")
-    (tmp_path / "redis").mkdir()
-    server.start()
-    assert server.process is not None
-    try:
-        with anyio.fail_after(30):
-            async with (
-                RedisBroker.connect(server.url, timeout_s=redis_timeout_s) as broker,
-                await Spool.open(tmp_path / "s.sqlite3") as spool,
-            ):
-                publisher = Publisher(broker, max_batch=50, spool=spool, publish_timeout_s=0.2)
-                async with publisher:
-                    await publisher.submit(batch(0, 20))
-                    await wait_until(lambda: publisher.published >= 20)
-                    server.process.send_signal(signal.SIGSTOP)
-                    for start in range(20, 200, 5):
-                        await publisher.submit(batch(start, 5))
-                        await asyncio.sleep(0.02)  # an adapter's pace, so batches stay small
-                    await wait_until(lambda: spool.readings >= 150)
-                    server.process.send_signal(signal.SIGCONT)
-                    await wait_until(lambda: publisher.published >= 200 and spool.readings == 0)
-                found = await broker.history(TOPIC, ZERO_ID, 1000)
-        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(200)]
-        assert publisher.drained == publisher.spooled >= 150
-    finally:
-        server.process.send_signal(signal.SIGCONT)
-        server.stop()
+    with anyio.fail_after(30):
+        async with (
+            RedisBroker.connect(own_redis.url, timeout_s=redis_timeout_s) as broker,
+            await Spool.open(tmp_path / "s.sqlite3") as spool,
+        ):
+            publisher = Publisher(broker, max_batch=50, spool=spool, publish_timeout_s=0.2)
+            async with publisher:
+                await publisher.submit(batch(0, 20))
+                await wait_until(lambda: publisher.published >= 20)
+                own_redis.freeze()
+                for start in range(20, 200, 5):
+                    await publisher.submit(batch(start, 5))
+                    await asyncio.sleep(0.02)  # an adapter's pace, so batches stay small
+                await wait_until(lambda: spool.readings >= 150)
+                own_redis.thaw()
+                await wait_until(lambda: publisher.published >= 200 and spool.readings == 0)
+            found = await broker.history(TOPIC, ZERO_ID, 1000)
+    assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(200)]
+    assert publisher.drained == publisher.spooled >= 150
 
 
 async def test_runs_keep_one_producer_and_its_seqs(tmp_path: Path) -> None:
@@ -304,39 +289,33 @@ async def test_runs_keep_one_producer_and_its_seqs(tmp_path: Path) -> None:
 
 
 async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("ERROR", logger="app.ingest")
-    server = RedisServer(tmp_path / "redis", appendonly=True)
-    (tmp_path / "redis").mkdir()
-    server.start()
-    try:
-        with anyio.fail_after(30):
-            async with (
-                RedisBroker.connect(server.url) as broker,
-                await Spool.open(tmp_path / "s.sqlite3") as spool,
-            ):
+    with anyio.fail_after(30):
+        async with (
+            RedisBroker.connect(own_redis.url) as broker,
+            await Spool.open(tmp_path / "s.sqlite3") as spool,
+        ):
 
-                def limit_pages(pages: int | None) -> None:  # SQLite's own "disk is full"; on the spool's thread
-                    db = spool._store._db
-                    db.execute(f"PRAGMA max_page_count = {pages or db.execute('PRAGMA page_count').fetchone()[0]}")
+            def limit_pages(pages: int | None) -> None:  # SQLite's own "disk is full"; on the spool's thread
+                db = spool._store._db
+                db.execute(f"PRAGMA max_page_count = {pages or db.execute('PRAGMA page_count').fetchone()[0]}")
 
-                async with Publisher(broker, max_batch=50, spool=spool) as publisher:
-                    server.stop()
-                    await spool._call(lambda: limit_pages(None))
-                    for start in range(0, 500, 50):
-                        await publisher.submit(batch(start, 50))
-                    await wait_until(lambda: any("cannot spool" in r.getMessage() for r in caplog.records))
-                    assert publisher.spooled < 500
-                    await spool._call(lambda: limit_pages(1_000_000))
-                    await wait_until(lambda: publisher.spooled == 500)
-                    server.start()
-                    await wait_until(lambda: publisher.published == 500)
-                found = await broker.history(TOPIC, ZERO_ID, 1000)
-        assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(500)]
-        assert publisher.lost == 0
-    finally:
-        server.stop()
+            async with Publisher(broker, max_batch=50, spool=spool) as publisher:
+                own_redis.stop()
+                await spool._call(lambda: limit_pages(None))
+                for start in range(0, 500, 50):
+                    await publisher.submit(batch(start, 50))
+                await wait_until(lambda: any("cannot spool" in r.getMessage() for r in caplog.records))
+                assert publisher.spooled < 500
+                await spool._call(lambda: limit_pages(1_000_000))
+                await wait_until(lambda: publisher.spooled == 500)
+                own_redis.start()
+                await wait_until(lambda: publisher.published == 500)
+            found = await broker.history(TOPIC, ZERO_ID, 1000)
+    assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(500)]
+    assert publisher.lost == 0
 
 
 async def test_readings_evicted_while_their_publish_ran_are_not_counted_as_dropped(tmp_path: Path) -> None:

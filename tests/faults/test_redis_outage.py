@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import httpx
@@ -93,29 +92,18 @@ async def flowing(redis: RedisServer, secret: str, token: str, wells: list[str],
             await publishing
 
 
-@pytest.fixture
-def aof_redis(tmp_path: Path):
-    # appendfsync always: what Redis acknowledged is on disk when it is killed, as the test expects.
-    server = RedisServer(tmp_path, appendonly=True, appendfsync="always")
-    server.start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        server.thaw()  # a frozen process cannot act on SIGTERM
-    server.stop()
-
-
 async def test_kill_9_of_redis_under_50_streams_loses_nothing_for_streams_that_stay_open(
-    aof_redis: RedisServer, secret: str, token
+    own_redis: RedisServer, secret: str, token
 ) -> None:
     with anyio.fail_after(90):
-        async with flowing(aof_redis, secret, token("acme"), WELLS, 5) as scene:
+        async with flowing(own_redis, secret, token("acme"), WELLS, 5) as scene:
             publisher = scene.publisher
-            aof_redis.kill()
+            own_redis.kill()
             refused_before = publisher.refused
             await wait_until(lambda: publisher.refused > refused_before + 5)  # the publisher saw it too
             assert await readyz(scene.client, scene.gateway.url) == 503
             await scene.heartbeats_go_on()
-            aof_redis.start()
+            own_redis.start()
             logs = await scene.settle()
     for stream in scene.streams:
         assert not stream.ended, "the stream stayed open through the outage"
@@ -124,15 +112,15 @@ async def test_kill_9_of_redis_under_50_streams_loses_nothing_for_streams_that_s
 
 
 async def test_a_frozen_redis_is_detected_by_the_health_check_and_the_gap_filled_after_sigcont(
-    aof_redis: RedisServer, secret: str, token
+    own_redis: RedisServer, secret: str, token
 ) -> None:
     with anyio.fail_after(90):
-        async with flowing(aof_redis, secret, token("acme"), WELLS[:5], 2) as scene:
-            aof_redis.freeze()
+        async with flowing(own_redis, secret, token("acme"), WELLS[:5], 2) as scene:
+            own_redis.freeze()
             # Frozen, the TCP connections stay up: only the health check can tell.
             await until_readyz(scene.client, scene.gateway.url, 503)
             await scene.heartbeats_go_on()
-            aof_redis.thaw()
+            own_redis.thaw()
             logs = await scene.settle()
     for stream in scene.streams:
         assert not stream.ended, "the stream stayed open through the freeze"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import anyio
 import pytest
@@ -17,34 +16,28 @@ from tests.factories import make_reading
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_subscribe_lost_in_a_freeze_does_not_delay_every_later_one(tmp_path: Path) -> None:
+async def test_a_subscribe_lost_in_a_freeze_does_not_delay_every_later_one(own_redis: RedisServer) -> None:
     # The SUBSCRIBE sent into the frozen Redis is never answered on the new connection; if its
     # waiter stayed in line, each later subscriber would get the previous one's reply and the
     # well could never be streamed again on this gateway.
-    server = RedisServer(tmp_path)
-    server.start()
     topic = Topic("acme", "w1")
-    try:
-        with anyio.fail_after(30):
-            async with RedisBroker.connect(server.url, timeout_s=0.5, ping_interval_s=0.2) as broker:
-                hub = Hub(broker)
-                await hub.start()
-                try:
-                    server.freeze()
-                    with pytest.raises(TimeoutError):
-                        await asyncio.wait_for(hub.subscribe(topic), 0.5)
-                    assert hub.topics == 0
-                    await wait_until(lambda: not hub.live)  # three missed pongs: the feed gave up on it
-                    server.thaw()
-                    await wait_until(lambda: hub.live and hub.feed_reconnects >= 1)
-                    for value in (1.0, 2.0, 3.0):
-                        sub = await asyncio.wait_for(hub.subscribe(topic), 5)
-                        await broker.publish([make_reading(value)])
-                        await wait_until(lambda: bool(sub.frames))  # noqa: B023 - awaited at once
-                        assert f'"value":{value}'.encode() in sub.frames[0][1]
-                        await hub.unsubscribe(sub)
-                finally:
-                    await hub.aclose()
-    finally:
-        server.thaw()
-        server.stop()
+    with anyio.fail_after(30):
+        async with RedisBroker.connect(own_redis.url, timeout_s=0.5, ping_interval_s=0.2) as broker:
+            hub = Hub(broker)
+            await hub.start()
+            try:
+                own_redis.freeze()
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(hub.subscribe(topic), 0.5)
+                assert hub.topics == 0
+                await wait_until(lambda: not hub.live)  # three missed pongs: the feed gave up on it
+                own_redis.thaw()
+                await wait_until(lambda: hub.live and hub.feed_reconnects >= 1)
+                for value in (1.0, 2.0, 3.0):
+                    sub = await asyncio.wait_for(hub.subscribe(topic), 5)
+                    await broker.publish([make_reading(value)])
+                    await wait_until(lambda: bool(sub.frames))  # noqa: B023 - awaited at once
+                    assert f'"value":{value}'.encode() in sub.frames[0][1]
+                    await hub.unsubscribe(sub)
+            finally:
+                await hub.aclose()
