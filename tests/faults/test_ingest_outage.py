@@ -12,23 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import sqlite3
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import orjson
 import pytest
-import redis
 
 from app.adapters.simulator import SimulatorAdapter
 from app.models import Reading, Topic
 from app.streams.redis import log_key
-from tests.conftest import ROOT, free_port, wait_until
+from tests.conftest import ROOT, RedisServer, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -36,58 +33,6 @@ WELLS = ["w1", "w2"]
 SEED = 7
 INTERVAL_S = 0.05  # 2 wells x 4 tags every 50 ms: 160 readings/s
 OUTAGE_S = 10
-
-
-class DurableRedis:
-    """redis-server that keeps every acknowledged write across a SIGKILL (AOF, fsync always).
-
-    Restarted on the same port and data dir, like a supervisor would.
-    """
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: run `make test`, which installs it")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)]
-        self._cmd += ["--appendonly", "yes", "--appendfsync", "always"]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        with redis.Redis(port=self.port, socket_timeout=1) as client:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.exceptions.BusyLoadingError:
-                    pass
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline or self.process.poll() is not None:
-                        raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
-
-
-@pytest.fixture
-def durable_redis(tmp_path: Path) -> Iterator[DurableRedis]:
-    workdir = tmp_path / "redis"
-    workdir.mkdir()
-    server = DurableRedis(workdir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def site_file(tmp_path: Path, connection: str) -> Path:
@@ -145,7 +90,7 @@ def log_line(tmp_path: Path, connection: str, event: str) -> dict[str, object]:
     raise AssertionError(f"no {event} line in the log of {connection}")
 
 
-def stream_log(server: DurableRedis, well: str) -> list[Reading]:
+def stream_log(server: RedisServer, well: str) -> list[Reading]:
     with server.client() as client:
         entries = client.xrange(log_key(Topic("acme", well)))
     return [Reading.from_json(fields[b"r"]) for _, fields in entries]
@@ -184,28 +129,28 @@ def assert_whole_prefix(readings: list[Reading], well: str) -> None:
     assert first_difference is None, f"{well}: reading {first_difference} of {len(got)} is missing or out of order"
 
 
-async def wait_for_readings(server: DurableRedis, count: int) -> None:
+async def wait_for_readings(server: RedisServer, count: int) -> None:
     await wait_until(lambda: all(len(stream_log(server, well)) >= count for well in WELLS), interval_s=0.05)
 
 
 async def test_redis_down_for_10_s_every_reading_arrives_in_order_once_it_is_back(
-    tmp_path: Path, durable_redis: DurableRedis
+    tmp_path: Path, own_redis: RedisServer
 ) -> None:
     spool = tmp_path / "spool" / "ingest.sqlite3"
     with anyio.fail_after(60):
-        async with ingest_worker(tmp_path, durable_redis.url, spool, "sim") as worker:
-            await wait_for_readings(durable_redis, 40)
-            durable_redis.kill()
+        async with ingest_worker(tmp_path, own_redis.url, spool, "sim") as worker:
+            await wait_for_readings(own_redis, 40)
+            own_redis.kill()
             await asyncio.sleep(OUTAGE_S)  # the outage itself, not a wait for something
             during = spooled(spool)
-            durable_redis.start()
+            own_redis.start()
             await wait_until(lambda: not spooled(spool), interval_s=0.05)
-            await wait_for_readings(durable_redis, len(stream_log(durable_redis, "w1")) + 40)  # live again
+            await wait_for_readings(own_redis, len(stream_log(own_redis, "w1")) + 40)  # live again
             worker.terminate()
             assert await worker.wait() == 0
 
     stopped = log_line(tmp_path, "sim", "ingest-stopped")
-    logs = {well: stream_log(durable_redis, well) for well in WELLS}
+    logs = {well: stream_log(own_redis, well) for well in WELLS}
     for well, readings in logs.items():
         assert_whole_prefix(readings, well)
     assert len(logs["w1"]) == len(logs["w2"])
@@ -220,23 +165,23 @@ async def test_redis_down_for_10_s_every_reading_arrives_in_order_once_it_is_bac
 
 
 async def test_the_worker_sigkilled_mid_outage_loses_nothing_it_had_spooled(
-    tmp_path: Path, durable_redis: DurableRedis
+    tmp_path: Path, own_redis: RedisServer
 ) -> None:
     spool = tmp_path / "spool" / "ingest.sqlite3"
     with anyio.fail_after(90):
-        async with ingest_worker(tmp_path, durable_redis.url, spool, "first") as first:
-            await wait_for_readings(durable_redis, 40)
+        async with ingest_worker(tmp_path, own_redis.url, spool, "first") as first:
+            await wait_for_readings(own_redis, 40)
             down_at = time.monotonic()
-            durable_redis.kill()
+            own_redis.kill()
             await wait_until(lambda: len(spooled(spool)) >= 400, interval_s=0.05)  # some seconds of outage
             first.kill()
             await first.wait()
         acknowledged = spooled(spool)  # exactly what the killed worker had committed
 
-        async with ingest_worker(tmp_path, durable_redis.url, spool, "second") as second:
+        async with ingest_worker(tmp_path, own_redis.url, spool, "second") as second:
             await wait_until(lambda: len(spooled(spool)) > len(acknowledged), interval_s=0.05)
             await asyncio.sleep(max(0.0, down_at + OUTAGE_S - time.monotonic()))  # the rest of the 10 s outage
-            durable_redis.start()
+            own_redis.start()
             await wait_until(lambda: not spooled(spool), interval_s=0.05)
             second.terminate()
             assert await second.wait() == 0
@@ -245,7 +190,7 @@ async def test_the_worker_sigkilled_mid_outage_loses_nothing_it_had_spooled(
     assert stopped["dropped"] == 0
     second_total = 0
     for well in WELLS:
-        readings = stream_log(durable_redis, well)
+        readings = stream_log(own_redis, well)
         runs = [r.connection_id for r in readings]
         cut = runs.count("first")
         assert runs == ["first"] * cut + ["second"] * (len(runs) - cut), "the first run's readings come first"
@@ -260,12 +205,12 @@ async def test_the_worker_sigkilled_mid_outage_loses_nothing_it_had_spooled(
 
 
 async def test_sigterm_while_redis_is_down_spools_what_is_pending_and_exits(
-    tmp_path: Path, durable_redis: DurableRedis
+    tmp_path: Path, own_redis: RedisServer
 ) -> None:
     spool = tmp_path / "spool" / "ingest.sqlite3"
-    durable_redis.kill()
+    own_redis.kill()
     with anyio.fail_after(30):
-        async with ingest_worker(tmp_path, durable_redis.url, spool, "sim") as worker:
+        async with ingest_worker(tmp_path, own_redis.url, spool, "sim") as worker:
             await wait_until(lambda: len(spooled(spool)) >= 80, interval_s=0.05)
             worker.terminate()
             assert await worker.wait() == 0, "exits on its own while Redis is still down"
@@ -277,13 +222,13 @@ async def test_sigterm_while_redis_is_down_spools_what_is_pending_and_exits(
         assert_whole_prefix([r for r in left if r.well_id == well], well)
 
 
-async def test_a_second_worker_on_the_same_spool_refuses_to_start(tmp_path: Path, durable_redis: DurableRedis) -> None:
+async def test_a_second_worker_on_the_same_spool_refuses_to_start(tmp_path: Path, own_redis: RedisServer) -> None:
     spool = tmp_path / "spool" / "ingest.sqlite3"
     with anyio.fail_after(30):
-        async with ingest_worker(tmp_path, durable_redis.url, spool, "first"):
+        async with ingest_worker(tmp_path, own_redis.url, spool, "first"):
             await wait_until(spool.exists, interval_s=0.05)
-            await wait_for_readings(durable_redis, 8)  # the first one is up and owns the spool
-            async with ingest_worker(tmp_path, durable_redis.url, spool, "second") as second:
+            await wait_for_readings(own_redis, 8)  # the first one is up and owns the spool
+            async with ingest_worker(tmp_path, own_redis.url, spool, "second") as second:
                 assert await second.wait() != 0
     message = (tmp_path / "second.log").read_text()
     assert "is in use by another worker" in message
