@@ -77,6 +77,11 @@ class Result:
     publisher_lag_ms: float
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without any WELLSTREAM_ setting: a child sees only what we give it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -128,7 +133,7 @@ def wait_healthy(port: int, timeout_s: float) -> None:
 def gateway(system: str, redis_url: str, secret: str) -> Iterator[tuple[int, psutil.Process]]:
     args, extra = SYSTEMS[system]
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env = clean_env()
     env |= {
         "WELLSTREAM_REDIS_URL": redis_url,
         "WELLSTREAM_JWT_SECRET": secret,

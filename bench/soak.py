@@ -27,7 +27,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,16 +41,10 @@ from app.auth.tokens import mint_token
 from app.errors import BrokerError
 from app.models import Reading, StreamId, Topic
 from app.streams.redis import RedisBroker, log_key
+from bench.run import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TENANT = "soak"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Redis:
@@ -91,7 +84,7 @@ class Gateway:
     def __init__(self, redis_url: str, secret: str, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+        self.env = clean_env()
         self.env |= {
             "WELLSTREAM_JWT_SECRET": secret,
             "WELLSTREAM_REDIS_URL": redis_url,

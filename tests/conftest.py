@@ -42,6 +42,11 @@ def free_port() -> int:
         return port
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without any WELLSTREAM_ setting: a child sees only what the test gives it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+
+
 def stop_process(process: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM a server subprocess, SIGKILL it if it is still there after 5 s."""
     if process is not None and process.poll() is None:
@@ -239,7 +244,7 @@ async def gateway_process(
 ) -> AsyncIterator[GatewayProcess]:
     """`python -m app serve` as a real child process on a free port; killed if still running at the end."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env = clean_env()
     env |= {"WELLSTREAM_JWT_SECRET": secret, "WELLSTREAM_WELLS": json.dumps(REGISTRY)}
     env |= {f"WELLSTREAM_AUTH__LIMITS__{key.upper()}": str(value) for key, value in ROOMY_LIMITS.items()}
     env |= env_overrides

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.models import Reading
+from app.models import Quality, Reading
 
 
 def make_reading(
@@ -13,15 +13,17 @@ def make_reading(
     well: str = "w1",
     connection: str = "c1",
     timestamp: str = "2026-11-27T10:00:00.123Z",
+    quality: Quality = "GOOD",
+    unit: str = "psi",
 ) -> Reading:
     return Reading(
         tenant_id=tenant,
         well_id=well,
         tag_name=tag,
         value=value,
-        quality="GOOD",
+        quality=quality,
         timestamp=timestamp,
         source_protocol="simulator",
         connection_id=connection,
-        unit="psi",
+        unit=unit,
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from tests.adapters.test_mqtt import MosquittoBroker
-from tests.conftest import ROOT, make_settings, running_gateway
+from tests.conftest import ROOT, clean_env, make_settings, running_gateway
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
@@ -41,7 +40,7 @@ port = {mqtt.port}
 tags = [{{ topic = "pads/7/tubing", well = "well-01", tag = "tubing_pressure", unit = "psi", scale = 2.0 }}]
 """
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")} | {"WELLSTREAM_REDIS_URL": redis_url}
+    env = clean_env() | {"WELLSTREAM_REDIS_URL": redis_url}
     env["WELLSTREAM_SPOOL__PATH"] = str(tmp_path / "spool.sqlite3")  # never the repo's var/: runs may overlap
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "ingest", "--config", str(site), cwd=ROOT, env=env

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, RedisServer, free_port
+from tests.conftest import ROOT, RedisServer, clean_env, free_port
 
 SITE = """
 [tenants.acme]
@@ -63,7 +62,7 @@ def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(
     site = tmp_path / "site.toml"
     site.write_text(SITE)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env = clean_env()
     env |= {
         "WELLSTREAM_REDIS_URL": own_redis.url,
         "WELLSTREAM_REDIS__TIMEOUT_S": "1",

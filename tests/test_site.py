@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.site import SiteError, load_site
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +72,7 @@ def test_ingest_registers_the_wells_publishes_and_stops_cleanly(tmp_path: Path, 
         client.flushall()
     site = tmp_path / "site.toml"
     site.write_text(SITE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env = clean_env()
     env["WELLSTREAM_REDIS_URL"] = redis_server.url
     env["WELLSTREAM_SPOOL__PATH"] = str(tmp_path / "spool.sqlite3")  # never the repo's var/: runs may overlap
     log = (tmp_path / "ingest.log").open("w")
@@ -99,7 +98,7 @@ def test_ingest_registers_the_wells_publishes_and_stops_cleanly(tmp_path: Path, 
 def test_ingest_without_redis_says_what_is_missing(tmp_path: Path) -> None:
     site = tmp_path / "site.toml"
     site.write_text(SITE)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env = clean_env()
     result = subprocess.run(
         [sys.executable, "-m", "app", "ingest", "--config", str(site)], env=env, capture_output=True, text=True
     )

@@ -9,6 +9,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
 from app.models import Quality, Reading
+from tests.factories import make_reading
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -56,14 +57,7 @@ def reading(
     age_s: float = 0.0,
     tenant: str = "acme",
 ) -> Reading:
-    return Reading(
-        tenant_id=tenant,
-        well_id=well,
-        tag_name=tag,
-        value=value,
-        quality=quality,
-        timestamp=iso(datetime.now(UTC) - timedelta(seconds=age_s)),
-        source_protocol="simulator",
-        connection_id="test",
-        unit=unit,
+    timestamp = iso(datetime.now(UTC) - timedelta(seconds=age_s))
+    return make_reading(
+        value, tag, tenant=tenant, well=well, connection="test", timestamp=timestamp, quality=quality, unit=unit
     )

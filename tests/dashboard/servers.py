@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import trustme
 
-from tests.conftest import ROOMY_LIMITS, ROOT, free_port
+from tests.conftest import ROOMY_LIMITS, ROOT, clean_env, free_port
 
 # Short retry hints keep the restart tests quick; the shutdown still says goodbye first.
 FAST_RECONNECTS = {
@@ -50,7 +49,7 @@ class Gateway:
         self.tls = tls_dir is not None
         if tls_dir is not None:
             self.args = ["--hypercorn-config", str(tls_config(tls_dir, self.port))]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+        env = clean_env()
         env |= {"WELLSTREAM_JWT_SECRET": secret, "WELLSTREAM_WELLS": json.dumps(registry)}
         env |= {"WELLSTREAM_REDIS_URL": redis_url, **FAST_RECONNECTS}
         env |= {f"WELLSTREAM_AUTH__LIMITS__{key.upper()}": str(value) for key, value in ROOMY_LIMITS.items()}

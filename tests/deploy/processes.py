@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REGISTRY, ROOMY_LIMITS, ROOT, free_port, stop_process
+from tests.conftest import REGISTRY, ROOMY_LIMITS, ROOT, clean_env, free_port, stop_process
 
 CONFIG = ROOT / "config"
 # The two gateways the committed proxy files name.
@@ -37,7 +37,7 @@ def render(template: Path, replacements: Mapping[str, str]) -> str:
 
 
 def gateway_env(secret: str, redis_url: str, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env = clean_env()
     env |= {"WELLSTREAM_JWT_SECRET": secret, "WELLSTREAM_WELLS": json.dumps(REGISTRY)}
     env |= {f"WELLSTREAM_AUTH__LIMITS__{key.upper()}": str(value) for key, value in ROOMY_LIMITS.items()}
     if redis_url:

@@ -17,7 +17,7 @@ import pytest
 
 from app.models import StreamId
 from app.streams.redis import RedisBroker
-from tests.conftest import ROOT, RedisServer, free_port, wait_until
+from tests.conftest import ROOT, RedisServer, clean_env, free_port, wait_until
 from tests.deploy.processes import wait_for_status
 from tests.factories import make_reading
 from tests.sse_client import SSEReader
@@ -86,7 +86,7 @@ async def test_a_reading_published_once_reaches_every_gateway_exactly_once(
     redis_server: RedisServer, redis_url: str, secret: str, token, tmp_path: Path
 ) -> None:
     lines = procfile()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    base = clean_env()
     base |= {"PATH": f"{Path(sys.executable).parent}:{base.get('PATH', '')}", "REDIS_URL": redis_url}
     base |= {"WELLSTREAM_JWT_SECRET": secret, "HOST": "127.0.0.1"}
     ports = [free_port() for _ in range(3)]

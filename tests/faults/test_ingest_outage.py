@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 from app.adapters.simulator import SimulatorAdapter
 from app.models import Reading, Topic
 from app.streams.redis import log_key
-from tests.conftest import ROOT, RedisServer, wait_until
+from tests.conftest import ROOT, RedisServer, clean_env, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -59,7 +58,7 @@ async def ingest_worker(
     tmp_path: Path, redis_url: str, spool: Path, connection: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`wellstream ingest` as a real child process; its JSON log lines go to `<connection>.log`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+    env = clean_env()
     env |= {"WELLSTREAM_REDIS_URL": redis_url, "WELLSTREAM_SPOOL__PATH": str(spool)}
     with (tmp_path / f"{connection}.log").open("wb") as log:
         process = await asyncio.create_subprocess_exec(
