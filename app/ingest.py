@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from app.adapters.modbus import ModbusAdapter
 from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
 from app.adapters.simulator import SimulatorAdapter
+from app.backoff import Backoff
 from app.errors import BrokerError
 from app.metrics import ingest_registry, serve_metrics
 from app.models import Origin, Reading, StreamId
@@ -181,17 +181,17 @@ class Publisher:
         self._has_room.set()
 
     async def _publish(self, batch: list[Reading], origin: Origin) -> None:
-        backoff = 0.05
+        backoff = Backoff()
         while True:
             try:
                 await self._broker.publish(batch, origin)
                 self.published += len(batch)
                 return
             except Exception as exc:  # not only BrokerError: the one publishing task must not die
+                delay = backoff.next()
                 log = logger.warning if isinstance(exc, BrokerError) else logger.exception
-                log("publish of %d readings failed, retrying in %.2f s: %s", len(batch), backoff, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                log("publish of %d readings failed, retrying in %.2f s: %s", len(batch), delay, exc)
+                await asyncio.sleep(delay)
 
     async def _publish_or_spool(self, spool: Spool, batch: list[Reading], origin: Origin) -> None:
         # The spool only grows here, so when it is empty and nothing is in flight no older batch
@@ -228,7 +228,7 @@ class Publisher:
         # An unwritable spool (disk full) holds the batch here and retries: readings then wait
         # in memory, and adapters feel backpressure at `max_pending`, as without a spool. On
         # exit there is nowhere left to keep them: they are counted as lost, and the exit is prompt.
-        backoff = _Backoff()
+        backoff = Backoff()
         while True:
             try:
                 batch_id = await spool.append(batch, origin)
@@ -266,7 +266,7 @@ class Publisher:
                 await asyncio.sleep(1)
 
     async def _drain_until_closed(self, spool: Spool) -> None:
-        backoff = _Backoff()
+        backoff = Backoff()
         while True:
             if self._in_flight is not None:
                 handed, self._in_flight = self._in_flight, None
@@ -340,23 +340,6 @@ class _InFlight:
     attempt: asyncio.Task[list[StreamId]]
     batch_id: int | None  # None: the spool could not take a copy either
     readings: int
-
-
-class _Backoff:
-    """Capped exponential backoff with jitter, so workers that lost the same Redis do not retry in step."""
-
-    def __init__(self, first_s: float = 0.05, cap_s: float = 5.0) -> None:
-        self._first_s = first_s
-        self._cap_s = cap_s
-        self.failures = 0
-
-    def next(self) -> float:
-        self.failures += 1
-        ceiling = min(self._cap_s, self._first_s * 2 ** min(self.failures - 1, 30))
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 def adapters_for(site: Site, credentials: Mapping[str, str]) -> list[Adapter]:
@@ -478,7 +461,7 @@ async def _run_adapters(
 
 async def _register_wells(site: Site, broker: Broker) -> None:
     # Publishing adds a well too; registering up front lets the gateway know wells that are quiet.
-    backoff = _Backoff()
+    backoff = Backoff()
     while True:
         try:
             for tenant, wells in site.registry().items():

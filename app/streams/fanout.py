@@ -24,6 +24,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from app.backoff import Backoff
 from app.errors import BrokerError
 from app.models import StreamEvent, StreamId, Topic
 from app.streams.broker import Broker, LiveFeed
@@ -330,8 +331,7 @@ class Hub:
 
     async def _fill(self, topic: Topic, state: _TopicState, slots: asyncio.Semaphore) -> None:
         assert self._feed is not None
-        backoff = 0.1
-        failures = 0
+        backoff = Backoff(first_s=0.1, cap_s=2.0)
         while self._topics.get(topic) is state and state.held is not None:
             try:
                 await self._feed.confirmed(topic)  # after this, history covers everything not held
@@ -341,13 +341,12 @@ class Hub:
             except BrokerError as exc:
                 if not self._feed.connected:
                     return  # the next reconnect starts a new fill
-                failures += 1
-                if failures >= 5:  # Redis answers, but not for this well: its streams resume instead
-                    self._reset(topic, state, f"gap fill failed {failures} times: {exc}")
+                delay = backoff.next()
+                if backoff.failures >= 5:  # Redis answers, but not for this well: its streams resume instead
+                    self._reset(topic, state, f"gap fill failed {backoff.failures} times: {exc}")
                     return
                 logger.warning("gap fill of %s failed, retrying: %s", topic, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await asyncio.sleep(delay)
             except Exception:  # a bug must not leave the topic held for ever: its streams resume instead
                 logger.exception("gap fill of %s failed", topic)
                 self._reset(topic, state, "gap fill failed")

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -27,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 from redis.exceptions import RedisError
 
+from app.backoff import Backoff
 from app.errors import BrokerError
 from app.models import History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
 from app.streams.broker import Deliver, LiveFeed, decode_event
@@ -470,7 +470,9 @@ class RedisFeed:
                 logger.debug("pubsub command %s not sent: %s", command[0], exc)
 
     async def _read_forever(self) -> None:
-        backoff = 0.1
+        backoff = Backoff(
+            first_s=0.1, cap_s=5.0
+        )  # jittered: a fleet of gateways must not hit a restarted Redis in step
         while not self._closing:
             try:
                 await self._read_until_broken()
@@ -484,16 +486,14 @@ class RedisFeed:
             self._fail_confirmations()
             if self._conn is not None:
                 await self._conn.disconnect()
+            backoff.reset()
             while True:
-                # Jittered, so a fleet of gateways does not hit a restarted Redis in step.
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                await asyncio.sleep(backoff.next())
                 try:
                     await self._connect()
                     break
                 except (BrokerError, TimeoutError) as exc:
-                    backoff = min(backoff * 2, 5.0)
                     logger.warning("redis pubsub reconnect failed: %s", exc or "timed out")
-            backoff = 0.1
             self.reconnects += 1
             logger.info("redis pubsub reconnected, %d channels resubscribed", len(self._topics))
             if self.on_gap is not None:
