@@ -97,12 +97,15 @@ class StreamLimits:
         self._released: asyncio.Future[None] | None = None  # resolves when `_releasing` is flushed
         self._release_due = asyncio.Event()
         self._releaser: asyncio.Task[None] | None = None
+        self._uncounting = 0  # ended streams whose release has not reached the broker yet
         self._attempts_by_address = TokenBuckets(settings.connects_per_s, settings.connect_burst)
         self._attempts_by_subject = TokenBuckets(settings.connects_per_s, settings.connect_burst)
 
     @property
     def open(self) -> int:
-        return len(self._leases)
+        """Streams of this gateway still in the shared counts: a stream that ended counts until
+        its release has reached the broker, so a caller at its cap who sees 0 may open again."""
+        return len(self._leases) + self._uncounting
 
     async def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew_forever(), name="lease-renewer")
@@ -127,7 +130,7 @@ class StreamLimits:
     async def admit(self, principal: Principal) -> Lease:
         """Raises LimitError; on success the caller must release the lease when the stream ends."""
         limits = self._settings
-        if self.open >= limits.streams_per_process:
+        if len(self._leases) >= limits.streams_per_process:
             raise LimitError("this gateway is full", 503, 5)
         subject = hashlib.sha256(principal.subject.encode()).hexdigest()[:32]
         wait = self._attempts_by_subject.take(f"{principal.tenant}/{subject}")
@@ -148,8 +151,12 @@ class StreamLimits:
     async def _release(self, lease: Lease) -> None:
         """Returns once the lease is uncounted (or failed to be, and will expire by itself)."""
         self._leases.pop(lease.member, None)
+        self._uncounting += 1
         if self._releaser is None or self._releaser.done():  # not started (or stopped): do it here
-            await self._flush([lease])
+            try:
+                await self._flush([lease])
+            finally:
+                self._uncounting -= 1
             return
         self._releasing.append(lease)
         if self._released is None:
@@ -168,6 +175,7 @@ class StreamLimits:
             try:
                 await self._flush(batch)
             finally:
+                self._uncounting -= len(batch)
                 if done is not None and not done.done():
                     done.set_result(None)
 

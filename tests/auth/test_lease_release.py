@@ -42,3 +42,24 @@ async def test_a_thousand_streams_ending_at_once_are_all_uncounted_even_if_cance
             with redis.Redis.from_url(redis_url) as client:
                 assert client.zcard(lease_key("{acme}:tenant")) == 0
             assert limits.open == 0
+
+
+async def test_a_stream_counts_as_open_until_its_release_has_reached_redis(redis_url: str) -> None:
+    principal = Principal(subject="tester", tenant="acme", expires_at=time.time() + 600)
+    with anyio.fail_after(30):
+        async with RedisBroker.connect(redis_url, max_connections=4) as broker:
+            limits = StreamLimits(ROOMY, broker)
+            await limits.start()
+            try:
+                first, _ = await limits.admit(principal), await limits.admit(principal)
+                release = asyncio.create_task(first.release())
+                await asyncio.sleep(0)  # the release is queued, not yet sent
+                with redis.Redis.from_url(redis_url) as client:
+                    assert client.zcard(lease_key("{acme}:tenant")) == 2
+                assert limits.open == 2, "a caller waiting for 1 would race the release"
+                await release
+                with redis.Redis.from_url(redis_url) as client:
+                    assert client.zcard(lease_key("{acme}:tenant")) == 1
+                assert limits.open == 1
+            finally:
+                await limits.aclose()
