@@ -51,6 +51,7 @@ class LiveFeed(Protocol):
     """
 
     on_gap: Callable[[], None] | None
+    reconnects: int  # how often `on_gap` was due: each one a gap the hub fills from history
 
     @property
     def connected(self) -> bool:

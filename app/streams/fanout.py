@@ -211,7 +211,7 @@ class Hub:
 
     @property
     def feed_reconnects(self) -> int:
-        return int(getattr(self._feed, "reconnects", 0))
+        return self._feed.reconnects if self._feed is not None else 0
 
     async def subscribe(
         self, topic: Topic, tags: frozenset[str] | None = None, expires_at: float | None = None
@@ -312,7 +312,6 @@ class Hub:
     def _on_gap(self) -> None:
         # Called by the feed right after it reconnected and resent its subscriptions, before it
         # reads again: from here on, live events wait until history has filled the gap.
-        self.stats.gaps += 1
         for state in self._topics.values():
             if state.held is None:
                 state.held = []
@@ -380,7 +379,6 @@ class Hub:
 
     def _reset(self, topic: Topic, state: _TopicState, why: str) -> None:
         # The streams resume by Last-Event-ID and get a reset + snapshot if history is gone.
-        self.stats.gap_resets += 1
         logger.warning("streams on %s ended: %s", topic, why)
         state.held = None
         state.floor = None

@@ -29,6 +29,7 @@ class _MemoryFeed:
         self.deliver = deliver
         self.topics: set[Topic] = set()
         self.on_gap: Callable[[], None] | None = None  # an in-process feed never has a gap
+        self.reconnects = 0
 
     @property
     def connected(self) -> bool:

@@ -48,7 +48,5 @@ class HubStats:
     resets: int = 0  # resumes whose id history no longer reached: reset + snapshot
     slow_disconnects: int = 0
     send_timeouts: int = 0
-    gaps: int = 0  # live feed reconnects the hub filled from history
-    gap_events: int = 0  # events fanned out from history by those fills
-    gap_resets: int = 0  # topics whose gap history could not cover (trimmed): streams ended
+    gap_events: int = 0  # events fanned out from history when the live feed came back
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)

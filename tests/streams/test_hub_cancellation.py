@@ -56,7 +56,7 @@ async def test_a_subscribe_cancelled_at_any_step_leaves_the_feed_and_other_strea
             await asyncio.sleep(0.3)
             assert steady.end_reason is None
             assert hub._feed is not None
-            assert getattr(hub._feed, "reconnects", 0) == 0
+            assert hub.feed_reconnects == 0
             assert hub.topics == 1
             late = await hub.subscribe(Topic("acme", "w2"))  # the channel still works
             await hub.unsubscribe(late)
