@@ -96,7 +96,7 @@ class Publisher:
     @property
     def rejected(self) -> int:
         """Readings Redis refused for good (a key of the wrong type): logged by the broker, never retried."""
-        return int(getattr(self._broker, "rejected", 0))
+        return self._broker.rejected
 
     @property
     def dropped(self) -> int:

@@ -81,6 +81,8 @@ class Broker(Protocol):
       entry newer than `id` was trimmed, or when `id` is newer than anything ever written.
     """
 
+    rejected: int  # readings the store refused for good (logged, counted, never retried)
+
     async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:
         """Store and announce a batch; returns the ids in input order.
 

@@ -65,6 +65,7 @@ class MemoryBroker:
         self._logs: dict[Topic, _Log] = defaultdict(_Log)
         self._wells: dict[str, set[str]] = defaultdict(set)
         self._tickets: dict[str, tuple[bytes, float]] = {}
+        self.rejected = 0  # nothing here can hold a key of the wrong type
         self._leases: dict[str, dict[str, float]] = defaultdict(dict)
         self._applied: dict[str, int] = {}  # producer -> highest seq applied (see Origin)
         self.feeds: set[_MemoryFeed] = set()
