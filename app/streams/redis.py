@@ -470,9 +470,8 @@ class RedisFeed:
                 logger.debug("pubsub command %s not sent: %s", command[0], exc)
 
     async def _read_forever(self) -> None:
-        backoff = Backoff(
-            first_s=0.1, cap_s=5.0
-        )  # jittered: a fleet of gateways must not hit a restarted Redis in step
+        # Jittered: a fleet of gateways must not hit a restarted Redis in step.
+        backoff = Backoff(first_s=0.1, cap_s=5.0)
         while not self._closing:
             try:
                 await self._read_until_broken()
