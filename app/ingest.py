@@ -385,8 +385,8 @@ class ConnectionHealth:
         adapter = self.adapter
         return {
             "connection": adapter.name,
-            "connected": getattr(adapter, "connected", None),
-            "errors": getattr(adapter, "errors", None),
+            "connected": adapter.connected,
+            "errors": adapter.errors,
             "readings": dict(self.readings),
             "last_reading_age_s": age,
         }

@@ -112,11 +112,9 @@ class IngestCollector(Collector):
             names = [health.adapter.name, health.protocol]
             for quality, count in health.readings.items():
                 readings.add_metric([*names, quality], count)
+            connected.add_metric(names, health.adapter.connected)
+            errors.add_metric(names, health.adapter.errors)
             report = health.report()
-            if isinstance(report["connected"], bool):
-                connected.add_metric(names, report["connected"])
-            if isinstance(report["errors"], int):
-                errors.add_metric(names, report["errors"])
             if isinstance(report["last_reading_age_s"], float):
                 age.add_metric(names, report["last_reading_age_s"])
         yield from (readings, connected, errors, age)

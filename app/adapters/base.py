@@ -17,10 +17,12 @@ class ReadingSink(Protocol):
 class Adapter(Protocol):
     """Reads one connection's devices until cancelled, reconnecting by itself.
 
-    Adapters may also expose `connected: bool` and `errors: int` (failed connects and lost
-    connections so far) for the worker's health line.
+    `connected` and `errors` (failed connects and lost connections so far) feed the worker's
+    health line and metrics.
     """
 
     name: str
+    connected: bool
+    errors: int
 
     async def run(self, sink: ReadingSink) -> None: ...
