@@ -29,12 +29,13 @@ on `<path>.lock`, released by the kernel if the owner dies).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,9 +107,19 @@ class _Store:
     def totals(self) -> _Totals:
         return _Totals(self.batches, self.readings, self.bytes, self.dropped_batches, self.dropped_readings)
 
-    def append(self, count: int, payload: bytes, producer: str | None, seq: int | None) -> tuple[_Totals, int]:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
+                self._db.execute("ROLLBACK")
+            raise
+
+    def append(self, count: int, payload: bytes, producer: str | None, seq: int | None) -> tuple[_Totals, int]:
+        with self._transaction():
             cursor = self._db.execute(
                 "INSERT INTO batches (readings, bytes, payload, producer, seq) VALUES (?, ?, ?, ?, ?)",
                 (count, len(payload), payload, producer, seq),
@@ -123,11 +134,6 @@ class _Store:
             batches = self.batches + 1 - dropped_batches
             readings = self.readings + count - dropped_readings
             size = self.bytes + len(payload) - dropped_bytes
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
-                self._db.execute("ROLLBACK")
-            raise
         self.batches, self.readings, self.bytes = batches, readings, size
         self.dropped_batches += dropped_batches
         self.dropped_readings += dropped_readings
@@ -169,18 +175,12 @@ class _Store:
         return rows
 
     def delete_through(self, last_id: int, published: int | None = None) -> _Totals:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             row = self._db.execute(
                 "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(bytes), 0) FROM batches WHERE id <= ?",
                 (last_id,),
             ).fetchone()
             self._db.execute("DELETE FROM batches WHERE id <= ?", (last_id,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:  # SQLite may have rolled back already (disk full)
-                self._db.execute("ROLLBACK")
-            raise
         self.batches -= row[0]
         self.readings -= row[1]
         self.bytes -= row[2]
