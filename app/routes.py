@@ -79,7 +79,8 @@ def _tags(request: Request) -> frozenset[str] | None:
 
 async def stream(request: Request) -> Response | EventStream:
     gateway = _gateway(request)
-    gateway.limits.check_attempt(client_address(request))
+    client = client_address(request)
+    gateway.limits.check_attempt(client)
     topic = _topic(request)
     last_id, tags = _last_event_id(request), _tags(request)
     # HEAD answers headers only: it must not use up a single-use ticket.
@@ -92,7 +93,7 @@ async def stream(request: Request) -> Response | EventStream:
     if request.method == "HEAD":
         return Response(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
     lease = await gateway.limits.admit(principal)
-    audit("connect", sub=principal.subject, tenant=topic.tenant, well=topic.well, client=client_address(request))
+    audit("connect", sub=principal.subject, tenant=topic.tenant, well=topic.well, client=client)
     settings = gateway.settings
     return EventStream(
         gateway.hub, gateway.broker, topic, last_id, tags, settings.stream, settings.history, principal, lease
