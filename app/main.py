@@ -145,13 +145,12 @@ def create_app(
     routes: list[BaseRoute] = list(ROUTES)
     if settings.static_dir.is_dir():
         routes.append(Mount("/", DashboardFiles(directory=settings.static_dir, html=True), name="static"))
-    middleware = [Middleware(CORSMiddleware, **cors_options(settings))] if settings.auth.cors_origins else []
+    cors = cors_options(settings) if settings.auth.cors_origins else None
+    middleware = [Middleware(CORSMiddleware, **cors)] if cors else []
     app = GatewayApp(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
     app.other_app = AccessLog(app.starlette) if settings.server.access_log else app.starlette
     app.state.metrics = gateway_registry(lambda: app.state.gateway.hub if hasattr(app.state, "gateway") else None)
-    app.stream_app = (
-        CORSMiddleware(serve_stream, **cors_options(settings)) if settings.auth.cors_origins else serve_stream
-    )
+    app.stream_app = CORSMiddleware(serve_stream, **cors) if cors else serve_stream
     return app
 
 
