@@ -18,13 +18,12 @@ from app import devcert, logs, server
 from app.adapters.simulator import SimulatorAdapter
 from app.auth.tokens import mint_token
 from app.ingest import Publisher, run_ingest
-from app.main import create_app
+from app.main import create_app, open_broker
 from app.models import is_valid_id
 from app.settings import Settings, environment
 from app.site import Site, SiteError, load_site
 from app.spool import SpoolError
 from app.streams.broker import Broker
-from app.streams.redis import RedisBroker
 
 DEMO_TENANTS = ("acme", "globex")
 DEMO_WELLS = tuple(f"well-{n:02d}" for n in range(1, 6))
@@ -161,18 +160,15 @@ def cmd_ingest(args: argparse.Namespace) -> None:
     if not settings.redis_url:
         sys.exit("wellstream: ingest publishes into Redis: set WELLSTREAM_REDIS_URL")
     logs.configure(args.log_level)
-    _run(_ingest(site, settings.redis_url, settings, args))
+    _run(_ingest(site, settings, args))
 
 
-async def _ingest(site: Site, redis_url: str, settings: Settings, args: argparse.Namespace) -> None:
+async def _ingest(site: Site, settings: Settings, args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    history = settings.history
-    async with RedisBroker.connect(
-        redis_url, history.max_len, history.max_age_s, timeout_s=settings.redis.timeout_s
-    ) as broker:
+    async with open_broker(settings) as broker:  # Redis: cmd_ingest checked the URL is set
         try:
             metrics = (args.metrics_host, args.metrics_port) if args.metrics_port else None
             await run_ingest(site, broker, stop, environment(), spool=settings.spool, metrics=metrics)
