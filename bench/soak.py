@@ -41,9 +41,8 @@ from app.auth.tokens import mint_token
 from app.errors import BrokerError
 from app.models import Reading, StreamId, Topic
 from app.streams.redis import RedisBroker, log_key
-from bench.run import clean_env, free_port
+from bench.run import ROOT, clean_env, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 TENANT = "soak"
 
 

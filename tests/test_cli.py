@@ -23,8 +23,8 @@ from app.auth.keys import SharedSecret
 from app.auth.tokens import TokenVerifier
 from app.errors import AuthError
 from app.models import Principal
+from tests.conftest import ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CURL_PREFIX = "  try: curl -N"
 
 
@@ -47,7 +47,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
-        cwd=REPO_ROOT,
+        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -154,7 +154,7 @@ def demo(tmp_path: Path, cli_secret: str) -> Iterator[tuple[subprocess.Popen[str
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-m", "app", "demo", "--port", str(port), "--interval", "0.2"],
-            cwd=REPO_ROOT,
+            cwd=ROOT,
             env=clean_env(WELLSTREAM_JWT_SECRET=cli_secret),
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.site import SiteError, load_site
-from tests.conftest import RedisServer, clean_env
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT, RedisServer, clean_env
 
 SITE = """
 [tenants.acme]
