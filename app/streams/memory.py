@@ -147,10 +147,11 @@ class MemoryBroker:
         now = time.monotonic()
         for index, (key, limit) in enumerate(counters):
             members = self._leases[key]
-            for stale in [m for m, expiry in members.items() if expiry <= now]:
-                del members[stale]
-            if len(members) >= limit:
-                return index
+            if len(members) >= limit:  # only then can expired leases matter: not a walk per admission
+                for stale in [m for m, expiry in members.items() if expiry <= now]:
+                    del members[stale]
+                if len(members) >= limit:
+                    return index
         for key, _ in counters:
             self._leases[key][member] = now + ttl_s
         return None
