@@ -435,6 +435,14 @@ function dropSource(well) {
   well.source = null;
 }
 
+// No stream and no pending retry: a well left with a cleared but non-null timer would look
+// "retrying" to addWells and never connect again.
+function stopWell(well) {
+  dropSource(well);
+  clearTimeout(well.timer);
+  well.timer = null;
+}
+
 async function connect(well) {
   well.timer = null;
   if (auth.signedOut || well.connecting) return;
@@ -546,7 +554,7 @@ function showNotice(text) {
 function signOut(reason) {
   auth.signedOut = true;
   auth.bearer = null;
-  for (const well of wells.values()) { dropSource(well); clearTimeout(well.timer); }
+  for (const well of wells.values()) stopWell(well);
   el.signOut.hidden = true;
   el.signInReason.textContent = reason || "";
   el.signIn.hidden = false;
@@ -597,7 +605,7 @@ let shownTenant = null;
 async function start() {
   if (shownTenant !== auth.tenant) {
     // Another tenant signed in: nothing of the previous one stays on the wall.
-    for (const well of wells.values()) { dropSource(well); clearTimeout(well.timer); well.el.remove(); }
+    for (const well of wells.values()) { stopWell(well); well.el.remove(); }
     wells.clear();
     shownTenant = auth.tenant;
   }

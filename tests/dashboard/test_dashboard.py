@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -278,6 +279,40 @@ async def test_sign_in_form_then_auth_expired_asks_again_and_resumes_without_gap
         last = published["w1"][-1]
         await page.wait_for_function("(id) => wellstream.received.some((r) => r.id === id)", arg=last, timeout=WAIT_MS)
         assert_no_gap_no_duplicate(await page.evaluate("wellstream.received"), published["w1"])
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_a_session_that_expired_during_a_gateway_restart_brings_every_well_back_after_sign_in(
+    browser: Browser, redis_url: str, secret: str, token
+) -> None:
+    # While the gateway is down every well waits out its own backoff; the first to come back
+    # is refused (401) and signs the page out. Every well, not only that one, must resume.
+    wells = ["w1", "w2", "w3"]
+    gateway = Gateway(secret, redis_url, {"acme": wells})
+    proxy = Proxy(gateway.port)
+    with anyio.fail_after(75):
+        async with proxy.running(), gateway.running(), paced_publisher(redis_url, wells, 0.1) as published:
+            page = await open_page(browser)
+            expires_at = time.time() + 8
+            await page.goto(f"{proxy.url}/#token={token('acme', ttl_s=8)}")
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
+
+            await gateway.stop()
+            await wait_until(lambda: time.time() > expires_at + 1 and len(proxy.bad_gateways) >= len(wells))
+            await gateway.start()
+            await expect(page.locator("#sign-in")).to_be_visible(timeout=40_000)
+
+            await page.fill("#sign-in-token", token("acme"))
+            await page.click("#sign-in button[type=submit]")
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=20_000)
+            count = {well: len(ids) for well, ids in published.items()}
+            await wait_until(lambda: all(len(published[well]) >= count[well] + 3 for well in wells))
+        for well in wells:
+            await page.wait_for_function(
+                "([well, id]) => wellstream.received.some((r) => r.well === well && r.id === id)",
+                arg=[well, published[well][-1]],
+                timeout=WAIT_MS,
+            )
         assert page.errors == []  # type: ignore[attr-defined]
 
 
