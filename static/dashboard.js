@@ -103,7 +103,7 @@ function compareIds(a, b) {
 function newWell(name) {
   const well = {
     name, tags: new Map(), lastId: null, source: null, timer: null, backoff: BACKOFF_FIRST_MS,
-    conn: "connecting", failingSince: null, opened: 0, state: "", connecting: false, backfilled: false,
+    conn: "connecting", failingSince: null, opened: 0, state: "", connecting: false,
   };
   well.el = buildTile(name);
   return well;
@@ -459,7 +459,6 @@ async function connect(well) {
 // sparklines are full at once after a reload. Where history does not reach back that far, the
 // stream answers with reset + snapshot, which the page handles like any other.
 async function backfill(well) {
-  well.backfilled = true;
   let latest;
   try {
     const response = await fetch(tenantPath(`/wells/${encodeURIComponent(well.name)}/latest`), {
@@ -470,15 +469,20 @@ async function backfill(well) {
   } catch {
     return; // the stream's snapshot will do
   }
-  if (well.lastId) return;
+  if (gone(well)) return;
   for (const reading of latest.readings || []) apply(well, reading, true);
   const [newest] = parseId(latest.lastEventId || "0-0");
   if (newest > SPARK_WINDOW_MS) well.lastId = `${newest - SPARK_WINDOW_MS}-0`;
 }
 
+// After each await: the operator may have signed out, or another tenant's wall replaced this well.
+function gone(well) {
+  return auth.signedOut || wells.get(well.name) !== well;
+}
+
 async function connectOnce(well) {
-  if (!well.lastId && !well.backfilled) await backfill(well);
-  if (auth.signedOut) return;
+  if (!well.lastId) await backfill(well); // until a first snapshot or replay, so a failed one is tried again
+  if (gone(well)) return;
   const path = tenantPath(`/wells/${encodeURIComponent(well.name)}/stream`);
   const params = new URLSearchParams();
   if (well.lastId) params.set("lastEventId", well.lastId);
@@ -504,7 +508,7 @@ async function connectOnce(well) {
   } catch {
     status = 0; // network error: the gateway or the proxy is down
   }
-  if (auth.signedOut) return;
+  if (gone(well)) return;
   if (status === 401) { signOut("Your session has ended. Sign in again."); return; }
   if (status === 403 || status === 404) { setConn(well, "unavailable"); return; }
   if (status < 200 || status > 299) { scheduleReconnect(well, retryAfter); return; }
