@@ -45,6 +45,7 @@ const el = {
 // a single-use ticket for every (re)connect, so every reconnect is ours.
 const auth = { mode: "cookie", bearer: null, tenant: null, signedOut: false };
 const wells = new Map();
+let wellsRefused = null; // while the list of wells does not load: its HTTP status (0: no answer)
 const dirtyTags = new Set();
 const dirtyWells = new Set();
 let frame = 0;
@@ -350,6 +351,7 @@ function renderIndicator(now) {
   let state;
   if (auth.signedOut) state = "Signed out";
   else if (!navigator.onLine) state = "Offline"; // the browser has no network: what is open will not last
+  else if (wellsRefused !== null) state = "Offline"; // not even the list of wells came
   else if (total && live === total) state = "Live";
   else if (live === 0 && now - failingSince > OFFLINE_AFTER_MS) state = "Offline";
   else state = failing ? "Reconnecting" : "Connecting"; // Connecting: first connections still on their way
@@ -358,7 +360,9 @@ function renderIndicator(now) {
     debug.indicator.push({ state, at: now });
     trim(debug.indicator, TRANSITIONS_KEEP);
   }
-  setText(el.indicator, state === "Live" || !total ? state : `${state} (${live}/${total} live)`);
+  let text = state === "Live" || !total ? state : `${state} (${live}/${total} live)`;
+  if (state === "Offline" && wellsRefused) text = `Offline (${wellsRefused})`;
+  setText(el.indicator, text);
   const problems = Object.entries(counts).filter(([, n]) => n).map(([word, n]) => `${n} ${word}`);
   setText(el.summary, `${wells.size} wells${problems.length ? " \u00b7 " + problems.join(" \u00b7 ") : ""}`);
   for (const well of wells.values()) {
@@ -588,17 +592,24 @@ async function signIn(token, preferTickets) {
   auth.tenant = tenant;
 }
 
+// The tenant's wells: `names` when they came, else the status that refused them (0: no answer).
+async function fetchWells() {
+  try {
+    const response = await fetch(tenantPath("/wells"), { credentials: "same-origin", headers: authHeaders() });
+    return { status: response.status, names: response.ok ? (await response.json()).wells : null };
+  } catch {
+    return { status: 0, names: null };
+  }
+}
+
 async function loadWells() {
   let backoff = BACKOFF_FIRST_MS;
   for (;;) {
-    let response = null;
-    try {
-      response = await fetch(tenantPath("/wells"), { credentials: "same-origin", headers: authHeaders() });
-    } catch { /* network error: retried below */ }
-    if (response && response.status === 401) { signOut("Sign in to see your wells."); return null; }
-    if (response && response.ok) return (await response.json()).wells;
-    el.indicator.dataset.state = "Offline";
-    el.indicator.textContent = response ? `Offline (${response.status})` : "Offline";
+    const { status, names } = await fetchWells();
+    wellsRefused = names || status === 401 ? null : status;
+    schedule();
+    if (status === 401) { signOut("Sign in to see your wells."); return null; }
+    if (names) return names;
     await new Promise((resolve) => setTimeout(resolve, backoff));
     backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
   }
@@ -634,13 +645,8 @@ let wellsTimer = 0;
 // Wells registered later (a new site, ingestion publishing for a new well) get a tile without a reload.
 async function refreshWells() {
   if (auth.signedOut) return;
-  let response;
-  try {
-    response = await fetch(tenantPath("/wells"), { credentials: "same-origin", headers: authHeaders() });
-  } catch {
-    return;
-  }
-  if (response.ok && !auth.signedOut) addWells((await response.json()).wells);
+  const { names } = await fetchWells();
+  if (names && !auth.signedOut) addWells(names);
 }
 
 function addWells(names) {

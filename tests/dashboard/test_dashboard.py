@@ -316,6 +316,31 @@ async def test_a_session_that_expired_during_a_gateway_restart_brings_every_well
         assert page.errors == []  # type: ignore[attr-defined]
 
 
+async def test_while_the_list_of_wells_cannot_load_the_page_says_offline_with_the_status(
+    browser: Browser, redis_url: str, secret: str, token
+) -> None:
+    gateway = Gateway(secret, redis_url, {"acme": ["w1"]})
+    proxy = Proxy(gateway.port)
+    with anyio.fail_after(45):
+        async with proxy.running(), gateway.running():
+            page = await open_page(browser)
+            await page.goto(proxy.url + "/")
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Signed out", timeout=WAIT_MS)
+            await gateway.stop()
+            await page.fill("#sign-in-token", token("acme"))
+            await page.click("#sign-in button[type=submit]")
+            await wait_until(lambda: sum(b"/wells" in line for line in proxy.bad_gateways) >= 3)
+            await expect(page.locator("#indicator")).to_have_text("Offline (502)")
+            await gateway.start()
+            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
+        states = await indicator_states(page)
+        # Offline from the first refusal until the wells came, not overwritten by the page's clock.
+        signed_in = states[states.index("Signed out") + 1 :]
+        assert signed_in[:1] == ["Offline"], states
+        assert "Live" in signed_in, states
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
 async def test_history_trimmed_while_away_gives_a_reset_then_a_fresh_snapshot(
     browser: Browser, redis_url: str, secret: str, token
 ) -> None:
