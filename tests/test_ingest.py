@@ -12,7 +12,7 @@ from app.ingest import Publisher
 from app.models import ZERO_ID, Reading, Topic
 from app.streams.memory import MemoryBroker
 from app.streams.redis import RedisBroker
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, wait_until
 from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
@@ -65,13 +65,17 @@ async def test_ingest_logs_each_connections_health(caplog: pytest.LogCaptureFixt
     )
     broker = MemoryBroker()
     stop = asyncio.Event()
+
+    def health_lines() -> list[dict[str, object]]:
+        lines = [getattr(r, "fields", {}) for r in caplog.records]
+        return [fields for fields in lines if fields.get("event") == "ingest-health"]
+
     with anyio.fail_after(10):
         task = asyncio.create_task(run_ingest(site, broker, stop, {}, health_every_s=0.2))
-        await asyncio.sleep(0.5)
+        await wait_until(lambda: any(line.get("last_reading_age_s") is not None for line in health_lines()))
         stop.set()
         await task
-    lines = [getattr(r, "fields", {}) for r in caplog.records]
-    health = [fields for fields in lines if fields.get("event") == "ingest-health"]
+    health = health_lines()
     assert health, "a health line per connection"
     assert health[-1]["connection"] == "sim"
     assert health[-1]["connected"] is True
