@@ -13,9 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -183,7 +184,9 @@ ROOMY_LIMITS = {"connects_per_s": 100_000, "connect_burst": 100_000, "streams_pe
 
 
 def make_settings(secret: str, **overrides: object) -> Settings:
-    auth = {"limits": ROOMY_LIMITS}
+    """Test settings; an `auth` override keeps the roomy limits except those it sets itself."""
+    auth: dict[str, Any] = dict(cast(Mapping[str, Any], overrides.pop("auth", {})))
+    auth["limits"] = {**ROOMY_LIMITS, **auth.get("limits", {})}
     return Settings(jwt_secret=secret, **{"wells": REGISTRY, "auth": auth, **overrides})  # type: ignore[arg-type]
 
 

@@ -31,7 +31,7 @@ from joserfc.jwk import KeySet, OctKey, RSAKey
 from app.auth.tokens import mint_token
 from app.logs import JsonFormatter
 from app.streams.redis import RedisBroker
-from tests.conftest import ROOMY_LIMITS, RunningGateway, make_settings, running_gateway, wait_until
+from tests.conftest import RunningGateway, make_settings, running_gateway, wait_until
 from tests.factories import make_reading
 from tests.sse_client import Event, SSEReader
 
@@ -103,11 +103,6 @@ def jwks_file(tmp_path: Path, *keys: RSAKey) -> Path:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps(KeySet(list(keys)).as_dict(private=False)))
     return path
-
-
-def auth(**options: object) -> dict[str, object]:
-    """Auth settings for make_settings: its `auth` override replaces the roomy limits, so keep them."""
-    return {"limits": ROOMY_LIMITS, **options}
 
 
 # --- a gateway, a publisher, a recording client ---
@@ -248,19 +243,19 @@ def credentials(case: str, secret: str, tmp_path: Path) -> tuple[dict[str, objec
     """(gateway auth settings, the token sent or None for none, a token the same gateway accepts)."""
     good = hs256(secret, claims())
     if case == "no-token":
-        return auth(), None, good
+        return {}, None, good
     if case == "garbage":
-        return auth(), f"this-is-not-a-jwt-{secrets.token_hex(8)}", good
+        return {}, f"this-is-not-a-jwt-{secrets.token_hex(8)}", good
     if case == "expired":
-        return auth(), hs256(secret, claims(exp=int(time.time()) - 120)), good
+        return {}, hs256(secret, claims(exp=int(time.time()) - 120)), good
     if case == "not-yet-valid":
-        return auth(), hs256(secret, claims(nbf=int(time.time()) + 600)), good
+        return {}, hs256(secret, claims(nbf=int(time.time()) + 600)), good
     if case == "wrong-signature":
-        return auth(), hs256(secrets.token_urlsafe(32), claims()), good
+        return {}, hs256(secrets.token_urlsafe(32), claims()), good
     if case == "alg-none":
-        return auth(), f"{b64(ALG_NONE)}.{b64(json.dumps(claims()).encode())}.", good
+        return {}, f"{b64(ALG_NONE)}.{b64(json.dumps(claims()).encode())}.", good
     if case in ("wrong-issuer", "wrong-audience"):
-        configured = auth(issuer=ISSUER, audience=AUDIENCE)
+        configured: dict[str, object] = {"issuer": ISSUER, "audience": AUDIENCE}
         wrong = {"iss": "https://evil.example/"} if case == "wrong-issuer" else {"aud": "another-service"}
         body = claims(**{"iss": ISSUER, "aud": AUDIENCE, **wrong})
         return configured, hs256(secret, body), hs256(secret, claims(iss=ISSUER, aud=AUDIENCE))
@@ -268,10 +263,10 @@ def credentials(case: str, secret: str, tmp_path: Path) -> tuple[dict[str, objec
     if case == "hs-rs-confusion":
         pem = key.as_pem(private=False)
         forged = hmac_forged(pem, {"alg": "HS256", "typ": "JWT"}, claims())
-        return auth(public_key_file=str(public_pem_file(tmp_path, key))), forged, rs256(key, claims())
+        return dict(public_key_file=str(public_pem_file(tmp_path, key))), forged, rs256(key, claims())
     if case == "unknown-kid":
         forged = rs256(rsa_key("k2"), claims())
-        return auth(jwks_file=str(jwks_file(tmp_path, key))), forged, rs256(key, claims())
+        return dict(jwks_file=str(jwks_file(tmp_path, key))), forged, rs256(key, claims())
     raise AssertionError(case)
 
 
@@ -447,7 +442,7 @@ async def test_a_ticket_opens_one_stream_once(redis_url: str, secret: str, caplo
 
 async def test_an_expired_ticket_is_refused(redis_url: str, secret: str, caplog: pytest.LogCaptureFixture) -> None:
     with anyio.fail_after(15):
-        async with secure_site(redis_url, secret, caplog, auth=auth(ticket_ttl_s=5)) as s:
+        async with secure_site(redis_url, secret, caplog, auth=dict(ticket_ttl_s=5)) as s:
             token = s.token(secret)
             issued = await s.request("POST", TICKETS, headers=bearer(token), json={"wells": ["w1"]})
             assert issued.json()["expiresIn"] == 5
@@ -595,7 +590,7 @@ async def test_access_token_query_parameter_only_when_allowed(
     redis_url: str, secret: str, caplog: pytest.LogCaptureFixture, allowed: bool
 ) -> None:
     with anyio.fail_after(15):
-        async with secure_site(redis_url, secret, caplog, auth=auth(allow_query_token=allowed)) as s:
+        async with secure_site(redis_url, secret, caplog, auth=dict(allow_query_token=allowed)) as s:
             params = {"access_token": s.token(secret)}
             if not allowed:
                 for path in (STREAM, LATEST):
@@ -616,7 +611,7 @@ async def test_cors_allows_only_configured_origins_on_every_route(
 ) -> None:
     dash, evil = "https://dash.example", "https://evil.example"
     with anyio.fail_after(15):
-        async with secure_site(redis_url, secret, caplog, auth=auth(cors_origins=[dash])) as s:
+        async with secure_site(redis_url, secret, caplog, auth=dict(cors_origins=[dash])) as s:
             token = s.token(secret)
             latest = await s.get(LATEST, headers={**bearer(token), "Origin": dash})
             assert latest.status_code == 200
@@ -662,7 +657,7 @@ async def test_cors_allows_only_configured_origins_on_every_route(
 async def test_concurrent_stream_limits_trip_with_429_and_release(
     redis_url: str, secret: str, caplog: pytest.LogCaptureFixture, scope: str
 ) -> None:
-    limits = {**ROOMY_LIMITS, f"streams_per_{scope}": 2}
+    limits = {f"streams_per_{scope}": 2}
     reason = f"too many open streams for this {scope}"
     with anyio.fail_after(15):
         async with secure_site(redis_url, secret, caplog, auth={"limits": limits}) as s:
@@ -694,7 +689,7 @@ async def test_concurrent_stream_limits_trip_with_429_and_release(
 async def test_a_full_process_answers_503_with_retry_after(
     redis_url: str, secret: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    limits = {**ROOMY_LIMITS, "streams_per_process": 1}
+    limits = {"streams_per_process": 1}
     with anyio.fail_after(15):
         async with secure_site(redis_url, secret, caplog, auth={"limits": limits}) as s:
             alice, bob = s.token(secret, "alice"), s.token(secret, "bob")
@@ -715,7 +710,7 @@ async def test_a_full_process_answers_503_with_retry_after(
 async def test_rapid_connection_attempts_are_throttled_before_auth(
     redis_url: str, secret: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    limits = {**ROOMY_LIMITS, "connect_burst": 3, "connects_per_s": 0.01}
+    limits = {"connect_burst": 3, "connects_per_s": 0.01}
     with anyio.fail_after(15):
         async with secure_site(redis_url, secret, caplog, auth={"limits": limits}) as s:
             for _ in range(3):
@@ -756,7 +751,7 @@ async def test_a_ticket_does_not_outlive_its_token(
     """A ticket is "bound to the caller and its token's expiry" (guard.issue_ticket): once the token that got it
     is refused as expired, the ticket must be refused too, not open a stream that replays history."""
     with anyio.fail_after(15):
-        async with secure_site(redis_url, secret, caplog, auth=auth(leeway_s=0)) as s:
+        async with secure_site(redis_url, secret, caplog, auth=dict(leeway_s=0)) as s:
             expires_at = int(time.time()) + 2
             token = hs256(secret, claims(exp=expires_at))
             s.secrets.append(token)
