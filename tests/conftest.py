@@ -10,6 +10,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -241,29 +242,44 @@ class GatewayProcess:
     process: asyncio.subprocess.Process
 
 
+def gateway_env(secret: str, redis_url: str = "", **overrides: str) -> dict[str, str]:
+    """The environment of a `python -m app serve` child: the test registry and roomy limits, and
+    none of the caller's WELLSTREAM_ settings."""
+    env = clean_env()
+    env |= {"WELLSTREAM_JWT_SECRET": secret, "WELLSTREAM_WELLS": json.dumps(REGISTRY)}
+    env |= {f"WELLSTREAM_AUTH__LIMITS__{key.upper()}": str(value) for key, value in ROOMY_LIMITS.items()}
+    if redis_url:
+        env["WELLSTREAM_REDIS_URL"] = redis_url
+    return env | overrides
+
+
+async def wait_for_status(
+    url: str, exited: Callable[[], int | None] | None = None, verify: ssl.SSLContext | bool = True
+) -> None:
+    """Poll `url` until it answers 200 (the caller bounds the time); `exited` says if the server died."""
+    async with httpx.AsyncClient(verify=verify) as client:
+        while True:
+            if exited is not None and exited() is not None:
+                raise RuntimeError(f"process exited before {url} answered")
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def gateway_process(
     secret: str, server: str = "hypercorn", **env_overrides: str
 ) -> AsyncIterator[GatewayProcess]:
     """`python -m app serve` as a real child process on a free port; killed if still running at the end."""
     port = free_port()
-    env = clean_env()
-    env |= {"WELLSTREAM_JWT_SECRET": secret, "WELLSTREAM_WELLS": json.dumps(REGISTRY)}
-    env |= {f"WELLSTREAM_AUTH__LIMITS__{key.upper()}": str(value) for key, value in ROOMY_LIMITS.items()}
-    env |= env_overrides
+    env = gateway_env(secret, **env_overrides)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "serve", "--server", server, "--port", str(port), cwd=ROOT, env=env
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with httpx.AsyncClient() as client:
-            while True:
-                if process.returncode is not None:
-                    raise RuntimeError(f"gateway exited with {process.returncode}")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get(url + "/readyz")).status_code == 200:
-                        break
-                await asyncio.sleep(0.05)
+        await wait_for_status(url + "/readyz", lambda: process.returncode)
         yield GatewayProcess(url, process)
     finally:
         if process.returncode is None:

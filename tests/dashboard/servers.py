@@ -9,10 +9,9 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import trustme
 
-from tests.conftest import ROOMY_LIMITS, ROOT, clean_env, free_port
+from tests.conftest import ROOT, free_port, gateway_env, wait_for_status
 
 # Short retry hints keep the restart tests quick; the shutdown still says goodbye first.
 FAST_RECONNECTS = {
@@ -49,11 +48,7 @@ class Gateway:
         self.tls = tls_dir is not None
         if tls_dir is not None:
             self.args = ["--hypercorn-config", str(tls_config(tls_dir, self.port))]
-        env = clean_env()
-        env |= {"WELLSTREAM_JWT_SECRET": secret, "WELLSTREAM_WELLS": json.dumps(registry)}
-        env |= {"WELLSTREAM_REDIS_URL": redis_url, **FAST_RECONNECTS}
-        env |= {f"WELLSTREAM_AUTH__LIMITS__{key.upper()}": str(value) for key, value in ROOMY_LIMITS.items()}
-        self.env = env
+        self.env = gateway_env(secret, redis_url, WELLSTREAM_WELLS=json.dumps(registry), **FAST_RECONNECTS)
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -61,17 +56,11 @@ class Gateway:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
+        process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "app", "serve", *self.args, "--log-level", "WARNING", cwd=ROOT, env=self.env
         )
-        async with httpx.AsyncClient(verify=False) as client:
-            while True:
-                if self.process.returncode is not None:
-                    raise RuntimeError(f"gateway exited with {self.process.returncode}")
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get(self.url + "/readyz")).status_code == 200:
-                        return
-                await asyncio.sleep(0.05)
+        self.process = process
+        await wait_for_status(self.url + "/readyz", lambda: process.returncode, verify=False)
 
     async def stop(self) -> None:
         process, self.process = self.process, None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -18,10 +17,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import REGISTRY, ROOMY_LIMITS, ROOT, clean_env, free_port, stop_process
+from tests.conftest import ROOT, free_port, stop_process, wait_for_status
 
 CONFIG = ROOT / "config"
 # The two gateways the committed proxy files name.
@@ -34,15 +32,6 @@ def render(template: Path, replacements: Mapping[str, str]) -> str:
         assert old in text, f"{template.name} no longer contains {old!r}"
         text = text.replace(old, new)
     return text
-
-
-def gateway_env(secret: str, redis_url: str, **overrides: str) -> dict[str, str]:
-    env = clean_env()
-    env |= {"WELLSTREAM_JWT_SECRET": secret, "WELLSTREAM_WELLS": json.dumps(REGISTRY)}
-    env |= {f"WELLSTREAM_AUTH__LIMITS__{key.upper()}": str(value) for key, value in ROOMY_LIMITS.items()}
-    if redis_url:
-        env["WELLSTREAM_REDIS_URL"] = redis_url
-    return env | overrides
 
 
 @dataclass
@@ -62,18 +51,6 @@ async def gateway(args: list[str], env: Mapping[str, str], ready_url: str) -> As
         if process.returncode is None:
             process.kill()
             await process.wait()
-
-
-async def wait_for_status(url: str, exited: object = None, verify: object = True) -> None:
-    """Poll `url` until it answers 200 (the caller bounds the time)."""
-    async with httpx.AsyncClient(verify=verify) as client:  # type: ignore[arg-type]
-        while True:
-            if callable(exited) and exited() is not None:
-                raise RuntimeError(f"process exited before {url} answered")
-            with contextlib.suppress(httpx.TransportError):
-                if (await client.get(url)).status_code == 200:
-                    return
-            await asyncio.sleep(0.05)
 
 
 @dataclass

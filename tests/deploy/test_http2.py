@@ -19,8 +19,8 @@ import pytest
 
 from app.devcert import DevCert
 from app.streams.redis import RedisBroker
-from tests.conftest import ROOT, free_port
-from tests.deploy.processes import CONFIG, Gateway, gateway, gateway_env, render
+from tests.conftest import ROOT, free_port, gateway_env
+from tests.deploy.processes import CONFIG, Gateway, gateway, render
 from tests.factories import make_reading
 from tests.sse_client import SSEReader
 

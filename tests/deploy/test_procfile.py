@@ -17,8 +17,7 @@ import pytest
 
 from app.models import StreamId
 from app.streams.redis import RedisBroker
-from tests.conftest import ROOT, RedisServer, clean_env, free_port, wait_until
-from tests.deploy.processes import wait_for_status
+from tests.conftest import ROOT, RedisServer, clean_env, free_port, wait_for_status, wait_until
 from tests.factories import make_reading
 from tests.sse_client import SSEReader
 
@@ -105,7 +104,7 @@ async def test_a_reading_published_once_reaches_every_gateway_exactly_once(
                 for port in ports
             ]
             for process, port in gateways:
-                await wait_for_status(f"http://127.0.0.1:{port}/readyz", lambda p=process: p.returncode)
+                await wait_for_status(f"http://127.0.0.1:{port}/readyz", lambda: process.returncode)  # noqa: B023 - awaited in this iteration
             with redis_server.client() as client:
                 wells = {well.encode() for well in WORKERS}
                 await wait_until(lambda: _alive(workers) and client.smembers("scada:{acme}:wells") >= wells)

@@ -16,8 +16,8 @@ import pytest
 
 from app.devcert import DevCert
 from app.streams.redis import RedisBroker
-from tests.conftest import gateway_process, wait_until
-from tests.deploy.processes import PROXIES, Proxy, wait_for_status
+from tests.conftest import gateway_process, wait_for_status, wait_until
+from tests.deploy.processes import PROXIES, Proxy
 from tests.factories import make_reading
 from tests.sse_client import SSEReader
 
