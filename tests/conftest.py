@@ -49,6 +49,16 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
 
 
+def ingest_env(redis_url: str, spool: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a `wellstream ingest` child, with its own spool file (never the repo's
+    var/: test runs may overlap)."""
+    return clean_env() | {"WELLSTREAM_REDIS_URL": redis_url, "WELLSTREAM_SPOOL__PATH": str(spool)} | overrides
+
+
+def ingest_command(site: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "app", "ingest", "--config", str(site), *args]
+
+
 def stop_process(process: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM a server subprocess, SIGKILL it if it is still there after 5 s."""
     if process is not None and process.poll() is None:

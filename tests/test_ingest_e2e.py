@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from pathlib import Path
 
 import aiomqtt
@@ -14,7 +13,7 @@ import httpx
 import pytest
 
 from tests.adapters.test_mqtt import MosquittoBroker
-from tests.conftest import ROOT, clean_env, make_settings, running_gateway
+from tests.conftest import ROOT, ingest_command, ingest_env, make_settings, running_gateway
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
@@ -40,11 +39,8 @@ port = {mqtt.port}
 tags = [{{ topic = "pads/7/tubing", well = "well-01", tag = "tubing_pressure", unit = "psi", scale = 2.0 }}]
 """
     )
-    env = clean_env() | {"WELLSTREAM_REDIS_URL": redis_url}
-    env["WELLSTREAM_SPOOL__PATH"] = str(tmp_path / "spool.sqlite3")  # never the repo's var/: runs may overlap
-    worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", "ingest", "--config", str(site), cwd=ROOT, env=env
-    )
+    env = ingest_env(redis_url, tmp_path / "spool.sqlite3")
+    worker = await asyncio.create_subprocess_exec(*ingest_command(site), cwd=ROOT, env=env)
     try:
         with anyio.fail_after(30):
             settings = make_settings(secret, redis_url=redis_url, wells={})

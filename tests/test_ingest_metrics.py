@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, RedisServer, clean_env, free_port
+from tests.conftest import ROOT, RedisServer, free_port, ingest_command, ingest_env
 
 SITE = """
 [tenants.acme]
@@ -62,14 +61,13 @@ def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(
     site = tmp_path / "site.toml"
     site.write_text(SITE)
     port = free_port()
-    env = clean_env()
-    env |= {
-        "WELLSTREAM_REDIS_URL": own_redis.url,
-        "WELLSTREAM_REDIS__TIMEOUT_S": "1",
-        "WELLSTREAM_SPOOL__PATH": str(tmp_path / "spool.sqlite3"),
-        "WELLSTREAM_SPOOL__MAX_READINGS": "200",  # small, so the outage hits the bound
-    }
-    command = [sys.executable, "-m", "app", "ingest", "--config", str(site), "--metrics-port", str(port)]
+    env = ingest_env(
+        own_redis.url,
+        tmp_path / "spool.sqlite3",
+        WELLSTREAM_REDIS__TIMEOUT_S="1",
+        WELLSTREAM_SPOOL__MAX_READINGS="200",  # small, so the outage hits the bound
+    )
+    command = ingest_command(site, "--metrics-port", str(port))
     worker = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     try:
         good = metric("wellstream_ingest_readings_total", connection="sim", protocol="simulator", quality="GOOD")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.site import SiteError, load_site
-from tests.conftest import ROOT, RedisServer, clean_env
+from tests.conftest import ROOT, RedisServer, clean_env, ingest_command, ingest_env
 
 SITE = """
 [tenants.acme]
@@ -65,18 +65,14 @@ def test_check_config_says_ok_or_exits_non_zero_with_the_reason(tmp_path: Path) 
     assert f"{bad}: tenants.acme.wells[0]" in broken.stderr
 
 
-def test_ingest_registers_the_wells_publishes_and_stops_cleanly(tmp_path: Path, redis_server: RedisServer) -> None:
-    with redis_server.client() as client:
-        client.flushall()
+def test_ingest_registers_the_wells_publishes_and_stops_cleanly(
+    tmp_path: Path, redis_server: RedisServer, redis_url: str
+) -> None:
     site = tmp_path / "site.toml"
     site.write_text(SITE)
-    env = clean_env()
-    env["WELLSTREAM_REDIS_URL"] = redis_server.url
-    env["WELLSTREAM_SPOOL__PATH"] = str(tmp_path / "spool.sqlite3")  # never the repo's var/: runs may overlap
+    env = ingest_env(redis_url, tmp_path / "spool.sqlite3")
     log = (tmp_path / "ingest.log").open("w")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "app", "ingest", "--config", str(site)], cwd=ROOT, env=env, stderr=log
-    )
+    worker = subprocess.Popen(ingest_command(site), cwd=ROOT, env=env, stderr=log)
     try:
         with redis_server.client() as client:
             deadline = time.monotonic() + 15

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 from app.adapters.simulator import SimulatorAdapter
 from app.models import Reading, Topic
 from app.streams.redis import log_key
-from tests.conftest import ROOT, RedisServer, clean_env, wait_until
+from tests.conftest import ROOT, RedisServer, ingest_command, ingest_env, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -58,20 +57,10 @@ async def ingest_worker(
     tmp_path: Path, redis_url: str, spool: Path, connection: str
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """`wellstream ingest` as a real child process; its JSON log lines go to `<connection>.log`."""
-    env = clean_env()
-    env |= {"WELLSTREAM_REDIS_URL": redis_url, "WELLSTREAM_SPOOL__PATH": str(spool)}
+    env = ingest_env(redis_url, spool)
     with (tmp_path / f"{connection}.log").open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "app",
-            "ingest",
-            "--config",
-            str(site_file(tmp_path, connection)),
-            cwd=ROOT,
-            env=env,
-            stderr=log,
-        )
+        command = ingest_command(site_file(tmp_path, connection))
+        process = await asyncio.create_subprocess_exec(*command, cwd=ROOT, env=env, stderr=log)
         try:
             yield process
         finally:
