@@ -44,9 +44,10 @@ def free_port() -> int:
         return port
 
 
-def clean_env() -> dict[str, str]:
-    """This process's environment without any WELLSTREAM_ setting: a child sees only what the test gives it."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")}
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any WELLSTREAM_ setting, plus `extra`: a child sees only
+    what the test gives it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WELLSTREAM_")} | extra
 
 
 def ingest_env(redis_url: str, spool: Path, **overrides: str) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import secrets
 import shutil
@@ -23,7 +22,7 @@ from app.auth.keys import SharedSecret
 from app.auth.tokens import TokenVerifier
 from app.errors import AuthError
 from app.models import Principal
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 
 CURL_PREFIX = "  try: curl -N"
 
@@ -35,13 +34,6 @@ def cli_secret() -> str:
 
 def verify(secret: str, token: str) -> Principal:
     return anyio.run(TokenVerifier(SharedSecret(secret)).verify, token)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any WELLSTREAM_* setting, plus `extra`."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WELLSTREAM_")}
-    env.update(extra)
-    return env
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
