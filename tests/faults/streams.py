@@ -32,7 +32,9 @@ class PacedPublisher:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     _n: int = 0
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self) -> None:
+        """Until `stop` is set."""
+        stop = self.stop
         while not stop.is_set():
             batch = []
             for _ in range(self.per_tick):

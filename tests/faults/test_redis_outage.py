@@ -83,7 +83,7 @@ async def flowing(redis: RedisServer, secret: str, token: str, wells: list[str],
         recording_streams(client, gateway.url, wells, per_well, headers) as streams,
     ):
         publisher = PacedPublisher(broker, wells)  # 10 readings every 50 ms: 200/s
-        publishing = asyncio.create_task(publisher.run(publisher.stop))
+        publishing = asyncio.create_task(publisher.run())
         try:
             await wait_until(lambda: all(len(s.ids) >= 10 for s in streams))
             yield Scene(gateway, client, streams, publisher, redis)

@@ -25,7 +25,6 @@ async def test_sigterm_under_1000_streams_ends_all_with_a_retry_and_a_second_gat
     redis_url: str, redis_server, secret: str, token
 ) -> None:
     headers = {"Authorization": f"Bearer {token('acme')}"}
-    stop = asyncio.Event()
     limits = httpx.Limits(max_connections=None)
     grace = {"WELLSTREAM_STREAM__SHUTDOWN_GRACE_S": "5", "WELLSTREAM_STREAM__SHUTDOWN_RETRY_SPREAD_MS": "3000"}
     with anyio.fail_after(120):
@@ -38,7 +37,7 @@ async def test_sigterm_under_1000_streams_ends_all_with_a_retry_and_a_second_gat
             # 20 readings/s over 10 wells: each reaches 100 streams, 2,000 events/s to parse here.
             publisher = PacedPublisher(broker, WELLS, per_tick=2, tick_s=0.1)
             async with recording_streams(client, first.url, WELLS, 100, headers) as streams:
-                publishing = asyncio.create_task(publisher.run(stop))
+                publishing = asyncio.create_task(publisher.run())
                 await wait_until(lambda: all(len(s.ids) >= 2 for s in streams))
                 first.process.send_signal(signal.SIGTERM)
                 await wait_until(lambda: all(s.ended for s in streams))
@@ -54,7 +53,7 @@ async def test_sigterm_under_1000_streams_ends_all_with_a_retry_and_a_second_gat
                     for s in streams
                 ]
                 await asyncio.sleep(0.5)  # readings keep coming while the clients move
-                stop.set()
+                publisher.stop.set()
                 await publishing
                 for stream in streams:
                     last = publisher.last_acknowledged(stream.well)
