@@ -37,7 +37,6 @@ def render(template: Path, replacements: Mapping[str, str]) -> str:
 @dataclass
 class Gateway:
     process: asyncio.subprocess.Process
-    ready_url: str
 
 
 @contextlib.asynccontextmanager
@@ -46,7 +45,7 @@ async def gateway(args: list[str], env: Mapping[str, str], ready_url: str) -> As
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "app", "serve", *args, cwd=ROOT, env=env)
     try:
         await wait_for_status(ready_url, lambda: process.returncode)
-        yield Gateway(process, ready_url)
+        yield Gateway(process)
     finally:
         if process.returncode is None:
             process.kill()

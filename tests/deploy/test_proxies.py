@@ -128,8 +128,13 @@ async def test_a_stopped_gateway_s_clients_resume_on_the_other_without_an_error(
             # connection each: httpx 0.28's HTTP/2 client can stall one of several streams sharing
             # a connection, which a raw h2 client against the same gateway never showed.)
             auth = {"Authorization": f"Bearer {token('acme')}"}
-            h2 = [await stack.enter_async_context(clients(proxy, tls_context)) for _ in range(4)]
-            followers = [Follower(client, auth) for _, client in h2]
+            h2 = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(base_url=proxy.https, timeout=10, http2=True, verify=tls_context)
+                )
+                for _ in range(4)
+            ]
+            followers = [Follower(client, auth) for client in h2]
             tasks = [asyncio.create_task(follower.run(4.0, resume)) for follower in followers]
             for follower in followers:
                 await follower.opened.wait()
