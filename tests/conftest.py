@@ -265,15 +265,15 @@ def gateway_env(secret: str, redis_url: str = "", **overrides: str) -> dict[str,
 
 
 async def wait_for_status(
-    url: str, exited: Callable[[], int | None] | None = None, verify: ssl.SSLContext | bool = True
+    url: str, exited: Callable[[], int | None] | None = None, verify: ssl.SSLContext | bool = True, status: int = 200
 ) -> None:
-    """Poll `url` until it answers 200 (the caller bounds the time); `exited` says if the server died."""
+    """Poll `url` until it answers `status` (the caller bounds the time); `exited` says if the server died."""
     async with httpx.AsyncClient(verify=verify) as client:
         while True:
             if exited is not None and exited() is not None:
                 raise RuntimeError(f"process exited before {url} answered")
             with contextlib.suppress(httpx.TransportError):
-                if (await client.get(url)).status_code == 200:
+                if (await client.get(url)).status_code == status:
                     return
             await asyncio.sleep(0.05)
 

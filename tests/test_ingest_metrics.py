@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ROOT, RedisServer, free_port, ingest_command, ingest_env
+from tests.prometheus import Samples, key, parse_samples
 
 SITE = """
 [tenants.acme]
@@ -26,16 +26,8 @@ interval_s = 0.05
 """
 
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
 def scrape(port: int) -> Samples:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    return parse_samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text)
 
 
 def eventually(port: int, check: Callable[[Samples], bool]) -> Samples:
@@ -49,10 +41,6 @@ def eventually(port: int, check: Callable[[Samples], bool]) -> Samples:
             pass
         assert time.monotonic() < deadline, "the metric never got there"
         time.sleep(0.05)
-
-
-def metric(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    return (name, tuple(sorted(labels.items())))
 
 
 def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(
@@ -70,21 +58,21 @@ def test_ingest_metrics_count_readings_and_follow_the_spool_through_an_outage(
     command = ingest_command(site, "--metrics-port", str(port))
     worker = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     try:
-        good = metric("wellstream_ingest_readings_total", connection="sim", protocol="simulator", quality="GOOD")
-        first = eventually(port, lambda m: m.get(good, 0) > 20 and m[metric("wellstream_ingest_published_total")] > 0)
-        assert first[metric("wellstream_ingest_connected", connection="sim", protocol="simulator")] == 1
-        assert first[metric("wellstream_spool_depth_readings")] == 0
+        good = key("wellstream_ingest_readings_total", connection="sim", protocol="simulator", quality="GOOD")
+        first = eventually(port, lambda m: m.get(good, 0) > 20 and m[key("wellstream_ingest_published_total")] > 0)
+        assert first[key("wellstream_ingest_connected", connection="sim", protocol="simulator")] == 1
+        assert first[key("wellstream_spool_depth_readings")] == 0
 
         own_redis.kill()
-        down = eventually(port, lambda m: m[metric("wellstream_spool_dropped_total")] > 0)
-        assert down[metric("wellstream_spool_spooled_total")] > 200
-        assert 0 < down[metric("wellstream_spool_depth_readings")] <= 200 + 40  # one batch may overshoot
+        down = eventually(port, lambda m: m[key("wellstream_spool_dropped_total")] > 0)
+        assert down[key("wellstream_spool_spooled_total")] > 200
+        assert 0 < down[key("wellstream_spool_depth_readings")] <= 200 + 40  # one batch may overshoot
 
         own_redis.start()
-        back = eventually(port, lambda m: m[metric("wellstream_spool_depth_readings")] == 0)
-        assert back[metric("wellstream_spool_drained_total")] > 0
-        assert back[metric("wellstream_ingest_published_total")] > first[metric("wellstream_ingest_published_total")]
-        assert back[metric("wellstream_ingest_lost_total")] == 0
+        back = eventually(port, lambda m: m[key("wellstream_spool_depth_readings")] == 0)
+        assert back[key("wellstream_spool_drained_total")] > 0
+        assert back[key("wellstream_ingest_published_total")] > first[key("wellstream_ingest_published_total")]
+        assert back[key("wellstream_ingest_lost_total")] == 0
     finally:
         worker.send_signal(signal.SIGTERM)
         try:

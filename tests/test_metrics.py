@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import anyio
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import HistorySettings
 from app.streams.redis import RedisBroker
-from tests.conftest import RedisServer, make_settings, running_gateway, wait_until
+from tests.conftest import RedisServer, make_settings, running_gateway, wait_for_status, wait_until
 from tests.factories import make_reading
+from tests.prometheus import Samples, parse_samples, value
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 async def scrape(client: httpx.AsyncClient, base: str) -> Samples:
     response = await client.get(base + "/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    return parse_samples(response.text)
 
 
 async def test_counters_follow_a_scripted_session(own_redis: RedisServer, secret: str, token) -> None:
@@ -107,12 +95,10 @@ async def test_counters_follow_a_scripted_session(own_redis: RedisServer, secret
             assert value(later, "process_open_fds") > 0
 
             own_redis.kill()
-            while (await client.get(base + "/readyz")).status_code != 503:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            await wait_for_status(base + "/readyz", status=503)
             assert value(await scrape(client, base), "wellstream_live") == 0
             own_redis.start()
-            while (await client.get(base + "/readyz")).status_code != 200:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+            await wait_for_status(base + "/readyz")
             back = await scrape(client, base)
             assert value(back, "wellstream_live") == 1
             assert value(back, "wellstream_redis_reconnects_total") >= 1

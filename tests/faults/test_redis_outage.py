@@ -17,7 +17,7 @@ import pytest
 
 from app.models import StreamId
 from app.streams.redis import RedisBroker
-from tests.conftest import GatewayProcess, RedisServer, gateway_process, wait_until
+from tests.conftest import GatewayProcess, RedisServer, gateway_process, wait_for_status, wait_until
 from tests.faults.streams import (
     PacedPublisher,
     RecordingStream,
@@ -39,11 +39,6 @@ FAST = {
 
 async def readyz(client: httpx.AsyncClient, base: str) -> int:
     return (await client.get(base + "/readyz", timeout=10)).status_code
-
-
-async def until_readyz(client: httpx.AsyncClient, base: str, status: int) -> None:
-    while await readyz(client, base) != status:  # noqa: ASYNC110 - another process's state
-        await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -69,7 +64,7 @@ class Scene:
         for stream in self.streams:
             last = self.publisher.last_acknowledged(stream.well)
             await wait_until(lambda: bool(stream.ids) and stream.ids[-1] >= last)  # noqa: B023 - awaited at once
-        await until_readyz(self.client, self.gateway.url, 200)
+        await wait_for_status(self.gateway.url + "/readyz")
         return {well: stream_log(self.redis.port, well) for well in self.publisher.wells}
 
 
@@ -118,7 +113,7 @@ async def test_a_frozen_redis_is_detected_by_the_health_check_and_the_gap_filled
         async with flowing(own_redis, secret, token("acme"), WELLS[:5], 2) as scene:
             own_redis.freeze()
             # Frozen, the TCP connections stay up: only the health check can tell.
-            await until_readyz(scene.client, scene.gateway.url, 503)
+            await wait_for_status(scene.gateway.url + "/readyz", status=503)
             await scene.heartbeats_go_on()
             own_redis.thaw()
             logs = await scene.settle()
