@@ -8,9 +8,7 @@ Token-level rules (every claim, every key source) are in test_tokens.py; here th
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import functools
 import hashlib
 import hmac
 import json
@@ -31,6 +29,8 @@ from joserfc.jwk import KeySet, OctKey, RSAKey
 from app.auth.tokens import mint_token
 from app.logs import JsonFormatter
 from app.streams.redis import RedisBroker
+from tests.auth.test_keys import rsa_key
+from tests.auth.test_tokens import b64
 from tests.conftest import RunningGateway, make_settings, running_gateway, wait_until
 from tests.factories import make_reading
 from tests.sse_client import Event, SSEReader
@@ -58,15 +58,6 @@ ALG_NONE = b'{"alg":"none"}'
 
 
 # --- keys and tokens, made at test time ---
-
-
-@functools.cache
-def rsa_key(kid: str) -> RSAKey:
-    return RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"})
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def claims(tenant: str = "acme", **overrides: Any) -> dict[str, Any]:
