@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
+import pytest
+
+from app.adapters.base import Adapter
 from app.models import Reading
 from tests.conftest import wait_until
 
@@ -37,3 +42,17 @@ class CollectingSink:
         found = self.latest(tag)
         assert found is not None
         return found
+
+
+@contextlib.asynccontextmanager
+async def running(adapter: Adapter) -> AsyncIterator[CollectingSink]:
+    """The adapter running as a task into a fresh sink; on exit it is cancelled and must end with CancelledError."""
+    sink = CollectingSink()
+    task = asyncio.create_task(adapter.run(sink))
+    try:
+        yield sink
+        assert not task.done(), "the adapter stopped by itself"
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -15,6 +14,7 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from app.adapters.modbus import ModbusAdapter, ModbusConnection, ModbusPoint, decode
+from tests.adapters import sinks
 from tests.adapters.sinks import CollectingSink
 from tests.conftest import free_port, wait_until
 
@@ -79,18 +79,8 @@ def connection(device: Device, *points: dict[str, Any], interval_s: float = 0.05
     return ModbusConnection.model_validate({**fields, "groups": groups, **extra})
 
 
-@contextlib.asynccontextmanager
-async def running(conn: ModbusConnection) -> AsyncIterator[CollectingSink]:
-    """The adapter running as a task; on exit it is cancelled and must end with CancelledError."""
-    sink = CollectingSink()
-    task = asyncio.create_task(ModbusAdapter(conn).run(sink))
-    try:
-        yield sink
-        assert not task.done(), "the adapter stopped by itself"
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+def running(conn: ModbusConnection) -> contextlib.AbstractAsyncContextManager[CollectingSink]:
+    return sinks.running(ModbusAdapter(conn))
 
 
 def registers(fmt: str, value: float, word_order: str = "big", byte_order: str = "big") -> list[int]:

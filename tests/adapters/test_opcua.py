@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 from pydantic import ValidationError
 
 from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
+from tests.adapters import sinks
 from tests.adapters.sinks import CollectingSink
 from tests.conftest import free_port, wait_until
 
@@ -99,17 +99,10 @@ def connection(plc: Plc, *nodes: dict[str, Any], **extra: Any) -> OpcuaConnectio
 
 @contextlib.asynccontextmanager
 async def running_adapter(conn: OpcuaConnection, **kwargs: Any) -> AsyncIterator[tuple[OpcuaAdapter, CollectingSink]]:
-    """The adapter running as a task; on exit it is cancelled and must end with CancelledError."""
-    sink = CollectingSink()
+    """The adapter running as a task (see sinks.running); it is disconnected once cancelled."""
     adapter = OpcuaAdapter(conn, **kwargs)
-    task = asyncio.create_task(adapter.run(sink))
-    try:
+    async with sinks.running(adapter) as sink:
         yield adapter, sink
-        assert not task.done(), "the adapter stopped by itself"
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
     assert not adapter.connected
 
 
