@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.models import Reading
-from tests.conftest import free_port, stop_process
+from tests.conftest import free_port, stop_process, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -285,8 +285,8 @@ async def test_credentials_are_looked_up_by_name_at_each_connect_and_never_logge
             async with anyio.create_task_group() as tg:
                 tg.start_soon(MqttAdapter(conn, credentials=credentials).run, sink)
                 async with aiomqtt.Client("127.0.0.1", server.port, username="ingest", password="s3cret-pw") as pub:
-                    while not any("broker connection failed" in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
-                        await anyio.sleep(0.02)  # the log is the only sign of a refused connect
+                    # The log is the only sign of a refused connect.
+                    await wait_until(lambda: any("broker connection failed" in r.getMessage() for r in caplog.records))
                     # The next attempt looks the names up again.
                     credentials["TEST_MQTT_PASSWORD"] = "s3cret-pw"
                     await wait_subscribed(sink, pub)
