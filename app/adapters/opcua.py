@@ -271,6 +271,10 @@ class OpcuaAdapter:
             await asyncio.wait_for(client.disconnect(), _DISCONNECT_S)
         except Exception as exc:  # the server may already be gone
             logger.debug("opcua %s: disconnect: %s", self.name, _describe(exc))
+        finally:
+            # asyncua closes the socket last: a disconnect cut short (its timeout, or the worker
+            # stopping) would leave the server holding a half-open connection. Closing twice is a no-op.
+            client.disconnect_socket()
 
     def reading(self, node: OpcuaNode, raw: object, data_value: ua.DataValue) -> Reading | None:
         """The Reading for one notification, or None if it is within the node's deadband."""
