@@ -257,7 +257,7 @@ async def test_basic256sha256_sign_and_encrypt(tmp_path: Path) -> None:
             async with running_adapter(connection(secure, node)) as (plain, refused):
                 # Policy None is not offered: every attempt fails. A fixed wait, not wait_until: cancelled
                 # right after a failed attempt, asyncua can leave a connection the server's stop waits
-                # 20 s for (seen about once in ten full runs); by 2 s the adapter is asleep in its backoff.
+                # 20 s for (seen in two of five full runs); by 2 s the adapter is asleep in its backoff.
                 await anyio.sleep(2.0)
                 assert refused.batches == []
                 assert not plain.connected
