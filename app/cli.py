@@ -14,16 +14,19 @@ from typing import Any
 
 from pydantic import SecretStr, ValidationError
 
-from app import devcert, logs, server
+from app import logs
 from app.adapters.simulator import SimulatorAdapter
 from app.auth.tokens import mint_token
-from app.ingest import Publisher, run_ingest
-from app.main import create_app, open_broker
+from app.gateway import devcert, server
+from app.gateway.app import create_app
+from app.ingest.publisher import Publisher
+from app.ingest.sitefile import Site, SiteError, load_site
+from app.ingest.spool import SpoolError
+from app.ingest.worker import run_ingest
 from app.models import is_valid_id
 from app.settings import Settings, environment
-from app.site import Site, SiteError, load_site
-from app.spool import SpoolError
-from app.streams.broker import Broker
+from app.streams.connect import open_broker
+from app.streams.seams import Broker
 
 DEMO_TENANTS = ("acme", "globex")
 DEMO_WELLS = tuple(f"well-{n:02d}" for n in range(1, 6))
@@ -97,7 +100,7 @@ def _require_server(name: str) -> None:
 
 def simulate(wells: list[tuple[str, str]], interval_s: float) -> Callable[[Broker], Coroutine[Any, Any, None]]:
     async def job(broker: Broker) -> None:
-        async with Publisher(broker) as publisher:
+        async with Publisher(broker.log) as publisher:
             await SimulatorAdapter(wells, interval_s).run(publisher)
 
     return job

@@ -17,7 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from app.models import Reading, utc_now_iso
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 
 TICK_S = 0.01
 
@@ -39,7 +39,7 @@ async def publish(redis_url: str, tenant: str, wells: int, rate: float, duration
     names = well_names(wells)
     sequence = 0
     max_lag = 0.0
-    async with RedisBroker.connect(redis_url) as broker:
+    async with connect_redis(redis_url) as broker:
         loop = asyncio.get_running_loop()
         start = loop.time()
         tick = 0
@@ -54,7 +54,7 @@ async def publish(redis_url: str, tenant: str, wells: int, rate: float, duration
             if target > sequence:
                 stamp = utc_now_iso()
                 batch = [_reading(tenant, names[i % wells], i // wells, stamp) for i in range(sequence, target)]
-                await broker.publish(batch)
+                await broker.log.publish(batch)
                 sequence = target
             if elapsed >= duration_s:
                 break

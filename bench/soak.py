@@ -4,7 +4,7 @@
                          [--rate 200] [--chaos-every 20] [--seed 1] [--out FILE]
 
 One redis-server (AOF, appendfsync always), N `wellstream serve` processes, a paced publisher
-through wellstream's RedisBroker, and clients that behave like EventSource: on any end or
+through wellstream's Redis broker, and clients that behave like EventSource: on any end or
 error they come back with Last-Event-ID, to the next gateway in turn, after the server's
 retry hint (capped). Every `--chaos-every` seconds (jittered) one of: Redis SIGKILLed and
 restarted after 1-4 s, Redis SIGSTOPped for 1-4 s, or a gateway SIGTERMed and restarted.
@@ -40,7 +40,9 @@ import redis
 from app.auth.tokens import mint_token
 from app.errors import BrokerError
 from app.models import Reading, StreamId, Topic
-from app.streams.redis import RedisBroker, log_key
+from app.streams.redis import connect_redis
+from app.streams.redis.keys import log_key
+from app.streams.seams import Broker
 from bench.run import ROOT, clean_env, free_port
 
 TENANT = "soak"
@@ -122,7 +124,7 @@ class Gateway:
 
 @dataclass
 class Publisher:
-    broker: RedisBroker
+    broker: Broker
     wells: list[str]
     rate: int
     acknowledged: dict[str, StreamId] = field(default_factory=dict)
@@ -140,7 +142,7 @@ class Publisher:
                 batch.append(_reading(well, float(n)))
                 n += 1
             try:
-                ids = await asyncio.wait_for(self.broker.publish(batch), 3)
+                ids = await asyncio.wait_for(self.broker.log.publish(batch), 3)
             except (BrokerError, TimeoutError):
                 self.refused += len(batch)  # never acknowledged; it may or may not be in the log
             else:
@@ -285,10 +287,10 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
             limits = httpx.Limits(max_connections=None)
             async with (
                 # History long enough to hold the whole run, so every stream is checked from its start.
-                RedisBroker.connect(redis_server.url, max_len=10_000_000, timeout_s=2) as broker,
+                connect_redis(redis_server.url, max_len=10_000_000, timeout_s=2) as broker,
                 httpx.AsyncClient(timeout=httpx.Timeout(10, read=30), limits=limits) as http,
             ):
-                await broker.register_wells(TENANT, wells)
+                await broker.registry.register(TENANT, wells)
                 clients = [Client(well) for well in wells for _ in range(args.streams_per_well)]
                 client_tasks = [asyncio.create_task(c.run(http, gateways, token, stop_clients)) for c in clients]
                 publisher = Publisher(broker, wells, args.rate)

@@ -25,11 +25,11 @@ import redis
 from starlette.applications import Starlette
 
 from app.auth.tokens import mint_token
-from app.main import create_app
-from app.server import serve_until
+from app.gateway.app import create_app
+from app.gateway.hub import Hub
+from app.gateway.server import serve_until
 from app.settings import Settings
-from app.streams.broker import Broker
-from app.streams.fanout import Hub
+from app.streams.seams import Broker
 
 
 @pytest.fixture

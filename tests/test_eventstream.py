@@ -5,11 +5,11 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from app.eventstream import EventStream
+from app.gateway.eventstream import EventStream
+from app.gateway.hub import Hub
 from app.models import StreamId, Topic
 from app.settings import HistorySettings, StreamSettings
-from app.streams.fanout import Hub
-from app.streams.memory import MemoryBroker
+from app.streams.memory import memory_broker
 from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
@@ -18,17 +18,17 @@ TOPIC = Topic("acme", "w1")
 
 
 async def test_trimming_that_overtakes_a_paged_replay_is_reported_not_skipped() -> None:
-    broker = MemoryBroker(max_len=100)
-    hub = Hub(broker)
+    broker = memory_broker(max_len=100)
+    hub = Hub(broker.log)
     await hub.start()
     with anyio.fail_after(5):
-        ids: list[StreamId] = await broker.publish([reading(float(i)) for i in range(100)])
-        stream = EventStream(hub, broker, TOPIC, ids[10], None, StreamSettings(), HistorySettings(replay_page=10))
+        ids: list[StreamId] = await broker.log.publish([reading(float(i)) for i in range(100)])
+        stream = EventStream(hub, broker.log, TOPIC, ids[10], None, StreamSettings(), HistorySettings(replay_page=10))
         sub = await hub.subscribe(TOPIC)
         pages = stream._catch_up(sub)
         first = await anext(pages)
         assert first.count(b"event: reading") == 10
-        await broker.publish([reading(float(i)) for i in range(100, 250)])  # trims what is not sent yet
+        await broker.log.publish([reading(float(i)) for i in range(100, 250)])  # trims what is not sent yet
         second = await anext(pages)
         assert second.startswith(b"event: reset")
         assert b"event: snapshot" in second
@@ -41,18 +41,19 @@ async def test_trimming_that_overtakes_a_paged_replay_is_reported_not_skipped() 
 async def test_unreadable_entries_are_skipped_and_the_replay_goes_on(redis_url: str) -> None:
     import redis.asyncio as aioredis
 
-    from app.streams.redis import RedisBroker, log_key
+    from app.streams.redis import connect_redis
+    from app.streams.redis.keys import log_key
 
     with anyio.fail_after(5):
-        async with RedisBroker.connect(redis_url) as broker:
+        async with connect_redis(redis_url) as broker:
             client = aioredis.Redis.from_url(redis_url)
-            first = await broker.publish([reading(1.0)])
+            first = await broker.log.publish([reading(1.0)])
             await client.xadd(log_key(TOPIC), {"r": b"not json"})
             await client.xadd(log_key(TOPIC), {"other": b"x"})
-            last = await broker.publish([reading(2.0)])
-            found = await broker.history(TOPIC, first[0], 1)
+            last = await broker.log.publish([reading(2.0)])
+            found = await broker.log.history(TOPIC, first[0], 1)
             assert found.events == []
             assert found.cursor > first[0], "the cursor moves past what it skipped"
-            found = await broker.history(TOPIC, first[0], 10)
+            found = await broker.log.history(TOPIC, first[0], 10)
             assert [e.id for e in found.events] == last
             await client.aclose()

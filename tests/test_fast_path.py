@@ -7,7 +7,7 @@ import asyncio
 import anyio
 import pytest
 
-from app.streams.memory import MemoryBroker
+from app.streams.memory import MemoryStreamLog, memory_broker
 from tests.conftest import make_settings, running_gateway, wait_until
 from tests.factories import make_reading as reading
 
@@ -34,7 +34,7 @@ async def read_chunks(reader: asyncio.StreamReader, until: bytes) -> list[bytes]
 
 
 async def test_a_burst_is_written_in_few_sends_and_in_order(secret: str, token) -> None:
-    broker = MemoryBroker()
+    broker = memory_broker()
     with anyio.fail_after(20):
         async with running_gateway(make_settings(secret), broker) as gateway:
             reader, writer = await open_stream(gateway.url, token("acme"))
@@ -44,7 +44,7 @@ async def test_a_burst_is_written_in_few_sends_and_in_order(secret: str, token) 
             await read_chunks(reader, b"event: snapshot")
             await wait_until(lambda: gateway.hub.open_streams == 1)
             # One publish call reaches the hub in one go: 1,000 frames queue (of 1,024 allowed) before the writer runs.
-            ids = await broker.publish([reading(float(v)) for v in range(1000)])
+            ids = await broker.log.publish([reading(float(v)) for v in range(1000)])
             chunks = await read_chunks(reader, f"id: {ids[-1]}\n".encode())
             body = b"".join(chunks)
             got = [line.removeprefix(b"id: ").decode() for line in body.split(b"\n") if line.startswith(b"id: ")]
@@ -56,7 +56,9 @@ async def test_a_burst_is_written_in_few_sends_and_in_order(secret: str, token) 
 
 
 async def test_a_client_that_leaves_mid_stream_frees_its_subscription(secret: str, token) -> None:
-    broker = MemoryBroker()
+    broker = memory_broker()
+    assert isinstance(broker.log, MemoryStreamLog)
+    log = broker.log
     with anyio.fail_after(10):
         async with running_gateway(make_settings(secret), broker) as gateway:
             reader, writer = await open_stream(gateway.url, token("acme"))
@@ -66,5 +68,5 @@ async def test_a_client_that_leaves_mid_stream_frees_its_subscription(secret: st
             await writer.wait_closed()
             await wait_until(lambda: gateway.hub.open_streams == 0)
             assert gateway.hub.topics == 0
-            assert len(broker.feeds) == 1
-            assert next(iter(broker.feeds)).topics == set(), "the upstream subscription is gone too"
+            assert len(log.feeds) == 1
+            assert next(iter(log.feeds)).topics == set(), "the upstream subscription is gone too"

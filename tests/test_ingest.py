@@ -8,10 +8,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from app.ingest import Publisher
+from app.ingest.publisher import Publisher
 from app.models import ZERO_ID, Reading, Topic
-from app.streams.memory import MemoryBroker
-from app.streams.redis import RedisBroker
+from app.streams.memory import memory_broker
+from app.streams.redis import connect_redis
 from tests.conftest import RedisServer, wait_until
 from tests.factories import make_reading as reading
 
@@ -21,12 +21,12 @@ TOPIC = Topic("acme", "w1")
 
 
 async def test_batches_keep_order_and_exit_publishes_everything_pending() -> None:
-    broker = MemoryBroker()
+    broker = memory_broker()
     with anyio.fail_after(5):
-        async with Publisher(broker, max_batch=64, max_delay_s=0.01) as publisher:
+        async with Publisher(broker.log, max_batch=64, max_delay_s=0.01) as publisher:
             for start in range(0, 1000, 7):
                 await publisher.submit([reading(float(v)) for v in range(start, min(start + 7, 1000))])
-        found = await broker.history(TOPIC, ZERO_ID, 2000)
+        found = await broker.log.history(TOPIC, ZERO_ID, 2000)
         assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(1000)]
         assert publisher.published == 1000
 
@@ -36,25 +36,25 @@ async def test_readings_submitted_while_redis_is_down_arrive_in_order_once_it_is
     server.start()
     try:
         with anyio.fail_after(20):
-            async with RedisBroker.connect(server.url) as broker:
-                async with Publisher(broker, max_batch=50, max_delay_s=0.005) as publisher:
+            async with connect_redis(server.url) as broker:
+                async with Publisher(broker.log, max_batch=50, max_delay_s=0.005) as publisher:
                     await publisher.submit([reading(float(v)) for v in range(100)])
                     await asyncio.sleep(0.2)
                     server.stop()
                     await publisher.submit([reading(float(v)) for v in range(100, 300)])
                     await asyncio.sleep(0.5)  # publishing fails and is retried meanwhile
                     server.start()
-                found = await broker.history(TOPIC, ZERO_ID, 1000)
+                found = await broker.log.history(TOPIC, ZERO_ID, 1000)
         assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(300)]
     finally:
         server.stop()
 
 
 async def test_ingest_logs_each_connections_health(caplog: pytest.LogCaptureFixture) -> None:
-    from app.ingest import run_ingest
-    from app.site import Site
+    from app.ingest.sitefile import Site
+    from app.ingest.worker import run_ingest
 
-    caplog.set_level("INFO", logger="app.ingest")
+    caplog.set_level("INFO", logger="app.ingest.worker")
     site = Site.model_validate(
         {
             "tenants": {"acme": {"wells": ["w1"]}},
@@ -63,7 +63,7 @@ async def test_ingest_logs_each_connections_health(caplog: pytest.LogCaptureFixt
             ],
         }
     )
-    broker = MemoryBroker()
+    broker = memory_broker()
     stop = asyncio.Event()
 
     def health_lines() -> list[dict[str, object]]:
@@ -84,4 +84,4 @@ async def test_ingest_logs_each_connections_health(caplog: pytest.LogCaptureFixt
     assert isinstance(readings, dict)
     assert sum(readings.values()) > 0
     assert health[-1]["last_reading_age_s"] is not None
-    assert await broker.has_well("acme", "w1")
+    assert await broker.registry.has_well("acme", "w1")

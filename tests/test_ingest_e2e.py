@@ -96,9 +96,9 @@ async def test_opcua_values_and_statuses_reach_the_stream_and_survive_a_server_r
 
     from asyncua.ua.status_codes import StatusCodes
 
-    from app.ingest import run_ingest
-    from app.site import Site
-    from app.streams.redis import RedisBroker
+    from app.ingest.sitefile import Site
+    from app.ingest.worker import run_ingest
+    from app.streams.redis import connect_redis
     from tests.adapters.test_opcua import Plc
     from tests.conftest import free_port
 
@@ -126,7 +126,7 @@ async def test_opcua_values_and_statuses_reach_the_stream_and_survive_a_server_r
     stamp = datetime(2026, 11, 27, 6, 30, 0, 123456, tzinfo=UTC)
     try:
         with anyio.fail_after(40):
-            async with RedisBroker.connect(redis_url) as broker:
+            async with connect_redis(redis_url) as broker:
                 ingest = asyncio.create_task(run_ingest(site, broker, stop, {}))
                 settings = make_settings(secret, redis_url=redis_url, wells={"acme": ["well-01"]})
                 headers = {"Authorization": f"Bearer {token('acme')}"}

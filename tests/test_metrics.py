@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from app.settings import HistorySettings
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 from tests.conftest import RedisServer, make_settings, running_gateway, wait_for_status, wait_until
 from tests.factories import make_reading
 from tests.prometheus import Samples, parse_samples, value
@@ -35,7 +35,7 @@ async def test_counters_follow_a_scripted_session(own_redis: RedisServer, secret
     with anyio.fail_after(60):
         async with (
             running_gateway(settings) as gateway,
-            RedisBroker.connect(own_redis.url, max_len=10) as publisher,
+            connect_redis(own_redis.url, max_len=10) as publisher,
             httpx.AsyncClient(timeout=10) as client,
         ):
             base = gateway.url
@@ -56,7 +56,7 @@ async def test_counters_follow_a_scripted_session(own_redis: RedisServer, secret
                 assert value(during, "wellstream_hub_subscriptions") == 2
                 assert value(during, "wellstream_snapshots_total") - value(before, "wellstream_snapshots_total") == 3
 
-                ids = await publisher.publish([make_reading(float(n)) for n in range(5)])
+                ids = await publisher.log.publish([make_reading(float(n)) for n in range(5)])
                 for reader in readers[:2]:
                     for _ in range(5):
                         await reader.next_event("reading")
@@ -75,7 +75,7 @@ async def test_counters_follow_a_scripted_session(own_redis: RedisServer, secret
                 "GET", base + path.format("acme"), headers={**acme, "Last-Event-ID": str(ids[2])}
             ) as r:
                 await SSEReader(r).next_event("reading")
-            await publisher.publish([make_reading(float(n)) for n in range(400)])  # MAXLEN ~ trims whole nodes
+            await publisher.log.publish([make_reading(float(n)) for n in range(400)])  # MAXLEN ~ trims whole nodes
             async with client.stream(
                 "GET", base + path.format("acme"), headers={**acme, "Last-Event-ID": str(ids[0])}
             ) as r:

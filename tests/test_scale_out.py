@@ -6,7 +6,7 @@ import anyio
 import httpx
 import pytest
 
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 from tests.conftest import gateway_process
 from tests.factories import make_reading
 from tests.sse_client import SSEReader
@@ -22,7 +22,7 @@ async def test_two_gateway_processes_both_deliver_a_reading_published_once(redis
         async with (
             gateway_process(secret, WELLSTREAM_REDIS_URL=redis_url) as first,
             gateway_process(secret, WELLSTREAM_REDIS_URL=redis_url) as second,
-            RedisBroker.connect(redis_url) as publisher,
+            connect_redis(redis_url) as publisher,
             httpx.AsyncClient(timeout=10) as client,
             client.stream("GET", first.url + path, headers=headers) as one,
             client.stream("GET", second.url + path, headers=headers) as two,
@@ -30,7 +30,7 @@ async def test_two_gateway_processes_both_deliver_a_reading_published_once(redis
             readers = [SSEReader(one), SSEReader(two)]
             for reader in readers:
                 await reader.next_event("snapshot")
-            [stream_id] = await publisher.publish([reading])
+            [stream_id] = await publisher.log.publish([reading])
             for reader in readers:
                 event = await reader.next_event("reading")
                 assert event.id == str(stream_id)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.site import SiteError, load_site
+from app.ingest.sitefile import SiteError, load_site
 from tests.conftest import ROOT, RedisServer, clean_env, ingest_command, ingest_env
 
 SITE = """

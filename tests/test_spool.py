@@ -10,10 +10,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from app.ingest import Publisher
+from app.ingest.publisher import Publisher
+from app.ingest.spool import Spool, SpoolError
 from app.models import ZERO_ID, Origin, Reading, Topic
-from app.spool import Spool, SpoolError
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 from tests.conftest import ROOT, RedisServer, wait_until
 from tests.factories import make_reading as reading
 
@@ -65,7 +65,7 @@ async def test_a_big_batch_is_handed_out_whole(tmp_path: Path) -> None:
 async def test_when_full_the_oldest_batches_are_dropped_counted_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("WARNING", logger="app.spool")
+    caplog.set_level("WARNING", logger="app.ingest.spool")
     async with await Spool.open(tmp_path / "s.sqlite3", max_readings=10) as spool:
         for start in range(0, 16, 4):
             await spool.append(batch(start, 4))
@@ -150,7 +150,7 @@ async def test_a_damaged_batch_is_dropped_and_the_rest_still_drains(tmp_path: Pa
 _APPENDER = """
 import asyncio, sys
 from pathlib import Path
-from app.spool import Spool
+from app.ingest.spool import Spool
 from tests.factories import make_reading
 
 async def main():
@@ -195,10 +195,10 @@ async def test_the_publisher_spools_through_an_outage_and_drains_in_order(
 ) -> None:
     with anyio.fail_after(30):
         async with (
-            RedisBroker.connect(own_redis.url) as broker,
+            connect_redis(own_redis.url) as broker,
             await Spool.open(tmp_path / "s.sqlite3") as spool,
         ):
-            async with Publisher(broker, max_batch=50, max_delay_s=0.005, spool=spool) as publisher:
+            async with Publisher(broker.log, max_batch=50, max_delay_s=0.005, spool=spool) as publisher:
                 await publisher.submit(batch(0, 100))
                 await wait_until(lambda: publisher.published >= 100)
                 own_redis.stop()
@@ -209,7 +209,7 @@ async def test_the_publisher_spools_through_an_outage_and_drains_in_order(
                 await publisher.submit(batch(300, 50))
                 await wait_until(lambda: publisher.published >= 350)
                 assert spool.readings == 0
-            found = await broker.history(TOPIC, ZERO_ID, 1000)
+            found = await broker.log.history(TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(350)]
     assert publisher.spooled >= 200, "what arrived during the outage went to the spool"
     assert (publisher.drained, publisher.dropped) == (publisher.spooled, 0)
@@ -220,18 +220,18 @@ async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_dr
 ) -> None:
     path = tmp_path / "s.sqlite3"
     with anyio.fail_after(30):
-        async with RedisBroker.connect(own_redis.url) as broker:
+        async with connect_redis(own_redis.url) as broker:
             own_redis.stop()
             async with await Spool.open(path) as spool:
-                async with Publisher(broker, max_batch=50, max_delay_s=1, spool=spool) as publisher:
+                async with Publisher(broker.log, max_batch=50, max_delay_s=1, spool=spool) as publisher:
                     await publisher.submit(batch(0, 120))  # still pending (1 s batching) at exit
                 assert (spool.readings, publisher.spooled, publisher.published) == (120, 120, 0)
             own_redis.start()
             async with await Spool.open(path) as spool:
-                async with Publisher(broker, max_batch=50, spool=spool) as publisher:
+                async with Publisher(broker.log, max_batch=50, spool=spool) as publisher:
                     await publisher.submit(batch(120, 30))
                 assert spool.readings == 0
-            found = await broker.history(TOPIC, ZERO_ID, 1000)
+            found = await broker.log.history(TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(150)]
     assert publisher.published == 150
     assert publisher.drained >= 120
@@ -254,10 +254,10 @@ async def test_a_frozen_redis_gets_every_batch_once_and_in_order(
     # still be applied when Redis wakes; its spooled copy must then not land again.
     with anyio.fail_after(30):
         async with (
-            RedisBroker.connect(own_redis.url, timeout_s=redis_timeout_s) as broker,
+            connect_redis(own_redis.url, timeout_s=redis_timeout_s) as broker,
             await Spool.open(tmp_path / "s.sqlite3") as spool,
         ):
-            publisher = Publisher(broker, max_batch=50, spool=spool, publish_timeout_s=0.2)
+            publisher = Publisher(broker.log, max_batch=50, spool=spool, publish_timeout_s=0.2)
             async with publisher:
                 await publisher.submit(batch(0, 20))
                 await wait_until(lambda: publisher.published >= 20)
@@ -268,7 +268,7 @@ async def test_a_frozen_redis_gets_every_batch_once_and_in_order(
                 await wait_until(lambda: spool.readings >= 150)
                 own_redis.thaw()
                 await wait_until(lambda: publisher.published >= 200 and spool.readings == 0)
-            found = await broker.history(TOPIC, ZERO_ID, 1000)
+            found = await broker.log.history(TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(200)]
     assert publisher.drained == publisher.spooled >= 150
 
@@ -291,10 +291,10 @@ async def test_runs_keep_one_producer_and_its_seqs(tmp_path: Path) -> None:
 async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_again(
     tmp_path: Path, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("ERROR", logger="app.ingest")
+    caplog.set_level("ERROR", logger="app.ingest.publisher")
     with anyio.fail_after(30):
         async with (
-            RedisBroker.connect(own_redis.url) as broker,
+            connect_redis(own_redis.url) as broker,
             await Spool.open(tmp_path / "s.sqlite3") as spool,
         ):
 
@@ -302,7 +302,7 @@ async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_a
                 db = spool._store._db
                 db.execute(f"PRAGMA max_page_count = {pages or db.execute('PRAGMA page_count').fetchone()[0]}")
 
-            async with Publisher(broker, max_batch=50, spool=spool) as publisher:
+            async with Publisher(broker.log, max_batch=50, spool=spool) as publisher:
                 own_redis.stop()
                 await spool._call(lambda: limit_pages(None))
                 for start in range(0, 500, 50):
@@ -313,7 +313,7 @@ async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_a
                 await wait_until(lambda: publisher.spooled == 500)
                 own_redis.start()
                 await wait_until(lambda: publisher.published == 500)
-            found = await broker.history(TOPIC, ZERO_ID, 1000)
+            found = await broker.log.history(TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(500)]
     assert publisher.lost == 0
 

@@ -13,9 +13,9 @@ import pytest
 
 from app.models import StreamId
 from app.settings import HistorySettings, StreamSettings
-from app.streams.broker import Broker
-from app.streams.memory import MemoryBroker
-from app.streams.redis import RedisBroker
+from app.streams.memory import memory_broker
+from app.streams.redis import connect_redis
+from app.streams.seams import Broker
 from tests.conftest import RunningGateway, make_settings, running_gateway
 from tests.factories import make_reading as reading
 from tests.sse_client import SSEReader
@@ -41,12 +41,12 @@ async def site(kind: str, redis_url: str, secret: str, token: str, **overrides: 
     headers = {"Authorization": f"Bearer {token}"}
     if kind == "memory":
         settings = make_settings(secret, **overrides)
-        memory = MemoryBroker(settings.history.max_len)
+        memory = memory_broker(settings.history.max_len)
         async with running_gateway(settings, memory) as gateway:
             yield Site(gateway, memory, headers)
     else:
         settings = make_settings(secret, redis_url=redis_url, **overrides)
-        async with RedisBroker.connect(redis_url, settings.history.max_len) as broker:
+        async with connect_redis(redis_url, settings.history.max_len) as broker:
             async with running_gateway(settings) as gateway:
                 yield Site(gateway, broker, headers)
 
@@ -54,7 +54,7 @@ async def site(kind: str, redis_url: str, secret: str, token: str, **overrides: 
 async def test_snapshot_first_then_live_readings_in_order(kind: str, url: str, secret: str, token) -> None:
     with anyio.fail_after(10):
         async with site(kind, url, secret, token("acme")) as s, httpx.AsyncClient(timeout=5) as client:
-            await s.publisher.publish([reading(1.0, "p"), reading(2.0, "t"), reading(3.0, "p")])
+            await s.publisher.log.publish([reading(1.0, "p"), reading(2.0, "t"), reading(3.0, "p")])
             async with client.stream("GET", s.url + STREAM, headers=s.headers) as response:
                 assert response.status_code == 200
                 assert response.headers["content-type"].startswith("text/event-stream")
@@ -68,7 +68,7 @@ async def test_snapshot_first_then_live_readings_in_order(kind: str, url: str, s
                 body = snapshot.json()
                 assert {r["tagName"]: r["value"] for r in body["readings"]} == {"p": 3.0, "t": 2.0}
                 assert snapshot.id == body["lastEventId"]
-                ids = await s.publisher.publish([reading(float(i)) for i in range(20)])
+                ids = await s.publisher.log.publish([reading(float(i)) for i in range(20)])
                 got = [await events.next_event("reading") for _ in range(20)]
                 assert [e.id for e in got] == [str(i) for i in ids]
                 assert [e.json()["value"] for e in got] == [float(i) for i in range(20)]
@@ -79,7 +79,7 @@ async def test_snapshot_first_then_live_readings_in_order(kind: str, url: str, s
 async def _publish_slowly(broker: Broker, values: range, every: int = 25) -> list[StreamId]:
     ids: list[StreamId] = []
     for start in range(values.start, values.stop, every):
-        ids += await broker.publish([reading(float(v)) for v in range(start, min(start + every, values.stop))])
+        ids += await broker.log.publish([reading(float(v)) for v in range(start, min(start + every, values.stop))])
         await asyncio.sleep(0.002)
     return ids
 
@@ -113,7 +113,7 @@ async def test_resume_after_a_dropped_connection_misses_nothing_and_repeats_noth
                     assert event.event == "reading", "a resume replays, it sends no snapshot"
                     seen.append(event.json()["value"])
                 assert events.last_id == str(ids[-1])
-                await s.publisher.publish([reading(1000.0)])
+                await s.publisher.log.publish([reading(1000.0)])
                 seen.append((await events.next_event()).json()["value"])
             assert seen == [float(v) for v in range(1001)]
 
@@ -124,7 +124,7 @@ async def test_resume_from_a_trimmed_id_gets_reset_and_snapshot(kind: str, url: 
         async with site(kind, url, secret, token("acme"), history=history) as s, httpx.AsyncClient(timeout=5) as c:
             ids: list[StreamId] = []
             for i in range(300):
-                ids += await s.publisher.publish([reading(float(i))])
+                ids += await s.publisher.log.publish([reading(float(i))])
             headers = {**s.headers, "Last-Event-ID": str(ids[0])}
             async with c.stream("GET", s.url + STREAM, headers=headers) as response:
                 events = SSEReader(response)
@@ -140,13 +140,13 @@ async def test_resume_from_a_trimmed_id_gets_reset_and_snapshot(kind: str, url: 
 async def test_tags_filter_applies_to_snapshot_and_live(kind: str, url: str, secret: str, token) -> None:
     with anyio.fail_after(10):
         async with site(kind, url, secret, token("acme")) as s, httpx.AsyncClient(timeout=5) as client:
-            await s.publisher.publish([reading(1.0, "p"), reading(2.0, "t"), reading(3.0, "q")])
+            await s.publisher.log.publish([reading(1.0, "p"), reading(2.0, "t"), reading(3.0, "q")])
             params = {"tags": "p,q"}
             async with client.stream("GET", s.url + STREAM, headers=s.headers, params=params) as response:
                 events = SSEReader(response)
                 snapshot = await events.next_event("snapshot")
                 assert sorted(r["tagName"] for r in snapshot.json()["readings"]) == ["p", "q"]
-                await s.publisher.publish([reading(4.0, "t"), reading(5.0, "q"), reading(6.0, "p")])
+                await s.publisher.log.publish([reading(4.0, "t"), reading(5.0, "q"), reading(6.0, "p")])
                 got = [(await events.next_event("reading")).json()["tagName"] for _ in range(2)]
                 assert got == ["q", "p"]
 
@@ -166,7 +166,7 @@ async def test_heartbeat_comments_keep_an_idle_stream_alive(kind: str, url: str,
 async def test_latest_endpoint_answers_json(kind: str, url: str, secret: str, token) -> None:
     with anyio.fail_after(10):
         async with site(kind, url, secret, token("acme")) as s, httpx.AsyncClient(timeout=5) as client:
-            ids = await s.publisher.publish([reading(1.0, "p"), reading(2.0, "t")])
+            ids = await s.publisher.log.publish([reading(1.0, "p"), reading(2.0, "t")])
             response = await client.get(s.url + "/tenants/acme/wells/w1/latest", headers=s.headers)
             assert response.status_code == 200
             body = response.json()
@@ -203,7 +203,7 @@ async def test_bad_input_gets_a_clear_4xx(redis_url: str, secret: str, token, pa
 async def test_a_token_of_another_tenant_is_refused(redis_url: str, secret: str, token) -> None:
     with anyio.fail_after(10):
         async with site("redis", redis_url, secret, token("globex")) as s, httpx.AsyncClient(timeout=5) as client:
-            await s.publisher.publish([reading(1.0)])
+            await s.publisher.log.publish([reading(1.0)])
             for path in (STREAM, "/tenants/acme/wells/w1/latest", "/tenants/acme/wells"):
                 response = await client.get(s.url + path, headers=s.headers)
                 assert response.status_code == 403, path
@@ -231,7 +231,7 @@ async def test_missing_expired_or_forged_tokens_get_401(redis_url: str, secret: 
 async def test_a_wells_claim_hides_other_wells(redis_url: str, secret: str, token) -> None:
     with anyio.fail_after(10):
         async with site("redis", redis_url, secret, token("acme", wells=["w2"])) as s, httpx.AsyncClient() as client:
-            await s.publisher.publish([reading(1.0, well="w1"), reading(1.0, well="w2")])
+            await s.publisher.log.publish([reading(1.0, well="w1"), reading(1.0, well="w2")])
             assert (await client.get(s.url + "/tenants/acme/wells/w1/latest", headers=s.headers)).status_code == 404
             assert (await client.get(s.url + "/tenants/acme/wells/w2/latest", headers=s.headers)).status_code == 200
             wells = await client.get(s.url + "/tenants/acme/wells", headers=s.headers)

@@ -3,7 +3,7 @@
 Credentials are looked for in this order: `Authorization: Bearer`, the session cookie (set by
 POST /auth/session for the same-origin dashboard), a single-use stream ticket (`?ticket=`,
 stream requests only), and `?access_token=` only where a setting allows it. Tickets are
-stored by their SHA-256, so the broker never holds a redeemable ticket.
+stored by their SHA-256, so the ticket store never holds a redeemable ticket.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from app.auth.tokens import TokenVerifier
 from app.errors import AuthError
 from app.models import Principal
 from app.settings import AuthSettings
-from app.streams.broker import Broker
+from app.streams.seams import TicketStore, WellRegistry
 
 MAX_TICKET_WELLS = 100
 
@@ -50,9 +50,12 @@ def _ticket_key(ticket: str) -> str:
 
 
 class Guard:
-    def __init__(self, verifier: TokenVerifier, broker: Broker, settings: AuthSettings) -> None:
+    def __init__(
+        self, verifier: TokenVerifier, registry: WellRegistry, tickets: TicketStore, settings: AuthSettings
+    ) -> None:
         self._verifier = verifier
-        self._broker = broker
+        self._registry = registry
+        self._tickets = tickets
         self._settings = settings
 
     async def verify(self, token: str) -> Principal:
@@ -85,7 +88,7 @@ class Guard:
         principal = await self.principal(request, tickets=tickets)
         if principal.tenant != tenant:
             raise AuthError("token is for another tenant", status=403)
-        if well is not None and not (principal.may_see(well) and await self._broker.has_well(tenant, well)):
+        if well is not None and not (principal.may_see(well) and await self._registry.has_well(tenant, well)):
             raise AuthError("unknown well", status=404)
         return principal
 
@@ -94,7 +97,7 @@ class Guard:
         if not 1 <= len(wells) <= MAX_TICKET_WELLS:
             raise AuthError(f"ask for 1 to {MAX_TICKET_WELLS} wells", status=400)
         for well in wells:
-            if not (principal.may_see(well) and await self._broker.has_well(principal.tenant, well)):
+            if not (principal.may_see(well) and await self._registry.has_well(principal.tenant, well)):
                 raise AuthError("unknown well", status=404)
         # A ticket never outlives the token it came from.
         ttl_s = min(self._settings.ticket_ttl_s, int(principal.expires_at - time.time()))
@@ -102,14 +105,14 @@ class Guard:
             raise AuthError("token expired")
         ticket = secrets.token_urlsafe(32)
         bound = principal.model_copy(update={"wells": frozenset(wells)})
-        await self._broker.put_ticket(_ticket_key(ticket), bound.model_dump_json().encode(), ttl_s)
+        await self._tickets.put(_ticket_key(ticket), bound.model_dump_json().encode(), ttl_s)
         audit("ticket-issued", sub=principal.subject, tenant=principal.tenant, wells=sorted(wells))
         return ticket
 
     async def redeem_ticket(self, ticket: str) -> Principal:
         if len(ticket) > 128:
             raise AuthError("invalid ticket")
-        payload = await self._broker.take_ticket(_ticket_key(ticket))
+        payload = await self._tickets.take(_ticket_key(ticket))
         if payload is None:
             raise AuthError("invalid, expired or already used ticket")
         try:

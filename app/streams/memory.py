@@ -1,7 +1,8 @@
-"""The embedded broker: history, latest values and live fan-out inside one process.
+"""The embedded broker: history, latest values, live fan-out, tickets and leases in one process.
 
 It is a real implementation, not a test double: the demo runs on it, and it passes the same
-conformance suite as the Redis broker, ids and trimming semantics included.
+conformance suites as the Redis broker, ids and trimming semantics included. Every clock is
+injectable, so trimming by age and expiring tickets and leases are tested without sleeping.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.models import ZERO_ID, History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
-from app.streams.broker import Deliver, LiveFeed, epoch_s
+from app.streams.codec import epoch_s
+from app.streams.seams import Broker, Deliver, LiveFeed
+
+Clock = Callable[[], float]
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -24,8 +32,8 @@ class _Log:
 
 
 class _MemoryFeed:
-    def __init__(self, broker: MemoryBroker, deliver: Deliver) -> None:
-        self._broker = broker
+    def __init__(self, log: MemoryStreamLog, deliver: Deliver) -> None:
+        self._log = log
         self.deliver = deliver
         self.topics: set[Topic] = set()
         self.on_gap: Callable[[], None] | None = None  # an in-process feed never has a gap
@@ -46,28 +54,47 @@ class _MemoryFeed:
 
     async def aclose(self) -> None:
         self.topics.clear()
-        self._broker.feeds.discard(self)
+        self._log.feeds.discard(self)
 
 
-class MemoryBroker:
+class MemoryRegistry:
+    def __init__(self) -> None:
+        self._wells: dict[str, set[str]] = defaultdict(set)
+
+    async def wells(self, tenant: str) -> list[str]:
+        return sorted(self._wells.get(tenant, ()))
+
+    async def has_well(self, tenant: str, well: str) -> bool:
+        return well in self._wells.get(tenant, ())
+
+    async def register(self, tenant: str, wells: Sequence[str]) -> None:
+        self._wells[tenant].update(wells)
+
+    def add(self, tenant: str, well: str) -> None:
+        """Register one well now, from within a publish."""
+        self._wells[tenant].add(well)
+
+
+class MemoryStreamLog:
     """Per-well bounded history (by length and age), latest per tag, live fan-out.
 
     Args:
+        registry: where publishing registers each reading's well.
         max_len: entries kept per well.
         max_age_s: entries older than this are trimmed on the next publish to that well; 0 keeps all.
-        clock: milliseconds since the epoch; injectable so trimming by age can be tested.
+        clock: milliseconds since the epoch, for ids and trimming by age.
     """
 
-    def __init__(self, max_len: int = 10_000, max_age_s: float = 0, clock: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self, registry: MemoryRegistry, max_len: int = 10_000, max_age_s: float = 0, clock: Callable[[], int] = wall_ms
+    ) -> None:
+        self._registry = registry
         self._max_len = max_len
         self._max_age_ms = int(max_age_s * 1000)
-        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self._clock = clock
         self._logs: dict[Topic, _Log] = defaultdict(_Log)
-        self._wells: dict[str, set[str]] = defaultdict(set)
-        self._tickets: dict[str, tuple[bytes, float]] = {}
-        self.rejected = 0  # nothing here can hold a key of the wrong type
-        self._leases: dict[str, dict[str, float]] = defaultdict(dict)
         self._applied: dict[str, int] = {}  # producer -> highest seq applied (see Origin)
+        self.rejected = 0  # nothing here can hold a key of the wrong type
         self.feeds: set[_MemoryFeed] = set()
 
     async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:
@@ -93,7 +120,7 @@ class MemoryBroker:
         log.entries.append(event)
         log.latest[reading.tag_name] = event.data
         log.last_id = stream_id
-        self._wells[reading.tenant_id].add(reading.well_id)
+        self._registry.add(reading.tenant_id, reading.well_id)
         self._trim(log, now)
         return topic, event
 
@@ -121,30 +148,38 @@ class MemoryBroker:
         cursor = events[-1].id if events else after
         return History(events, truncated, cursor, more=len(events) >= limit)
 
-    async def wells(self, tenant: str) -> list[str]:
-        return sorted(self._wells.get(tenant, ()))
+    async def open_feed(self, deliver: Deliver) -> LiveFeed:
+        feed = _MemoryFeed(self, deliver)
+        self.feeds.add(feed)
+        return feed
 
-    async def has_well(self, tenant: str, well: str) -> bool:
-        return well in self._wells.get(tenant, ())
 
-    async def register_wells(self, tenant: str, wells: Sequence[str]) -> None:
-        self._wells[tenant].update(wells)
+class MemoryTickets:
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._tickets: dict[str, tuple[bytes, float]] = {}
 
-    async def put_ticket(self, key: str, payload: bytes, ttl_s: int) -> None:
-        now = time.monotonic()
+    async def put(self, key: str, payload: bytes, ttl_s: float) -> None:
+        now = self._clock()
         # Expired tickets are dropped as new ones arrive, so the dict stays as small as the live set.
         for stale in [k for k, (_, expiry) in self._tickets.items() if expiry <= now]:
             del self._tickets[stale]
         self._tickets[key] = (payload, now + ttl_s)
 
-    async def take_ticket(self, key: str) -> bytes | None:
+    async def take(self, key: str) -> bytes | None:
         entry = self._tickets.pop(key, None)
-        if entry is None or entry[1] <= time.monotonic():
+        if entry is None or entry[1] <= self._clock():
             return None
         return entry[0]
 
-    async def acquire_lease(self, counters: Sequence[tuple[str, int]], member: str, ttl_s: float) -> int | None:
-        now = time.monotonic()
+
+class MemoryLeases:
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._leases: dict[str, dict[str, float]] = defaultdict(dict)
+
+    async def acquire(self, counters: Sequence[tuple[str, int]], member: str, ttl_s: float) -> int | None:
+        now = self._clock()
         for index, (key, limit) in enumerate(counters):
             members = self._leases[key]
             if len(members) >= limit:  # only then can expired leases matter: not a walk per admission
@@ -156,26 +191,33 @@ class MemoryBroker:
             self._leases[key][member] = now + ttl_s
         return None
 
-    async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
+    async def release(self, leases: Sequence[tuple[str, str]]) -> None:
         for key, member in leases:
             self._leases[key].pop(member, None)
             if not self._leases[key]:
                 del self._leases[key]
 
-    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
-        expiry = time.monotonic() + ttl_s
+    async def renew(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        expiry = self._clock() + ttl_s
         for key, member in leases:
             if member in self._leases.get(key, {}):
                 self._leases[key][member] = expiry
 
-    async def open_feed(self, deliver: Deliver) -> LiveFeed:
-        feed = _MemoryFeed(self, deliver)
-        self.feeds.add(feed)
-        return feed
 
+class _AlwaysReady:
     async def ready(self) -> bool:
         return True
 
-    async def aclose(self) -> None:
-        for feed in list(self.feeds):
-            await feed.aclose()
+
+def memory_broker(
+    max_len: int = 10_000, max_age_s: float = 0, clock: Callable[[], int] = wall_ms, monotonic: Clock = time.monotonic
+) -> Broker:
+    """Every store in this process. `clock` (epoch ms) dates entries; `monotonic` expires tickets and leases."""
+    registry = MemoryRegistry()
+    return Broker(
+        log=MemoryStreamLog(registry, max_len, max_age_s, clock),
+        registry=registry,
+        tickets=MemoryTickets(monotonic),
+        leases=MemoryLeases(monotonic),
+        health=_AlwaysReady(),
+    )

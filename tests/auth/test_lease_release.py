@@ -11,10 +11,11 @@ import anyio
 import pytest
 import redis
 
-from app.auth.limits import StreamLimits
+from app.auth.admission import StreamLimits
 from app.models import Principal
 from app.settings import LimitSettings
-from app.streams.redis import RedisBroker, lease_key
+from app.streams.redis import connect_redis
+from app.streams.redis.keys import lease_key
 
 pytestmark = pytest.mark.anyio
 
@@ -27,8 +28,8 @@ PRINCIPAL = Principal(subject="tester", tenant="acme", expires_at=time.time() + 
 
 @contextlib.asynccontextmanager
 async def started_limits(redis_url: str) -> AsyncIterator[StreamLimits]:
-    async with RedisBroker.connect(redis_url, max_connections=4) as broker:
-        limits = StreamLimits(ROOMY, broker)
+    async with connect_redis(redis_url, max_connections=4) as broker:
+        limits = StreamLimits(ROOMY, broker.leases)
         await limits.start()
         try:
             yield limits

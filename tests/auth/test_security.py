@@ -28,7 +28,8 @@ from joserfc.jwk import KeySet, OctKey, RSAKey
 
 from app.auth.tokens import mint_token
 from app.logs import JsonFormatter
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
+from app.streams.seams import Broker
 from tests.auth.test_keys import rsa_key
 from tests.auth.test_tokens import b64
 from tests.conftest import RunningGateway, make_settings, running_gateway, wait_until
@@ -117,7 +118,7 @@ class RecordingReader(SSEReader):
 @dataclass
 class Site:
     gateway: RunningGateway
-    publisher: RedisBroker
+    publisher: Broker
     client: httpx.AsyncClient
     caplog: pytest.LogCaptureFixture
     tenant: str
@@ -159,8 +160,8 @@ class Site:
 
         Both go through the same Redis connection in order, so a leaked canary would arrive first.
         """
-        await self.publisher.publish([make_reading(LEAK_VALUE, LEAK_TAG, tenant=self.other, well=well)])
-        await self.publisher.publish([make_reading(value, "p", tenant=self.tenant, well=well)])
+        await self.publisher.log.publish([make_reading(LEAK_VALUE, LEAK_TAG, tenant=self.other, well=well)])
+        await self.publisher.log.publish([make_reading(value, "p", tenant=self.tenant, well=well)])
         event = await events.next_event("reading")
         assert event.json()["value"] == value
         assert event.json()["tenantId"] == self.tenant
@@ -208,12 +209,14 @@ async def secure_site(
     other = "globex" if tenant == "acme" else "acme"
     settings = make_settings(secret, redis_url=redis_url, **overrides)
     async with (
-        RedisBroker.connect(redis_url, settings.history.max_len) as publisher,
+        connect_redis(redis_url, settings.history.max_len) as publisher,
         running_gateway(settings) as gateway,
         httpx.AsyncClient(base_url=gateway.url, timeout=5) as client,
     ):
-        await publisher.publish([make_reading(OWN_VALUE, "p", tenant=tenant, well=well) for well in ("w1", "w2")])
-        await publisher.publish([make_reading(LEAK_VALUE, LEAK_TAG, tenant=other, well=well) for well in leak_wells])
+        await publisher.log.publish([make_reading(OWN_VALUE, "p", tenant=tenant, well=well) for well in ("w1", "w2")])
+        await publisher.log.publish(
+            [make_reading(LEAK_VALUE, LEAK_TAG, tenant=other, well=well) for well in leak_wells]
+        )
         site = Site(gateway, publisher, client, caplog, tenant, other)
         yield site
         site.check_no_leak()
@@ -323,7 +326,7 @@ async def test_a_well_of_another_tenant_or_unregistered_is_the_same_404(
     with anyio.fail_after(15):
         async with secure_site(redis_url, secret, caplog) as s:
             token = s.token(secret)
-            assert await s.publisher.has_well("globex", OTHER_ONLY_WELL)
+            assert await s.publisher.registry.has_well("globex", OTHER_ONLY_WELL)
             for well in ("w404", OTHER_ONLY_WELL):
                 for kind in ("latest", "stream"):
                     response = await s.get(f"/tenants/acme/wells/{well}/{kind}", headers=bearer(token))
@@ -337,7 +340,7 @@ async def test_a_well_of_another_tenant_or_unregistered_is_the_same_404(
             assert "w1" in listed
             assert OTHER_ONLY_WELL not in listed
             assert "w404" not in listed
-            assert not await s.publisher.has_well("acme", "w404"), "asking must not create the well"
+            assert not await s.publisher.registry.has_well("acme", "w404"), "asking must not create the well"
 
 
 async def test_a_well_outside_the_wells_claim_is_the_same_404(

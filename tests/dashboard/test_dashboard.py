@@ -17,7 +17,8 @@ import pytest
 from playwright.async_api import Browser, Locator, Page, expect
 
 from app.models import StreamId
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
+from app.streams.seams import Broker
 from tests.conftest import wait_until
 from tests.dashboard.conftest import open_page, reading
 from tests.dashboard.proxy import Proxy
@@ -60,9 +61,9 @@ async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
     with anyio.fail_after(45):
         async with (
             Gateway(secret, redis_url, registry).running() as gateway,
-            RedisBroker.connect(redis_url) as publisher,
+            connect_redis(redis_url) as publisher,
         ):
-            await publisher.publish(
+            await publisher.log.publish(
                 [reading(well, "p", 12.5) for well in registry["acme"]]
                 + [reading(well, "t", 80.25, unit="degC") for well in registry["acme"]]
             )
@@ -83,7 +84,7 @@ async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
             assert await page.evaluate("wellstream.mode") == "cookie"
 
             # BAD, UNCERTAIN and STALE: each a word on the tag and on the tile, not only a colour.
-            await publisher.publish(
+            await publisher.log.publish(
                 [
                     reading("w2", "p", None, "BAD"),
                     reading("w1", "t", 81.0, "UNCERTAIN", unit="degC"),
@@ -126,7 +127,7 @@ async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Offline", timeout=WAIT_MS)
             await page.context.set_offline(False)
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=20_000)
-            await publisher.publish([reading(well, "p", 13.75) for well in registry["acme"]])
+            await publisher.log.publish([reading(well, "p", 13.75) for well in registry["acme"]])
             for well in registry["acme"]:
                 await expect(row(page, well, "p").locator(".number")).to_have_text("13.75", timeout=WAIT_MS)
             assert page.errors == []  # type: ignore[attr-defined]
@@ -137,16 +138,16 @@ async def paced_publisher(redis_url: str, wells: list[str], every_s: float) -> A
     """Publishes one reading per well every `every_s` until the block ends; yields the ids per well."""
     published: dict[str, list[str]] = {well: [] for well in wells}
 
-    async def run(broker: RedisBroker) -> None:
+    async def run(broker: Broker) -> None:
         n = 0
         while True:
             n += 1
-            ids = await broker.publish([reading(well, "p", float(n)) for well in wells])
+            ids = await broker.log.publish([reading(well, "p", float(n)) for well in wells])
             for well, stream_id in zip(wells, ids, strict=True):
                 published[well].append(str(stream_id))
             await asyncio.sleep(every_s)
 
-    async with RedisBroker.connect(redis_url) as broker:
+    async with connect_redis(redis_url) as broker:
         task = asyncio.create_task(run(broker))
         try:
             yield published
@@ -216,9 +217,9 @@ async def test_a_hundred_wells_over_http2_all_render_and_keep_updating(
     with anyio.fail_after(50):
         async with (
             Gateway(secret, redis_url, {"acme": wells}, tls_dir=tmp_path).running() as gateway,
-            RedisBroker.connect(redis_url) as publisher,
+            connect_redis(redis_url) as publisher,
         ):
-            await publisher.publish([reading(well, tag, n + 0.5) for n, well in enumerate(wells) for tag in "pqt"])
+            await publisher.log.publish([reading(well, tag, n + 0.5) for n, well in enumerate(wells) for tag in "pqt"])
             page = await open_page(browser)
             await page.goto(f"{gateway.url}/#token={token('acme')}")
             all_show = """([round]) => {
@@ -232,7 +233,7 @@ async def test_a_hundred_wells_over_http2_all_render_and_keep_updating(
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
 
             for round_ in (0.25, 0.75):
-                await publisher.publish(
+                await publisher.log.publish(
                     [reading(well, tag, n + round_) for n, well in enumerate(wells) for tag in "pqt"]
                 )
                 await page.wait_for_function(all_show, arg=[round_], timeout=20_000)
@@ -347,8 +348,8 @@ async def test_history_trimmed_while_away_gives_a_reset_then_a_fresh_snapshot(
     gateway = Gateway(secret, redis_url, {"acme": ["w1"]})
     with anyio.fail_after(45):
         # This publisher keeps about 10 entries per well (Redis trims approximately, whole nodes).
-        async with gateway.running(), RedisBroker.connect(redis_url, 10) as publisher:
-            await publisher.publish([reading("w1", "p", 1.0)])
+        async with gateway.running(), connect_redis(redis_url, 10) as publisher:
+            await publisher.log.publish([reading("w1", "p", 1.0)])
             page = await open_page(browser)
             await page.goto(f"{gateway.url}/#token={token('acme')}")
             await expect(row(page, "w1", "p").locator(".number")).to_have_text("1", timeout=WAIT_MS)
@@ -356,7 +357,7 @@ async def test_history_trimmed_while_away_gives_a_reset_then_a_fresh_snapshot(
 
             await gateway.stop()
             for batch in range(10):
-                await publisher.publish([reading("w1", "p", batch * 100 + n + 0.5) for n in range(100)])
+                await publisher.log.publish([reading("w1", "p", batch * 100 + n + 0.5) for n in range(100)])
             await gateway.start()
 
             await expect(row(page, "w1", "p").locator(".number")).to_have_text("999.5", timeout=20_000)

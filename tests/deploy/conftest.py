@@ -1,4 +1,4 @@
-"""Fixtures for the deployment tests: a development certificate made by app.devcert."""
+"""Fixtures for the deployment tests: a development certificate made by app.gateway.devcert."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from app.devcert import DevCert, write_dev_cert
+from app.gateway.devcert import DevCert, write_dev_cert
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ import anyio
 import httpx
 import pytest
 
-from app.devcert import DevCert
-from app.streams.redis import RedisBroker
+from app.gateway.devcert import DevCert
+from app.streams.redis import connect_redis
 from tests.conftest import ROOT, free_port, gateway_env
 from tests.deploy.processes import CONFIG, Gateway, gateway, render
 from tests.factories import make_reading
@@ -66,7 +66,7 @@ async def test_fifty_streams_of_fifty_wells_flow_over_one_tls_connection(
         async with (
             tls_gateway(secret, redis_url, dev_cert, tmp_path) as (https, _, served),
             httpx.AsyncClient(base_url=https, http2=True, verify=tls_context, timeout=20) as client,
-            RedisBroker.connect(redis_url) as publisher,
+            connect_redis(redis_url) as publisher,
             contextlib.AsyncExitStack() as stack,
         ):
             responses = [
@@ -80,7 +80,7 @@ async def test_fifty_streams_of_fifty_wells_flow_over_one_tls_connection(
             readers = [SSEReader(response) for response in responses]
             for reader in readers:
                 await reader.next_event("snapshot")
-            ids = await publisher.publish([make_reading(float(n), well=well) for n, well in enumerate(WELLS)])
+            ids = await publisher.log.publish([make_reading(float(n), well=well) for n, well in enumerate(WELLS)])
             events = await asyncio.gather(*(reader.next_event("reading") for reader in readers))
             # SIGTERM: every stream on the connection ends with a goodbye, and the process exits,
             # even though this client, unlike a browser, leaves the TLS connection open: the

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app.models import StreamId
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 from tests.conftest import ROOT, RedisServer, clean_env, free_port, wait_for_status, wait_until
 from tests.factories import make_reading
 from tests.sse_client import SSEReader
@@ -109,7 +109,7 @@ async def test_a_reading_published_once_reaches_every_gateway_exactly_once(
                 wells = {well.encode() for well in WORKERS}
                 await wait_until(lambda: _alive(workers) and client.smembers("scada:{acme}:wells") >= wells)
             client_ = await stack.enter_async_context(httpx.AsyncClient(timeout=20))
-            publisher = await stack.enter_async_context(RedisBroker.connect(redis_url))
+            publisher = await stack.enter_async_context(connect_redis(redis_url))
             collectors = [Collector(n, well) for n in range(len(ports)) for well in WORKERS]
             tasks = []
             for collector in collectors:
@@ -121,11 +121,11 @@ async def test_a_reading_published_once_reaches_every_gateway_exactly_once(
             await wait_until(lambda: all(c.events for c in collectors))
 
             probe = make_reading(1.0, "probe", well="pf-a", connection="test")
-            [probe_id] = await publisher.publish([probe])
+            [probe_id] = await publisher.log.publish([probe])
             # Both workers' readings keep arriving at every gateway after the probe.
             await wait_until(lambda: all(len(c.after(probe_id)) >= 4 for c in collectors if c.well == "pf-a"))
             await wait_until(lambda: all(len(c.events) >= 4 for c in collectors if c.well == "pf-b"))
-            [last_id] = await publisher.publish([make_reading(2.0, "probe", well="pf-a", connection="test")])
+            [last_id] = await publisher.log.publish([make_reading(2.0, "probe", well="pf-a", connection="test")])
             await wait_until(lambda: all(c.after(last_id) for c in collectors if c.well == "pf-a"))
             history = await asyncio.to_thread(_history, redis_server, "pf-a", str(probe_id), str(last_id))
 

@@ -14,8 +14,8 @@ import anyio
 import httpx
 import pytest
 
-from app.devcert import DevCert
-from app.streams.redis import RedisBroker
+from app.gateway.devcert import DevCert
+from app.streams.redis import connect_redis
 from tests.conftest import gateway_process, wait_for_status, wait_until
 from tests.deploy.processes import PROXIES, Proxy
 from tests.factories import make_reading
@@ -58,7 +58,7 @@ async def test_events_arrive_one_by_one_over_http1_and_http2(
         async with (
             two_gateways_behind(proxy_name, secret, redis_url, dev_cert, tmp_path) as (proxy, gateways),
             clients(proxy, tls_context) as (h1, h2),
-            RedisBroker.connect(redis_url) as publisher,
+            connect_redis(redis_url) as publisher,
             h1.stream("GET", PATH, headers=headers) as over_h1,
             h2.stream("GET", PATH, headers=headers) as over_h2,
         ):
@@ -71,7 +71,7 @@ async def test_events_arrive_one_by_one_over_http1_and_http2(
             # Each reading must come through before the next is published: a proxy that held
             # small responses back would leave the reader waiting until fail_after.
             for value in (1.0, 2.0, 3.0):
-                [stream_id] = await publisher.publish([make_reading(value)])
+                [stream_id] = await publisher.log.publish([make_reading(value)])
                 for reader in readers:
                     event = await reader.next_event("reading")
                     assert (event.id, event.json()["value"]) == (str(stream_id), value)
@@ -122,7 +122,7 @@ async def test_a_stopped_gateway_s_clients_resume_on_the_other_without_an_error(
         async with (
             two_gateways_behind(proxy_name, secret, redis_url, dev_cert, tmp_path) as (proxy, (first, _)),
             contextlib.AsyncExitStack() as stack,
-            RedisBroker.connect(redis_url) as publisher,
+            connect_redis(redis_url) as publisher,
         ):
             # Four browsers over HTTP/2; the proxy spreads their streams over both gateways. (One
             # connection each: httpx 0.28's HTTP/2 client can stall one of several streams sharing
@@ -138,16 +138,16 @@ async def test_a_stopped_gateway_s_clients_resume_on_the_other_without_an_error(
             tasks = [asyncio.create_task(follower.run(4.0, resume)) for follower in followers]
             for follower in followers:
                 await follower.opened.wait()
-            await publisher.publish([make_reading(1.0)])
+            await publisher.log.publish([make_reading(1.0)])
             await wait_until(lambda: all(f.values == [1.0] for f in followers))
 
             first.process.send_signal(signal.SIGTERM)
             assert await first.process.wait() == 0
             # Published while the first gateway's clients are away: they must get these from history.
-            await publisher.publish([make_reading(2.0)])
-            await publisher.publish([make_reading(3.0)])
+            await publisher.log.publish([make_reading(2.0)])
+            await publisher.log.publish([make_reading(3.0)])
             resume.set()
-            await publisher.publish([make_reading(4.0)])
+            await publisher.log.publish([make_reading(4.0)])
             await asyncio.gather(*tasks)
 
     for follower in followers:

@@ -13,7 +13,8 @@ import redis
 
 from app.errors import BrokerError
 from app.models import StreamId, Topic
-from app.streams.redis import RedisBroker, log_key
+from app.streams.redis.keys import log_key
+from app.streams.seams import Broker
 from tests.factories import make_reading
 from tests.sse_client import Event, SSEReader
 
@@ -23,7 +24,7 @@ class PacedPublisher:
     """Publishes `per_tick` readings spread over `wells` every `tick_s`; a batch Redis refuses is dropped
     (it was never acknowledged, so nobody may expect it) and counted."""
 
-    broker: RedisBroker
+    broker: Broker
     wells: list[str]
     per_tick: int = 10
     tick_s: float = 0.05
@@ -42,7 +43,7 @@ class PacedPublisher:
                 batch.append(make_reading(float(self._n), well=well))
                 self._n += 1
             try:
-                ids = await asyncio.wait_for(self.broker.publish(batch), 2)
+                ids = await asyncio.wait_for(self.broker.log.publish(batch), 2)
             except (BrokerError, TimeoutError):
                 self.refused += 1
             else:

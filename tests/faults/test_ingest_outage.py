@@ -22,7 +22,7 @@ import pytest
 
 from app.adapters.simulator import SimulatorAdapter
 from app.models import Reading, Topic
-from app.streams.redis import log_key
+from app.streams.redis.keys import log_key
 from tests.conftest import ROOT, RedisServer, ingest_command, ingest_env, wait_until
 
 pytestmark = pytest.mark.anyio

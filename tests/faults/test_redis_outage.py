@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from app.models import StreamId
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 from tests.conftest import GatewayProcess, RedisServer, gateway_process, wait_for_status, wait_until
 from tests.faults.streams import (
     PacedPublisher,
@@ -73,7 +73,7 @@ async def flowing(redis: RedisServer, secret: str, token: str, wells: list[str],
     headers = {"Authorization": f"Bearer {token}"}
     async with (
         gateway_process(secret, WELLSTREAM_REDIS_URL=redis.url, **FAST) as gateway,
-        RedisBroker.connect(redis.url, timeout_s=1) as broker,
+        connect_redis(redis.url, timeout_s=1) as broker,
         httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client,
         recording_streams(client, gateway.url, wells, per_well, headers) as streams,
     ):

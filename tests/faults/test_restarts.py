@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from app.settings import StreamSettings
-from app.streams.redis import RedisBroker, lease_key
+from app.streams.redis import connect_redis
+from app.streams.redis.keys import lease_key
 from tests.conftest import gateway_process, make_settings, running_gateway, wait_until
 from tests.faults.streams import PacedPublisher, assert_exactly_the_log, recording_streams, stream_log
 from tests.sse_client import SSEReader
@@ -31,7 +32,7 @@ async def test_sigterm_under_1000_streams_ends_all_with_a_retry_and_a_second_gat
         async with (
             gateway_process(secret, WELLSTREAM_REDIS_URL=redis_url, **grace) as first,
             gateway_process(secret, WELLSTREAM_REDIS_URL=redis_url) as second,
-            RedisBroker.connect(redis_url) as broker,
+            connect_redis(redis_url) as broker,
             httpx.AsyncClient(timeout=60, limits=limits) as client,
         ):
             # 20 readings/s over 10 wells: each reaches 100 streams, 2,000 events/s to parse here.

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.settings import StreamSettings
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 from tests.conftest import make_settings, running_gateway, wait_until
 from tests.factories import make_reading
 
@@ -42,7 +42,7 @@ async def test_a_client_that_stops_reading_is_evicted_while_100_others_get_every
     with anyio.fail_after(90):
         async with (
             running_gateway(settings) as gateway,
-            RedisBroker.connect(redis_url) as publisher,
+            connect_redis(redis_url) as publisher,
             httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client,
         ):
             stalled = stalled_stream(gateway.url, headers["Authorization"])
@@ -78,7 +78,7 @@ async def test_a_client_that_stops_reading_is_evicted_while_100_others_get_every
             for start in range(0, total, 200):
                 batch = [make_reading(float(v), connection="c" * 60) for v in range(start, start + 200)]
                 now = time.monotonic()  # before the call: latencies are upper bounds
-                for stream_id in await publisher.publish(batch):
+                for stream_id in await publisher.log.publish(batch):
                     published_at[str(stream_id)] = now
                     sent.append(str(stream_id))
                 await asyncio.sleep(0.005)

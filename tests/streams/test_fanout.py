@@ -11,7 +11,8 @@ import pytest
 
 from app.models import Topic
 from app.settings import StreamSettings
-from app.streams.redis import RedisBroker, channel_name
+from app.streams.redis import connect_redis
+from app.streams.redis.keys import channel_name
 from tests.conftest import RedisServer, make_settings, running_gateway, wait_until
 from tests.factories import make_reading as reading
 from tests.sse_client import SSEReader
@@ -55,8 +56,8 @@ async def test_200_streams_on_20_wells_share_one_subscription_each_and_leave_non
                 await opened.wait()
                 assert hub.topics == 20
                 assert numsub(redis_server, wells) == dict.fromkeys(wells, 1), "one subscription per well per process"
-                async with RedisBroker.connect(redis_url) as publisher:
-                    await publisher.publish([reading(7.0, well=w) for w in wells])
+                async with connect_redis(redis_url) as publisher:
+                    await publisher.log.publish([reading(7.0, well=w) for w in wells])
                     await wait_until(lambda: len(got_live) == 200)
                 release.set()
                 await asyncio.gather(*tasks)
@@ -74,7 +75,7 @@ async def test_a_stream_that_stops_reading_is_ended_while_others_keep_flowing(
     settings = make_settings(secret, redis_url=redis_url, stream=StreamSettings(queue_size=256, send_timeout_s=2))
     total = 20_000
     with anyio.fail_after(90):
-        async with running_gateway(settings) as gateway, RedisBroker.connect(redis_url) as publisher:
+        async with running_gateway(settings) as gateway, connect_redis(redis_url) as publisher:
             host, port = gateway.url.removeprefix("http://").split(":")
             stalled = socket.socket()
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -87,7 +88,7 @@ async def test_a_stream_that_stops_reading_is_ended_while_others_keep_flowing(
 
             async def publish() -> None:
                 for start in range(0, total, 100):
-                    await publisher.publish(
+                    await publisher.log.publish(
                         [reading(float(v), well="w1", connection="c" * 60) for v in range(start, start + 100)]
                     )
                     await asyncio.sleep(0.002)

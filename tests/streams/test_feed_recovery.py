@@ -7,9 +7,9 @@ import asyncio
 import anyio
 import pytest
 
+from app.gateway.hub import Hub
 from app.models import Topic
-from app.streams.fanout import Hub
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 from tests.conftest import RedisServer, wait_until
 from tests.factories import make_reading
 
@@ -22,8 +22,8 @@ async def test_a_subscribe_lost_in_a_freeze_does_not_delay_every_later_one(own_r
     # well could never be streamed again on this gateway.
     topic = Topic("acme", "w1")
     with anyio.fail_after(30):
-        async with RedisBroker.connect(own_redis.url, timeout_s=0.5, ping_interval_s=0.2) as broker:
-            hub = Hub(broker)
+        async with connect_redis(own_redis.url, timeout_s=0.5, ping_interval_s=0.2) as broker:
+            hub = Hub(broker.log)
             await hub.start()
             try:
                 own_redis.freeze()
@@ -35,7 +35,7 @@ async def test_a_subscribe_lost_in_a_freeze_does_not_delay_every_later_one(own_r
                 await wait_until(lambda: hub.live and hub.feed_reconnects >= 1)
                 for value in (1.0, 2.0, 3.0):
                     sub = await asyncio.wait_for(hub.subscribe(topic), 5)
-                    await broker.publish([make_reading(value)])
+                    await broker.log.publish([make_reading(value)])
                     await wait_until(lambda: bool(sub.frames))  # noqa: B023 - awaited at once
                     assert f'"value":{value}'.encode() in sub.frames[0][1]
                     await hub.unsubscribe(sub)

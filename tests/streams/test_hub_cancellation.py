@@ -12,9 +12,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from app.gateway.hub import Hub
 from app.models import Topic
-from app.streams.fanout import Hub
-from app.streams.redis import RedisBroker
+from app.streams.redis import connect_redis
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -31,8 +31,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 @contextlib.asynccontextmanager
 async def started_hub(url: str) -> AsyncIterator[Hub]:
-    async with RedisBroker.connect(url) as broker:
-        hub = Hub(broker)
+    async with connect_redis(url) as broker:
+        hub = Hub(broker.log)
         await hub.start()
         try:
             yield hub

@@ -21,14 +21,11 @@ from collections.abc import AsyncIterator
 
 from starlette.types import Message, Receive, Scope, Send
 
+from app.auth.admission import Lease
 from app.auth.audit import audit
-from app.auth.limits import Lease
 from app.errors import BrokerError
-from app.models import Principal, Snapshot, StreamId, Topic
-from app.settings import HistorySettings, StreamSettings
-from app.streams.broker import Broker
-from app.streams.fanout import Hub, Subscriber
-from app.streams.sse import (
+from app.gateway.hub import Hub, Subscriber
+from app.gateway.sse import (
     auth_expired_frame,
     goodbye_frame,
     heartbeat_frame,
@@ -37,6 +34,9 @@ from app.streams.sse import (
     retry_frame,
     snapshot_frame,
 )
+from app.models import Principal, Snapshot, StreamId, Topic
+from app.settings import HistorySettings, StreamSettings
+from app.streams.seams import StreamLog
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class EventStream:
     def __init__(
         self,
         hub: Hub,
-        broker: Broker,
+        log: StreamLog,
         topic: Topic,
         last_id: StreamId | None,
         tags: frozenset[str] | None,
@@ -72,7 +72,7 @@ class EventStream:
         self.principal = principal
         self.lease = lease
         self.hub = hub
-        self.broker = broker
+        self.log = log
         self.topic = topic
         self.last_id = last_id
         self.tags = tags
@@ -194,7 +194,7 @@ class EventStream:
         stats.replays += 1
         cursor = self.last_id
         while not sub.end_reason:
-            found = await self.broker.history(self.topic, cursor, self.history.replay_page)
+            found = await self.log.history(self.topic, cursor, self.history.replay_page)
             if found.truncated:  # on any page: a slow replay can be overtaken by trimming
                 stats.resets += 1
                 yield reset_frame(self.topic, cursor) + await self._snapshot(sub)
@@ -208,7 +208,7 @@ class EventStream:
                 return
 
     async def _snapshot(self, sub: Subscriber) -> bytes:
-        snapshot = await self.broker.snapshot(self.topic)
+        snapshot = await self.log.snapshot(self.topic)
         if self.tags is not None:
             kept = {tag: data for tag, data in snapshot.readings.items() if tag in self.tags}
             snapshot = Snapshot(snapshot.topic, snapshot.last_id, kept)

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from app.backoff import Backoff
 from app.errors import BrokerError
+from app.gateway.sse import reading_frame
+from app.gateway.stats import HubStats
 from app.models import StreamEvent, StreamId, Topic
-from app.streams.broker import Broker, LiveFeed
-from app.streams.sse import reading_frame
-from app.streams.stats import HubStats
+from app.streams.seams import LiveFeed, StreamLog
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class Hub:
     """Reference-counted topic subscriptions on one shared live feed.
 
     Args:
-        broker: where the live feed comes from.
+        log: the stream log the live feed and gap fills come from.
         queue_size: frames a subscriber may have queued before it is ended as slow.
         heartbeat_s: a stream that sent nothing for this long gets a heartbeat.
         send_timeout_s: a send stuck this long ends the stream (a peer that stopped reading).
@@ -153,14 +153,14 @@ class Hub:
 
     def __init__(
         self,
-        broker: Broker,
+        log: StreamLog,
         queue_size: int = 1024,
         heartbeat_s: float = 15,
         send_timeout_s: float = 10,
         replay_page: int = 500,
         max_age_s: float | None = None,
     ):
-        self._broker = broker
+        self._log = log
         self.max_age_s = max_age_s
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
@@ -176,7 +176,7 @@ class Hub:
         self._idle.set()
 
     async def start(self) -> None:
-        self._feed = await self._broker.open_feed(self._deliver)
+        self._feed = await self._log.open_feed(self._deliver)
         self._feed.on_gap = self._on_gap
         self._sweeper = asyncio.create_task(self._sweep(), name="hub-sweeper")
 
@@ -357,7 +357,7 @@ class Hub:
             positions = [sub.skip_through for sub in state.subscribers if sub.skip_through is not None]
             cursor = min(positions, default=None)
         while cursor is not None and state.held is not None:
-            found = await self._broker.history(topic, cursor, self.replay_page)
+            found = await self._log.history(topic, cursor, self.replay_page)
             if state.held is None or self._topics.get(topic) is not state:
                 return
             if found.truncated:

@@ -17,17 +17,16 @@ from starlette.routing import BaseRoute, Mount
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.access import AccessLog
+from app.auth.admission import StreamLimits
 from app.auth.guard import Guard
-from app.auth.limits import StreamLimits
 from app.auth.tokens import TokenVerifier
-from app.metrics import gateway_registry
-from app.routes import EXCEPTION_HANDLERS, ROUTES, STREAM_PATH, serve_stream
+from app.gateway.access import AccessLog
+from app.gateway.hub import Hub
+from app.gateway.metrics import gateway_registry
+from app.gateway.routes import EXCEPTION_HANDLERS, ROUTES, STREAM_PATH, serve_stream
 from app.settings import Settings
-from app.streams.broker import Broker
-from app.streams.fanout import Hub
-from app.streams.memory import MemoryBroker
-from app.streams.redis import RedisBroker
+from app.streams.connect import open_broker
+from app.streams.seams import Broker
 
 logger = logging.getLogger(__name__)
 
@@ -81,28 +80,6 @@ class Gateway:
     limits: StreamLimits
 
 
-@contextlib.asynccontextmanager
-async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
-    """The Redis broker when `redis_url` is set, else the embedded memory broker."""
-    history = settings.history
-    if settings.redis_url:
-        redis = settings.redis
-        async with RedisBroker.connect(
-            settings.redis_url,
-            history.max_len,
-            history.max_age_s,
-            timeout_s=redis.timeout_s,
-            ping_interval_s=redis.ping_interval_s,
-        ) as broker:
-            yield broker
-        return
-    memory = MemoryBroker(history.max_len, history.max_age_s)
-    try:
-        yield memory
-    finally:
-        await memory.aclose()
-
-
 def create_app(
     settings: Settings, broker: Broker | None = None, background: list[Background] | None = None
 ) -> Starlette:
@@ -122,7 +99,7 @@ def create_app(
             active = broker if broker is not None else await stack.enter_async_context(open_broker(settings))
             stream = settings.stream
             hub = Hub(
-                active,
+                active.log,
                 stream.queue_size,
                 stream.heartbeat_s,
                 stream.send_timeout_s,
@@ -132,9 +109,9 @@ def create_app(
             await hub.start()
             stack.push_async_callback(hub.aclose)
             for tenant, wells in settings.wells.items():
-                await active.register_wells(tenant, wells)
-            guard = Guard(verifier, active, settings.auth)
-            limits = StreamLimits(settings.auth.limits, active)
+                await active.registry.register(tenant, wells)
+            guard = Guard(verifier, active.registry, active.tickets, settings.auth)
+            limits = StreamLimits(settings.auth.limits, active.leases)
             await limits.start()
             stack.push_async_callback(limits.aclose)
             app.state.gateway = Gateway(settings, active, hub, guard, limits)

@@ -14,17 +14,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from app.auth.admission import LimitError
 from app.auth.audit import audit
 from app.auth.guard import client_address
-from app.auth.limits import LimitError
 from app.errors import AuthError, BrokerError
-from app.eventstream import EventStream
-from app.metrics import CONTENT_TYPE, render
+from app.gateway.eventstream import EventStream
+from app.gateway.metrics import CONTENT_TYPE, render
+from app.gateway.sse import single_line_json
 from app.models import StreamId, Topic, is_valid_id
-from app.streams.sse import single_line_json
 
 if TYPE_CHECKING:
-    from app.main import Gateway
+    from app.gateway.app import Gateway
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ async def stream(request: Request) -> Response | EventStream:
     audit("connect", sub=principal.subject, tenant=topic.tenant, well=topic.well, client=client)
     settings = gateway.settings
     return EventStream(
-        gateway.hub, gateway.broker, topic, last_id, tags, settings.stream, settings.history, principal, lease
+        gateway.hub, gateway.broker.log, topic, last_id, tags, settings.stream, settings.history, principal, lease
     )
 
 
@@ -162,7 +162,7 @@ async def latest(request: Request) -> Response:
     topic = _topic(request)
     tags = _tags(request)
     await gateway.guard.authorize(request, topic.tenant, topic.well)
-    snapshot = await gateway.broker.snapshot(topic)
+    snapshot = await gateway.broker.log.snapshot(topic)
     readings = [
         single_line_json(data) for tag, data in sorted(snapshot.readings.items()) if tags is None or tag in tags
     ]
@@ -179,7 +179,7 @@ async def wells(request: Request) -> Response:
     gateway = _gateway(request)
     tenant = _tenant(request)
     principal = await gateway.guard.authorize(request, tenant)
-    names = [name for name in await gateway.broker.wells(tenant) if principal.may_see(name)]
+    names = [name for name in await gateway.broker.registry.wells(tenant) if principal.may_see(name)]
     return JSONResponse({"tenantId": tenant, "wells": names})
 
 
@@ -191,7 +191,7 @@ async def readyz(request: Request) -> Response:
     gateway = _gateway(request)
     if gateway.hub.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    if not await gateway.broker.ready():
+    if not await gateway.broker.health.ready():
         return JSONResponse({"status": "broker unreachable"}, status_code=503)
     if not gateway.hub.live:
         return JSONResponse({"status": "live feed reconnecting"}, status_code=503)
@@ -248,7 +248,7 @@ STREAM_PATH = re.compile(r"^/tenants/([^/]+)/wells/([^/]+)/stream$")
 
 
 async def serve_stream(scope: Scope, receive: Receive, send: Send) -> None:
-    """The stream route, called by app.main.GatewayApp without Starlette's middleware and routing.
+    """The stream route, called by app.gateway.app.GatewayApp without Starlette's middleware and routing.
 
     A stream's request task stays suspended for hours; under the usual stack it would hold a
     dozen coroutine frames and their objects per connection (docs/performance.md). Errors are

@@ -1,7 +1,7 @@
 """Admission limits: concurrent streams per subject, per tenant and per process, and token
 buckets on connection attempts per client address and per subject.
 
-Streams per tenant and per subject are counted in the broker, so the caps hold across every
+Streams per tenant and per subject are counted in the shared lease store, so the caps hold across every
 gateway: each open stream is a lease its gateway renews; a gateway that dies stops renewing
 and its streams stop counting within LEASE_TTL_S. Streams per process and the attempt
 buckets are this gateway's own business and stay in memory.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from app.errors import ServiceError
 from app.models import Principal
 from app.settings import LimitSettings
-from app.streams.broker import Broker
+from app.streams.seams import LeaseStore
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ class Lease:
 
 
 class StreamLimits:
-    def __init__(self, settings: LimitSettings, broker: Broker) -> None:
+    def __init__(self, settings: LimitSettings, leases: LeaseStore) -> None:
         self._settings = settings
-        self._broker = broker
+        self._store = leases
         self._gateway = secrets.token_hex(6)
         self._sequence = itertools.count()
         self._leases: dict[str, Lease] = {}
@@ -139,7 +139,7 @@ class StreamLimits:
         tenant_key, subject_key = f"{{{principal.tenant}}}:tenant", f"{{{principal.tenant}}}:sub:{subject}"
         member = f"{self._gateway}:{next(self._sequence)}"
         counters = [(tenant_key, limits.streams_per_tenant), (subject_key, limits.streams_per_subject)]
-        full = await self._broker.acquire_lease(counters, member, LEASE_TTL_S)
+        full = await self._store.acquire(counters, member, LEASE_TTL_S)
         if full == 0:
             raise LimitError("too many open streams for this tenant", 429, 10)
         if full == 1:
@@ -181,7 +181,7 @@ class StreamLimits:
 
     async def _flush(self, leases: list[Lease]) -> None:
         try:
-            await self._broker.release_leases([(key, lease.member) for lease in leases for key in lease.counters])
+            await self._store.release([(key, lease.member) for lease in leases for key in lease.counters])
         except Exception as exc:  # they then expire by themselves within LEASE_TTL_S
             logger.warning("could not release %d stream counts: %s", len(leases), exc)
 
@@ -190,6 +190,6 @@ class StreamLimits:
             await asyncio.sleep(RENEW_EVERY_S)
             pairs = [(key, lease.member) for lease in list(self._leases.values()) for key in lease.counters]
             try:
-                await self._broker.renew_leases(pairs, LEASE_TTL_S)
+                await self._store.renew(pairs, LEASE_TTL_S)
             except ServiceError as exc:
                 logger.warning("could not renew %d stream counts: %s", len(pairs), exc)

@@ -1,46 +1,32 @@
-"""The broker seam: where readings are stored (history, latest) and announced (live).
+"""The broker seams: what each consumer needs from the shared store, and nothing more.
 
-Two implementations sit side by side and pass one conformance suite
-(tests/streams/test_broker.py): `MemoryBroker` (embedded, one process) and `RedisBroker`
-(many gateways and ingestion workers on one Redis).
+One backend (the embedded memory broker, or Redis) provides all four stores; each consumer
+takes only the one it uses:
+
+- `StreamLog` (history, latest values, live feed): the ingest publisher writes it, the
+  gateway's hub and streams read it;
+- `WellRegistry` (which wells a tenant has): the guard checks it, the worker and the
+  gateway fill it;
+- `TicketStore` (single-use stream tickets): the guard;
+- `LeaseStore` (streams counted across gateways): admission control.
+
+Each seam has a memory and a Redis implementation side by side, and one conformance suite
+(tests/streams/) runs on both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Protocol
 
-import orjson
-
 from app.models import History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
-from app.streams.sse import single_line_json
 
 Deliver = Callable[[Topic, StreamEvent], None]
 """Called for every live event of a subscribed topic, in stream order, on the event loop.
 
 It must not block or raise: the hub's fan-out is the only intended implementation.
 """
-
-
-def decode_event(raw_id: bytes, data: bytes) -> StreamEvent:
-    """An event from stored bytes; raises ValueError (or KeyError/TypeError) if it is not a reading."""
-    data = single_line_json(data)
-    parsed = orjson.loads(data)
-    tag = parsed["tagName"]
-    if not isinstance(tag, str):
-        raise TypeError("tagName must be a string")
-    return StreamEvent(StreamId.parse(raw_id.decode()), tag, data, epoch_s(parsed.get("timestamp")))
-
-
-def epoch_s(timestamp: object) -> float:
-    """A reading's ISO 8601 UTC timestamp as epoch seconds; 0.0 when it is not one."""
-    if not isinstance(timestamp, str):
-        return 0.0
-    try:
-        return datetime.fromisoformat(timestamp).timestamp()
-    except ValueError:
-        return 0.0
 
 
 class LiveFeed(Protocol):
@@ -70,13 +56,14 @@ class LiveFeed(Protocol):
         """Drop every subscription and the connection behind them."""
 
 
-class Broker(Protocol):
+class StreamLog(Protocol):
     """Stores readings per well and announces them.
 
     Contract shared by every implementation:
     - `publish` gives each reading an id `<ms>-<seq>`, strictly increasing per topic, and makes
       it visible in history, in latest, and to live feeds atomically per batch: no feed sees an
-      event that `history` cannot return, and none is announced twice.
+      event that `history` cannot return, and none is announced twice. Publishing registers
+      the reading's well in the tenant's registry too.
     - history is capped by length and by age; `history(after=id)` says `truncated` when an
       entry newer than `id` was trimmed, or when `id` is newer than anything ever written.
     """
@@ -96,39 +83,61 @@ class Broker(Protocol):
     async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
         """Up to `limit` entries with id > `after`, oldest first."""
 
+    async def open_feed(self, deliver: Deliver) -> LiveFeed:
+        """Open the process's live feed; `deliver` gets every event of every subscribed topic."""
+
+
+class WellRegistry(Protocol):
+    """The wells each tenant has: configured ones, and every well a reading was published for."""
+
     async def wells(self, tenant: str) -> list[str]:
-        """The tenant's registered wells (configured, or seen by ingestion), sorted."""
+        """The tenant's registered wells, sorted."""
 
     async def has_well(self, tenant: str, well: str) -> bool:
         """Whether the well is registered for the tenant."""
 
-    async def register_wells(self, tenant: str, wells: Sequence[str]) -> None:
-        """Add wells to the tenant's registry (publishing registers its wells too)."""
+    async def register(self, tenant: str, wells: Sequence[str]) -> None:
+        """Add wells to the tenant's registry."""
 
-    async def put_ticket(self, key: str, payload: bytes, ttl_s: int) -> None:
-        """Store a stream ticket under `key` (a hash of the ticket) for `ttl_s` seconds."""
 
-    async def take_ticket(self, key: str) -> bytes | None:
+class TicketStore(Protocol):
+    """Single-use stream tickets, shared by every gateway."""
+
+    async def put(self, key: str, payload: bytes, ttl_s: float) -> None:
+        """Store a ticket under `key` (a hash of the ticket) for `ttl_s` seconds."""
+
+    async def take(self, key: str) -> bytes | None:
         """Fetch and delete a ticket in one step: a ticket redeems at most once, on any gateway."""
 
-    async def acquire_lease(self, counters: Sequence[tuple[str, int]], member: str, ttl_s: float) -> int | None:
+
+class LeaseStore(Protocol):
+    """Counters of open streams shared by every gateway; a gateway that dies stops counting."""
+
+    async def acquire(self, counters: Sequence[tuple[str, int]], member: str, ttl_s: float) -> int | None:
         """Count `member` in every counter, unless one already holds its limit.
 
-        Counters are shared by every gateway on the broker; a member not renewed within `ttl_s`
-        stops counting (a gateway that died). Returns the index of the full counter, or None.
+        A member not renewed within `ttl_s` stops counting. Returns the index of the full
+        counter, or None.
         """
 
-    async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
+    async def release(self, leases: Sequence[tuple[str, str]]) -> None:
         """Stop counting these (counter, member) pairs; one round trip for many streams."""
 
-    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+    async def renew(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
         """Keep (counter, member) pairs counting for another `ttl_s`."""
 
-    async def open_feed(self, deliver: Deliver) -> LiveFeed:
-        """Open the process's live feed; `deliver` gets every event of every subscribed topic."""
 
+class Health(Protocol):
     async def ready(self) -> bool:
         """True when the backing store answers."""
 
-    async def aclose(self) -> None:
-        """Release connections."""
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    """The four stores of one backend, opened and closed together (app/streams/connect.py)."""
+
+    log: StreamLog
+    registry: WellRegistry
+    tickets: TicketStore
+    leases: LeaseStore
+    health: Health

@@ -1,0 +1,92 @@
+"""The gateway's /metrics: what the hub, its streams and the admission checks count.
+
+The hot paths bump plain ints (app/gateway/stats.py, the audit refusal counter); the collector
+reads them at scrape time. One registry per gateway app, so several apps in one process (tests)
+never collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.metrics_core import Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from app.auth import audit
+
+if TYPE_CHECKING:
+    from app.gateway.hub import Hub
+
+__all__ = ["CONTENT_TYPE", "counter", "gateway_registry", "render"]
+
+# The classic text format every Prometheus (2.x too) and agent reads; our names need no escaping.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+
+def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+class GatewayCollector(Collector):
+    def __init__(self, hub: Callable[[], Hub | None]) -> None:
+        self._hub = hub
+
+    def collect(self) -> Iterable[Metric]:
+        hub = self._hub()
+        if hub is None:  # before the lifespan started
+            return
+        stats = hub.stats
+        open_streams = GaugeMetricFamily("wellstream_open_streams", "Open SSE streams", labels=["tenant"])
+        for tenant, count in sorted(hub.streams_by_tenant().items()):
+            open_streams.add_metric([tenant], count)
+        yield open_streams
+        yield GaugeMetricFamily("wellstream_hub_subscriptions", "Wells this gateway is subscribed to", hub.topics)
+        yield GaugeMetricFamily(
+            "wellstream_live", "1 when the live feed is connected and no gap is being filled", hub.live
+        )
+        yield counter("wellstream_streams_opened", "Streams that got a 200 and started", stats.streams_opened)
+        closed = CounterMetricFamily("wellstream_streams_closed", "Streams ended, by reason", labels=["reason"])
+        for reason, count in sorted(stats.streams_closed.items()):
+            closed.add_metric([reason], count)
+        yield closed
+        yield counter("wellstream_events_sent", "Reading events sent live to streams", stats.events_sent)
+        yield counter("wellstream_bytes_sent", "Bytes of live frames sent to streams", stats.bytes_sent)
+        yield counter("wellstream_snapshots", "Catch-ups that sent a snapshot", stats.snapshots)
+        yield counter("wellstream_replays", "Catch-ups that resumed from history (Last-Event-ID)", stats.replays)
+        yield counter("wellstream_resets", "Resumes older than history: reset + snapshot", stats.resets)
+        yield counter("wellstream_slow_evictions", "Streams ended because their queue filled", stats.slow_disconnects)
+        yield counter("wellstream_send_timeouts", "Streams ended because a send was stuck", stats.send_timeouts)
+        yield counter("wellstream_redis_reconnects", "Live feed reconnects to Redis", hub.feed_reconnects)
+        # Every reconnect is a gap the hub fills: one count, under the name each question looks for.
+        yield counter("wellstream_gap_fills", "Live feed gaps filled from history", hub.feed_reconnects)
+        yield counter("wellstream_gap_events", "Events sent from history by gap fills", stats.gap_events)
+        refused = CounterMetricFamily(
+            "wellstream_refusals", "Auth failures and limit hits, by kind and reason", labels=["kind", "reason"]
+        )
+        for (kind, reason), count in sorted(audit.refusals.items()):
+            refused.add_metric([kind, reason], count)
+        yield refused
+        latency = stats.latency
+        yield HistogramMetricFamily(
+            "wellstream_delivery_latency_seconds",
+            "Device timestamp to live send, oldest reading of each send",
+            buckets=latency.cumulative(),
+            sum_value=latency.sum,
+        )
+
+
+def gateway_registry(hub: Callable[[], Hub | None]) -> CollectorRegistry:
+    """`hub` is called at each scrape: the hub exists only while the app's lifespan runs."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(hub))
+    ProcessCollector(registry=registry)  # open fds, memory, CPU: what an SRE sizes by
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,61 @@
+"""The Redis broker: every store of app/streams/seams.py on one standalone Redis.
+
+`async with connect_redis(url) as broker:` is the usual way to get one. The layout is in
+keys.py (and docs/design.md); the server-side scripts are the .lua files next to this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from redis.asyncio.client import Redis
+from redis.exceptions import RedisError
+
+from app.streams.redis.client import open_client
+from app.streams.redis.log import RedisStreamLog
+from app.streams.redis.stores import RedisLeases, RedisRegistry, RedisTickets
+from app.streams.seams import Broker
+
+__all__ = ["RedisHealth", "RedisStreamLog", "connect_redis"]
+
+
+class RedisHealth:
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await asyncio.wait_for(self._client.ping(), timeout=2))
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+
+@contextlib.asynccontextmanager
+async def connect_redis(
+    url: str,
+    max_len: int = 10_000,
+    max_age_s: float = 0,
+    max_connections: int = 32,
+    timeout_s: float = 5.0,
+    ping_interval_s: float = 5.0,
+) -> AsyncIterator[Broker]:
+    """Every store on one connection pool, closed (live feeds first) on exit.
+
+    `timeout_s` bounds every command and connect; `ping_interval_s` is the live feed's health
+    check (three missed pongs: reconnect).
+    """
+    client = open_client(url, max_connections, timeout_s)
+    log = RedisStreamLog(client, max_len, max_age_s, ping_interval_s)
+    try:
+        yield Broker(
+            log=log,
+            registry=RedisRegistry(client),
+            tickets=RedisTickets(client),
+            leases=RedisLeases(client),
+            health=RedisHealth(client),
+        )
+    finally:
+        await log.aclose()
+        await client.aclose(close_connection_pool=True)

@@ -1,0 +1,117 @@
+"""The stream log on Redis: one server-side script per published batch, one per read.
+
+XADD, HSET, SADD and PUBLISH happen in the same script (publish.lua), so history and live
+never disagree; reads take the stream's bookkeeping and a page in one step (stream_state.lua).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.asyncio.client import Redis
+
+from app.models import History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.streams.codec import decode_event
+from app.streams.redis.client import redis_errors, script
+from app.streams.redis.feed import RedisFeed
+from app.streams.redis.keys import channel_name, latest_key, log_key, producer_key, wells_key
+from app.streams.seams import Deliver, LiveFeed
+
+logger = logging.getLogger(__name__)
+
+
+def _next_id(after: StreamId) -> StreamId | None:
+    if after.seq < 2**64 - 1:
+        return StreamId(after.ms, after.seq + 1)
+    if after.ms < 2**64 - 1:
+        return StreamId(after.ms + 1, 0)
+    return None
+
+
+class RedisStreamLog:
+    """The stream log on one standalone Redis.
+
+    Each well's keys share one hash slot, but a batch spans wells and the tenant's wells set,
+    so Redis Cluster would need batches grouped by slot first (not done).
+    """
+
+    def __init__(self, client: Redis, max_len: int = 10_000, max_age_s: float = 0, ping_interval_s: float = 5.0):
+        self._client = client
+        self._max_len = max_len
+        self._max_age_ms = int(max_age_s * 1000)
+        self._ping_interval_s = ping_interval_s
+        self._publish_script = script(client, "publish")
+        self._state_script = script(client, "stream_state")
+        self.feeds: set[RedisFeed] = set()
+        self.rejected = 0  # readings Redis refused for good (a key of the wrong type)
+
+    async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:
+        if not readings:
+            return []
+        seqs = origin.seqs if origin is not None else (0,) * len(readings)
+        if len(seqs) != len(readings):
+            raise ValueError("an origin needs one seq per reading")
+        keys: list[str] = []
+        args: list[str | bytes | int] = [self._max_len, self._max_age_ms, origin.producer if origin else ""]
+        for reading, seq in zip(readings, seqs, strict=True):
+            topic = Topic(reading.tenant_id, reading.well_id)
+            keys += [log_key(topic), latest_key(topic), wells_key(topic.tenant)]
+            args += [reading.well_id, reading.tag_name, channel_name(topic), reading.to_json(), seq]
+        if origin is not None:
+            keys.append(producer_key(origin.producer))
+        with redis_errors("publish"):
+            ids, problems = await self._publish_script(keys=keys, args=args)
+        if problems:
+            # Not retryable (the same keys would refuse again): said loudly, counted, never repeated.
+            self.rejected += sum(1 for p in problems if p.startswith(b"rejected"))
+            logger.error(
+                "publish: %d problems in a batch of %d readings, first: %s",
+                len(problems),
+                len(readings),
+                problems[0].decode(errors="replace"),
+            )
+        return [StreamId.parse(raw.decode()) for raw in ids]
+
+    async def _state(self, topic: Topic, start: StreamId | None, limit: int, latest: bool) -> list[Any]:
+        keys = [log_key(topic)] + ([latest_key(topic)] if latest else [])
+        with redis_errors("read stream"):
+            result: list[Any] = await self._state_script(keys=keys, args=[str(start) if start else "", limit])
+        return result
+
+    async def snapshot(self, topic: Topic) -> Snapshot:
+        last, _first, _length, _added, _entries, flat = await self._state(topic, None, 0, latest=True)
+        readings = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+        return Snapshot(topic, StreamId.parse(last.decode()), readings)
+
+    async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
+        start = _next_id(after)
+        last_raw, first_raw, length, added, entries, _ = await self._state(topic, start, limit, latest=False)
+        last, first = StreamId.parse(last_raw.decode()), StreamId.parse(first_raw.decode())
+        trimmed = int(added) > int(length)
+        truncated = after > last or (trimmed and (after < first or int(length) == 0) and after < last)
+        events = [event for raw_id, fields in entries if (event := self._event(topic, raw_id, fields)) is not None]
+        cursor = StreamId.parse(entries[-1][0].decode()) if entries else after
+        return History(events, truncated, cursor, more=len(entries) >= limit)
+
+    @staticmethod
+    def _event(topic: Topic, raw_id: bytes, fields: list[bytes]) -> StreamEvent | None:
+        # Another producer may have written something else: skip it rather than break every resume.
+        try:
+            named = dict(zip(fields[::2], fields[1::2], strict=True))
+            return decode_event(raw_id, named[b"r"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("skipped malformed entry %s in the log of %s", raw_id, topic)
+            return None
+
+    async def open_feed(self, deliver: Deliver) -> LiveFeed:
+        on_close: Callable[[RedisFeed], None] = self.feeds.discard
+        feed = RedisFeed(self._client, deliver, on_close=on_close, ping_interval_s=self._ping_interval_s)
+        self.feeds.add(feed)
+        await feed.start()
+        return feed
+
+    async def aclose(self) -> None:
+        for feed in list(self.feeds):
+            await feed.aclose()

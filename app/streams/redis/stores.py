@@ -1,0 +1,75 @@
+"""The small shared stores on Redis: the well registry, stream tickets and stream leases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from redis.asyncio.client import Redis
+
+from app.streams.redis.client import redis_errors, script
+from app.streams.redis.keys import lease_key, ticket_key, wells_key
+
+RENEW_CHUNK = 500  # leases per renew script call: keeps one call short while thousands renew
+RELEASE_CHUNK = 1000  # ZREMs per pipeline
+
+
+class RedisRegistry:
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+
+    async def wells(self, tenant: str) -> list[str]:
+        with redis_errors("list wells"):
+            members = await self._client.smembers(wells_key(tenant))
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+
+    async def has_well(self, tenant: str, well: str) -> bool:
+        with redis_errors("check well"):
+            return bool(await self._client.sismember(wells_key(tenant), well))
+
+    async def register(self, tenant: str, wells: Sequence[str]) -> None:
+        if wells:
+            with redis_errors("register wells"):
+                await self._client.sadd(wells_key(tenant), *wells)
+
+
+class RedisTickets:
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+
+    async def put(self, key: str, payload: bytes, ttl_s: float) -> None:
+        with redis_errors("store ticket"):
+            await self._client.set(ticket_key(key), payload, px=max(1, int(ttl_s * 1000)))
+
+    async def take(self, key: str) -> bytes | None:
+        with redis_errors("redeem ticket"):
+            payload = await self._client.getdel(ticket_key(key))
+        return payload.encode() if isinstance(payload, str) else payload
+
+
+class RedisLeases:
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._acquire_script = script(client, "acquire")
+        self._renew_script = script(client, "renew")
+
+    async def acquire(self, counters: Sequence[tuple[str, int]], member: str, ttl_s: float) -> int | None:
+        keys = [lease_key(key) for key, _ in counters]
+        with redis_errors("count stream"):
+            full = await self._acquire_script(keys=keys, args=[member, int(ttl_s * 1000), *(n for _, n in counters)])
+        return int(full) - 1 if int(full) else None
+
+    async def release(self, leases: Sequence[tuple[str, str]]) -> None:
+        for start in range(0, len(leases), RELEASE_CHUNK):
+            with redis_errors("uncount streams"):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for key, member in leases[start : start + RELEASE_CHUNK]:
+                        pipe.zrem(lease_key(key), member)
+                    await pipe.execute()
+
+    async def renew(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
+        for start in range(0, len(leases), RENEW_CHUNK):
+            chunk = leases[start : start + RENEW_CHUNK]
+            with redis_errors("renew stream counts"):
+                await self._renew_script(
+                    keys=[lease_key(key) for key, _ in chunk], args=[int(ttl_s * 1000), *(m for _, m in chunk)]
+                )
