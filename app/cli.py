@@ -17,11 +17,11 @@ from pydantic import SecretStr, ValidationError
 from app import logs
 from app.adapters.simulator import SimulatorAdapter
 from app.auth.tokens import mint_token
+from app.errors import SiteError, SpoolError
 from app.gateway import devcert, server
 from app.gateway.app import create_app
 from app.ingest.publisher import Publisher
-from app.ingest.sitefile import Site, SiteError, load_site
-from app.ingest.spool import SpoolError
+from app.ingest.sitefile import Site, load_site
 from app.ingest.worker import run_ingest
 from app.models import is_valid_id
 from app.settings import Settings, environment

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.ingest.sitefile import SiteError, load_site
+from app.errors import SiteError
+from app.ingest.sitefile import load_site
 from tests.conftest import ROOT, RedisServer, clean_env, ingest_command, ingest_env
 
 SITE = """

@@ -10,8 +10,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from app.errors import SpoolError
 from app.ingest.publisher import Publisher
-from app.ingest.spool import Spool, SpoolError
+from app.ingest.spool import Spool
 from app.models import ZERO_ID, Origin, Reading, Topic
 from app.streams.redis import connect_redis
 from tests.conftest import ROOT, RedisServer, wait_until

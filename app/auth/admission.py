@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from app.errors import ServiceError
+from app.errors import LimitError, ServiceError
 from app.models import Principal
 from app.settings import LimitSettings
 from app.streams.seams import LeaseStore
@@ -29,19 +29,6 @@ logger = logging.getLogger(__name__)
 MAX_BUCKETS = 100_000
 LEASE_TTL_S = 60.0
 RENEW_EVERY_S = LEASE_TTL_S / 3
-
-
-class LimitError(ServiceError):
-    """`status` 429 (this caller is over a limit) or 503 (this gateway is full: try another)."""
-
-    def __init__(self, reason: str, status: int, retry_after_s: int) -> None:
-        super().__init__(reason, status, retry_after_s)
-        self.reason = reason
-        self.status = status
-        self.retry_after_s = retry_after_s
-
-    def __str__(self) -> str:
-        return f"{self.status}: {self.reason}"
 
 
 class TokenBuckets:

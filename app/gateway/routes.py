@@ -14,14 +14,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from app.auth.admission import LimitError
 from app.auth.audit import audit
 from app.auth.guard import client_address
-from app.errors import AuthError, BrokerError
+from app.errors import AuthError, BrokerError, LimitError
 from app.gateway.eventstream import EventStream
 from app.gateway.metrics import CONTENT_TYPE, render
-from app.gateway.sse import single_line_json
 from app.models import StreamId, Topic, is_valid_id
+from app.streams.codec import single_line_json
 
 if TYPE_CHECKING:
     from app.gateway.app import Gateway

@@ -9,13 +9,7 @@ from __future__ import annotations
 import orjson
 
 from app.models import Snapshot, StreamEvent, StreamId, Topic
-
-
-def single_line_json(data: bytes) -> bytes:
-    """JSON bytes guaranteed to hold no line break, re-encoded only when needed."""
-    if b"\n" in data or b"\r" in data:
-        return orjson.dumps(orjson.loads(data))
-    return data
+from app.streams.codec import single_line_json
 
 
 def reading_frame(event: StreamEvent) -> bytes:

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.backoff import Backoff
-from app.errors import BrokerError
-from app.ingest.spool import Spool, SpoolError
+from app.errors import BrokerError, SpoolError
+from app.ingest.spool import Spool
 from app.models import Origin, Reading, StreamId
 from app.streams.seams import StreamLog
 

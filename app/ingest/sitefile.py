@@ -16,11 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from app.adapters.modbus import ModbusConnection
 from app.adapters.mqtt import MqttConnection
 from app.adapters.opcua import OpcuaConnection
+from app.errors import SiteError
 from app.models import Identifier
-
-
-class SiteError(Exception):
-    """A site file that cannot be used; the message names the file, the key and the problem."""
 
 
 class TenantSite(BaseModel):

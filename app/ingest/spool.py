@@ -44,6 +44,7 @@ from typing import Literal, TypeVar
 import orjson
 from pydantic import ValidationError
 
+from app.errors import SpoolError
 from app.models import Origin, Reading
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,6 @@ CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER              -- ...and its first reading's seq (the others follow, one each)
 )
 """
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened (unwritable path, another worker owns it) or written (disk full)."""
 
 
 @dataclass(frozen=True, slots=True)
