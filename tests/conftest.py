@@ -22,10 +22,10 @@ from typing import Any, cast
 import httpx
 import pytest
 import redis
-from starlette.applications import Starlette
 
 from app.auth.tokens import mint_token
-from app.gateway.app import create_app
+from app.gateway.app import GatewayApp, create_app
+from app.gateway.context import Gateway
 from app.gateway.hub import Hub
 from app.gateway.server import serve_until
 from app.settings import Settings
@@ -205,12 +205,17 @@ def make_settings(secret: str, **overrides: object) -> Settings:
 @dataclass
 class RunningGateway:
     url: str
-    app: Starlette
+    app: GatewayApp
+
+    @property
+    def running(self) -> Gateway:
+        gateway = self.app.gateway
+        assert gateway is not None, "the gateway is not running"
+        return gateway
 
     @property
     def hub(self) -> Hub:
-        hub: Hub = self.app.state.gateway.hub
-        return hub
+        return self.running.hub
 
 
 @contextlib.asynccontextmanager

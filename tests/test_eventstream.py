@@ -19,23 +19,23 @@ TOPIC = Topic("acme", "w1")
 
 async def test_trimming_that_overtakes_a_paged_replay_is_reported_not_skipped() -> None:
     broker = memory_broker(max_len=100)
-    hub = Hub(broker.log)
-    await hub.start()
     with anyio.fail_after(5):
-        ids: list[StreamId] = await broker.log.publish([reading(float(i)) for i in range(100)])
-        stream = EventStream(hub, broker.log, TOPIC, ids[10], None, StreamSettings(), HistorySettings(replay_page=10))
-        sub = await hub.subscribe(TOPIC)
-        pages = stream._catch_up(sub)
-        first = await anext(pages)
-        assert first.count(b"event: reading") == 10
-        await broker.log.publish([reading(float(i)) for i in range(100, 250)])  # trims what is not sent yet
-        second = await anext(pages)
-        assert second.startswith(b"event: reset")
-        assert b"event: snapshot" in second
-        with pytest.raises(StopAsyncIteration):
-            await anext(pages)
-        await hub.unsubscribe(sub)
-    await hub.aclose()
+        async with Hub(broker.log) as hub:
+            ids: list[StreamId] = await broker.log.publish([reading(float(i)) for i in range(100)])
+            stream = EventStream(
+                hub, broker.log, TOPIC, ids[10], None, StreamSettings(), HistorySettings(replay_page=10)
+            )
+            sub = await hub.subscribe(TOPIC)
+            pages = stream._catch_up(sub)
+            first = await anext(pages)
+            assert first.count(b"event: reading") == 10
+            await broker.log.publish([reading(float(i)) for i in range(100, 250)])  # trims what is not sent yet
+            second = await anext(pages)
+            assert second.startswith(b"event: reset")
+            assert b"event: snapshot" in second
+            with pytest.raises(StopAsyncIteration):
+                await anext(pages)
+            await hub.unsubscribe(sub)
 
 
 async def test_unreadable_entries_are_skipped_and_the_replay_goes_on(redis_url: str) -> None:

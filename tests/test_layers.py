@@ -1,9 +1,13 @@
-"""The layering rules, checked on the source of every module under app/ with `ast`.
+"""The layering of docs/design.md, checked on the source of every module under app/ with `ast`.
 
-- `redis` only under app/streams/, `joserfc` only under app/auth/;
-- each field protocol library only in its own adapter file;
-- app/models.py imports nothing from `app`;
-- adapters import from `app` only the models, other adapters and the errors;
+- the two processes stay apart: app/gateway/ never imports app/ingest/ or app/adapters/, and
+  app/ingest/ never imports app/gateway/ or app/auth/; only app/cli.py (the entry point) sees both;
+- consumers depend on the seams (app/streams/seams.py), never on an implementation: only
+  app/streams/connect.py picks the memory or Redis broker;
+- app/streams/ and app/auth/ know nothing of the gateway (no SSE encoder, no hub);
+- each third-party library stays in its layer (`redis` in app/streams/redis/, `joserfc` in
+  app/auth/, each field protocol library in its own adapter file, the web stack in the gateway);
+- the shared vocabulary (models, errors, settings, logs, backoff) imports nothing else of ours;
 - nothing but app/settings.py reads `os.environ`.
 """
 
@@ -19,13 +23,39 @@ MODULES = sorted(APP.rglob("*.py"))
 
 # third-party top-level package -> the only app/ files (relative, POSIX) or folders (ending in /) that may import it
 CONFINED = {
-    "redis": ("streams/",),
+    "redis": ("streams/redis/",),
     "joserfc": ("auth/",),
     "asyncua": ("adapters/opcua.py",),
     "pymodbus": ("adapters/modbus.py",),
     "aiomqtt": ("adapters/mqtt.py",),
+    "hypercorn": ("gateway/server.py",),
+    "uvicorn": ("gateway/server.py",),
+    "granian": ("gateway/server.py",),
+    "starlette": ("gateway/", "auth/guard.py"),
+    "prometheus_client": ("gateway/metrics.py", "gateway/app.py", "ingest/metrics.py"),
+    "cryptography": ("gateway/devcert.py", "auth/"),
 }
-ADAPTER_MAY_IMPORT = ("app.models", "app.adapters", "app.errors")
+VOCABULARY = ("app.models", "app.errors", "app.settings", "app.logs", "app.backoff")
+# folder (or file) -> the app modules it may import, besides its own folder
+MAY_IMPORT = {
+    "adapters/": (*VOCABULARY, "app.adapters"),
+    "streams/": (*VOCABULARY, "app.streams"),
+    "auth/": (*VOCABULARY, "app.streams.seams", "app.auth"),
+    "ingest/": (*VOCABULARY, "app.streams.seams", "app.adapters", "app.ingest"),
+    "gateway/": (
+        *VOCABULARY,
+        "app.streams.seams",
+        "app.streams.codec",
+        "app.streams.connect",
+        "app.auth",
+        "app.gateway",
+    ),
+    "models.py": (),
+    "errors.py": (),
+    "logs.py": (),
+    "backoff.py": (),
+    "settings.py": ("app.models",),
+}
 
 
 def rel(path: Path) -> str:
@@ -144,20 +174,63 @@ def test_third_party_libraries_stay_in_their_layer(library: str) -> None:
     assert offenders == [], f"{library} may only be imported in {', '.join(allowed)}"
 
 
-def test_models_import_nothing_from_app() -> None:
-    assert app_imports(APP / "models.py") == set()
+def allowed(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
 
-@pytest.mark.parametrize("path", sorted(APP.glob("adapters/*.py")), ids=rel)
-def test_adapters_import_only_models_adapters_and_errors(path: Path) -> None:
+def layer_of(path: Path) -> str | None:
+    relative = rel(path)
+    return next((layer for layer in MAY_IMPORT if relative == layer or relative.startswith(layer)), None)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=rel)
+def test_each_layer_imports_only_what_it_may(path: Path) -> None:
+    layer = layer_of(path)
+    if layer is None:
+        assert rel(path) in {"__init__.py", "__main__.py", "cli.py"}, f"{rel(path)} belongs to no layer"
+        return
     # `from app import models` records both `app` and `app.models`; the second is what is judged
+    offenders = sorted(name for name in app_imports(path) - {"app"} if not allowed(name, MAY_IMPORT[layer]))
+
+    assert offenders == [], f"{rel(path)} ({layer}) may import only {', '.join(MAY_IMPORT[layer]) or 'nothing of ours'}"
+
+
+def test_only_connect_picks_a_broker_implementation() -> None:
+    implementations = ("app.streams.memory", "app.streams.redis")
     offenders = sorted(
-        name
-        for name in app_imports(path) - {"app"}
-        if not any(name == allowed or name.startswith(allowed + ".") for allowed in ADAPTER_MAY_IMPORT)
+        rel(path)
+        for path in MODULES
+        if not rel(path).startswith(("streams/memory", "streams/redis"))
+        and rel(path) != "streams/connect.py"
+        and any(allowed(name, implementations) for name in app_imports(path))
     )
 
-    assert offenders == []
+    assert offenders == [], "depend on app/streams/seams.py; app/streams/connect.py chooses the implementation"
+
+
+def test_the_layer_rules_catch_a_forbidden_import(tmp_path: Path) -> None:
+    probe = APP / "streams" / "probe_layers.py"
+    tree = ast.parse("from app.gateway.sse import reading_frame\n")
+    found = {name for name in imports_in(tree, "app.streams") if name.startswith("app.")}
+
+    assert not all(allowed(name, MAY_IMPORT["streams/"]) for name in found)
+    assert layer_of(probe) == "streams/"
+    assert layer_of(APP / "gateway" / "hub.py") == "gateway/"
+
+
+def test_every_lua_script_sits_next_to_the_code_that_loads_it() -> None:
+    scripts = {path.stem for path in APP.rglob("*.lua")}
+    loaded = set()
+    for path in MODULES:
+        for node in ast.walk(parse(path)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "script" and len(node.args) == 2:
+                argument = node.args[1]
+                if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+                    loaded.add((path.parent, argument.value))
+
+    assert scripts, "the Redis scripts are .lua files"
+    assert {name for _, name in loaded} == scripts
+    assert all((folder / f"{name}.lua").is_file() for folder, name in loaded)
 
 
 def test_only_settings_reads_the_environment() -> None:

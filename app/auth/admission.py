@@ -71,6 +71,8 @@ class Lease:
 
 
 class StreamLimits:
+    """Admission control for streams; `async with StreamLimits(...) as limits:` runs its renew and release tasks."""
+
     def __init__(self, settings: LimitSettings, leases: LeaseStore) -> None:
         self._settings = settings
         self._store = leases
@@ -94,11 +96,12 @@ class StreamLimits:
         its release has reached the broker, so a caller at its cap who sees 0 may open again."""
         return len(self._leases) + self._uncounting
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> StreamLimits:
         self._renewer = asyncio.create_task(self._renew_forever(), name="lease-renewer")
         self._releaser = asyncio.create_task(self._release_forever(), name="lease-releaser")
+        return self
 
-    async def aclose(self) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._released is not None:  # the last streams' releases go out before we stop
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._released), 5)

@@ -27,15 +27,13 @@ from app.streams.seams import TicketStore, WellRegistry
 MAX_TICKET_WELLS = 100
 
 
-def client_address(request: Request) -> str:
+def client_address(request: Request, trusted: Sequence[str]) -> str:
     """The client's address; behind a trusted proxy, the last hop it appended to X-Forwarded-For.
 
-    Only addresses listed in `auth.trusted_proxies` are believed: anyone else could write the
-    header themselves to dodge the per-address limits.
+    Only addresses in `trusted` (`auth.trusted_proxies`) are believed: anyone else could write
+    the header themselves to dodge the per-address limits.
     """
     peer = request.client.host if request.client else "unknown"
-    gateway = getattr(request.app.state, "gateway", None)
-    trusted = gateway.settings.auth.trusted_proxies if gateway is not None else []
     if peer not in trusted:
         return peer
     hops = [hop.strip() for hop in request.headers.get("x-forwarded-for", "").split(",") if hop.strip()]

@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client.registry import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -21,9 +21,11 @@ from app.auth.admission import StreamLimits
 from app.auth.guard import Guard
 from app.auth.tokens import TokenVerifier
 from app.gateway.access import AccessLog
+from app.gateway.context import Gateway
+from app.gateway.errors import EXCEPTION_HANDLERS
 from app.gateway.hub import Hub
 from app.gateway.metrics import gateway_registry
-from app.gateway.routes import EXCEPTION_HANDLERS, ROUTES, STREAM_PATH, serve_stream
+from app.gateway.routes import ROUTES, STREAM_PATH, serve_stream
 from app.settings import Settings
 from app.streams.connect import open_broker
 from app.streams.seams import Broker
@@ -36,9 +38,12 @@ Background = Callable[[Broker], Coroutine[Any, Any, None]]
 class GatewayApp(Starlette):
     """Starlette, with the stream route taken before the middleware stack (routes.serve_stream).
 
-    CORS, the one middleware a stream needs, is applied to it directly.
+    Every request on the stream path goes there, whatever its method; everything else goes
+    through Starlette. CORS, the one middleware a stream needs, is applied to it directly.
     """
 
+    gateway: Gateway | None = None  # set by the lifespan once the broker and hub are up
+    metrics: CollectorRegistry  # this app's own registry: apps in one process (tests) never collide
     stream_app: ASGIApp  # set by create_app: serve_stream, wrapped in CORS when origins are configured
     # Everything else: Starlette, behind the access log when it is on. Streams are not
     # access-logged: their audit connect/disconnect lines say more, and a wrapper would cost
@@ -46,7 +51,7 @@ class GatewayApp(Starlette):
     other_app: ASGIApp
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+        if scope["type"] == "http":
             match = STREAM_PATH.match(scope["path"])
             if match is not None:
                 scope["app"] = self
@@ -57,6 +62,9 @@ class GatewayApp(Starlette):
 
     async def starlette(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
+
+    def hub(self) -> Hub | None:
+        return self.gateway.hub if self.gateway is not None else None
 
 
 class DashboardFiles(StaticFiles):
@@ -69,20 +77,9 @@ class DashboardFiles(StaticFiles):
         return response
 
 
-@dataclass
-class Gateway:
-    """What every request handler needs, built once per process by the lifespan."""
-
-    settings: Settings
-    broker: Broker
-    hub: Hub
-    guard: Guard
-    limits: StreamLimits
-
-
 def create_app(
     settings: Settings, broker: Broker | None = None, background: list[Background] | None = None
-) -> Starlette:
+) -> GatewayApp:
     """Build the gateway app.
 
     Args:
@@ -94,27 +91,26 @@ def create_app(
     verifier = build_verifier(settings)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             active = broker if broker is not None else await stack.enter_async_context(open_broker(settings))
             stream = settings.stream
-            hub = Hub(
-                active.log,
-                stream.queue_size,
-                stream.heartbeat_s,
-                stream.send_timeout_s,
-                settings.history.replay_page,
-                stream.max_age_s,
+            hub = await stack.enter_async_context(
+                Hub(
+                    active.log,
+                    stream.queue_size,
+                    stream.heartbeat_s,
+                    stream.send_timeout_s,
+                    settings.history.replay_page,
+                    stream.max_age_s,
+                )
             )
-            await hub.start()
-            stack.push_async_callback(hub.aclose)
             for tenant, wells in settings.wells.items():
                 await active.registry.register(tenant, wells)
             guard = Guard(verifier, active.registry, active.tickets, settings.auth)
-            limits = StreamLimits(settings.auth.limits, active.leases)
-            await limits.start()
-            stack.push_async_callback(limits.aclose)
-            app.state.gateway = Gateway(settings, active, hub, guard, limits)
+            limits = await stack.enter_async_context(StreamLimits(settings.auth.limits, active.leases))
+            gateway_app.gateway = Gateway(settings, active, hub, guard, limits)
+            stack.callback(setattr, gateway_app, "gateway", None)
             await _start_background(stack, active, background or [])
             logger.info("gateway ready on the %s broker", "redis" if settings.redis_url else "memory")
             yield
@@ -124,11 +120,13 @@ def create_app(
         routes.append(Mount("/", DashboardFiles(directory=settings.static_dir, html=True), name="static"))
     cors = cors_options(settings) if settings.auth.cors_origins else None
     middleware = [Middleware(CORSMiddleware, **cors)] if cors else []
-    app = GatewayApp(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan, middleware=middleware)
-    app.other_app = AccessLog(app.starlette) if settings.server.access_log else app.starlette
-    app.state.metrics = gateway_registry(lambda: app.state.gateway.hub if hasattr(app.state, "gateway") else None)
-    app.stream_app = CORSMiddleware(serve_stream, **cors) if cors else serve_stream
-    return app
+    gateway_app = GatewayApp(
+        routes=routes, exception_handlers=dict(EXCEPTION_HANDLERS), lifespan=lifespan, middleware=middleware
+    )
+    gateway_app.other_app = AccessLog(gateway_app.starlette) if settings.server.access_log else gateway_app.starlette
+    gateway_app.metrics = gateway_registry(gateway_app.hub)
+    gateway_app.stream_app = CORSMiddleware(serve_stream, **cors) if cors else serve_stream
+    return gateway_app
 
 
 def cors_options(settings: Settings) -> dict[str, Any]:

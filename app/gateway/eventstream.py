@@ -3,8 +3,9 @@
 Why not sse-starlette's EventSourceResponse here: it runs a four-task group per connection
 and a timer per ping; the benchmark's sse-starlette baseline holds 82 KiB per stream where
 this holds 16-27 KiB (docs/performance.md). This writes pre-built frame bytes straight to
-ASGI `send`: the request's task only watches for the disconnect, one writer task per stream
-does the rest, and the hub's one sweeper provides heartbeats and send timeouts.
+ASGI `send`: one writer task per stream does it, one watcher task waits for the client to
+go away, the request's own task only waits for the first of the two to finish, and the hub's
+one sweeper provides heartbeats and send timeouts.
 
 Ordering guarantee (no gap, no duplicate): the hub subscription is confirmed *before*
 history or the snapshot is read, so every event newer than what the catch-up sent is in the
@@ -19,12 +20,12 @@ import random
 import time
 from collections.abc import AsyncIterator
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app.auth.admission import Lease
 from app.auth.audit import audit
 from app.errors import BrokerError
-from app.gateway.hub import Hub, Subscriber
+from app.gateway.hub import Hub
 from app.gateway.sse import (
     auth_expired_frame,
     goodbye_frame,
@@ -34,6 +35,7 @@ from app.gateway.sse import (
     retry_frame,
     snapshot_frame,
 )
+from app.gateway.subscriber import Subscriber
 from app.models import Principal, Snapshot, StreamId, Topic
 from app.settings import HistorySettings, StreamSettings
 from app.streams.seams import StreamLog
@@ -55,7 +57,13 @@ HEADERS = [
 
 
 class EventStream:
-    """One stream of one well. Create per request, after auth and validation have passed."""
+    """One stream of one well. Create per request, after auth and validation have passed.
+
+    It owns its two tasks: the writer (subscribe, catch up, live, goodbye) and the watcher
+    (the client's disconnect). Whichever ends first ends the other, as in a task group; the
+    only other way a send is broken off is the subscriber's `interrupt`, which is the
+    writer's own cancel, handed to the hub for a stream stuck on a peer that stopped reading.
+    """
 
     def __init__(
         self,
@@ -80,85 +88,73 @@ class EventStream:
         self.history = history
         self.events_sent = 0
         self.end_reason = "client-closed"
-        self._disconnected = False
         self._started = False
         self._sub: Subscriber | None = None
-        self._watching = False
-        self._abandoned = False
+        self._writer: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The request's own task only watches for the disconnect; the stream is written by a
-        # task of its own. Its wake-ups then resume four coroutine frames instead of the dozen
-        # of the server, Starlette's middleware and routing that this task sits under, which
-        # is most of the per-event cost at 100,000 events/s (docs/performance.md).
-        task = asyncio.current_task()
-        assert task is not None
         opened = time.monotonic()
-        writer = asyncio.create_task(self._write(send), name=f"sse {self.topic}")
-        writer.add_done_callback(lambda _: task.cancel() if self._watching else None)
-        self._watching = True
+        # The writer is a task of its own: its wake-ups then resume a few coroutine frames
+        # instead of the dozen of the server and Starlette that this request task sits under,
+        # which is most of the per-event cost at 100,000 events/s (docs/performance.md).
+        writer = self._writer = asyncio.create_task(self._write(send), name=f"sse {self.topic}")
+        watcher = asyncio.create_task(self._watch(receive), name=f"sse-watch {self.topic}")
         try:
-            while not writer.done():
-                message: Message = await receive()
-                if message["type"] == "http.disconnect":
-                    self._disconnected = True
-                    if self._sub is not None:
-                        self._sub.end("client-closed")
-                    writer.cancel()
-                    break
-        except asyncio.CancelledError:
-            if not writer.done():  # the server cancels this request: take the writer along
-                self._abandoned = True
-                writer.cancel()
-                raise
-            task.uncancel()  # the writer finished and woke us from receive()
-        finally:
-            self._watching = False
-        try:
-            await writer
-        finally:
-            if self._started:
-                self.hub.stats.streams_closed[self.end_reason] += 1
-            if self.lease is not None:
-                await self.lease.release()
-            principal = self.principal
-            audit(
-                "disconnect",
-                sub=principal.subject if principal else None,
-                tenant=self.topic.tenant,
-                well=self.topic.well,
-                reason=self.end_reason,
-                duration_s=round(time.monotonic() - opened, 3),
-                events_sent=self.events_sent,
-            )
+            await asyncio.wait((writer, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the client went away, the stream ended, or the server cancels this request
+            watcher.cancel()
+            writer.cancel()  # a no-op once it finished
+            await asyncio.gather(writer, watcher, return_exceptions=True)
+            if not writer.cancelled() and (failure := writer.exception()) is not None:
+                logger.error("stream on %s failed", self.topic, exc_info=failure)
+                self.end_reason = "error"
+            await self._closed(opened)
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if self._sub is not None:
+            self._sub.end("client-closed")
+
+    async def _closed(self, opened: float) -> None:
+        sub = self._sub
+        if sub is not None and sub.end_reason is not None and self.end_reason == "client-closed":
+            self.end_reason = sub.end_reason
+        if self._started:
+            self.hub.stats.streams_closed[self.end_reason] += 1
+        if self.lease is not None:
+            await self.lease.release()
+        principal = self.principal
+        audit(
+            "disconnect",
+            sub=principal.subject if principal else None,
+            tenant=self.topic.tenant,
+            well=self.topic.well,
+            reason=self.end_reason,
+            duration_s=round(time.monotonic() - opened, 3),
+            events_sent=self.events_sent,
+        )
 
     async def _write(self, send: Send) -> None:
-        task = asyncio.current_task()
-        assert task is not None
         try:
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
                     expires_at = self.principal.expires_at if self.principal else None
-                    self._sub = await self.hub.subscribe(self.topic, self.tags, expires_at)
+                    self._sub = await self.hub.subscribe(self.topic, self.tags, expires_at, self._interrupt)
             except TimeoutError:
                 raise BrokerError("subscribe", f"no confirmation within {SUBSCRIBE_TIMEOUT_S} s") from None
-            if self._disconnected:
-                self._sub.end("client-closed")  # a cancel may have been swallowed on the way
             await self._run(self._sub, send)
         except BrokerError as exc:
             logger.warning("stream on %s failed: %s", self.topic, exc)
             self.end_reason = "broker-error"
             await self._fail(send)
-        except asyncio.CancelledError:
-            sub = self._sub
-            # Only a cancel for a reason we know (client gone, stuck send, request abandoned) is quiet.
-            if not (self._disconnected or self._abandoned or (sub is not None and sub.cancelled)):
-                raise
-            task.uncancel()
-            self.end_reason = sub.end_reason if sub is not None and sub.end_reason else "client-closed"
         finally:
             if self._sub is not None:
                 await self.hub.unsubscribe(self._sub)
+
+    def _interrupt(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
 
     async def _fail(self, send: Send) -> None:
         if self._started:
@@ -175,6 +171,7 @@ class EventStream:
         if first := await self._start(send, b""):  # catch-up ended before it sent anything
             await self._send(sub, send, first)
         await self._live(sub, send)
+        await self._goodbye(sub, send)
 
     async def _start(self, send: Send, chunk: bytes) -> bytes:
         """Sends the response head once; the first chunk then gets the retry: line in front."""
@@ -202,7 +199,7 @@ class EventStream:
             cursor = found.cursor
             frames = [reading_frame(e) for e in found.events if self.tags is None or e.tag in self.tags]
             self.events_sent += len(frames)
-            sub.skip_through = cursor
+            sub.caught_up(cursor)
             yield b"".join(frames)
             if not found.more:
                 return
@@ -212,7 +209,7 @@ class EventStream:
         if self.tags is not None:
             kept = {tag: data for tag, data in snapshot.readings.items() if tag in self.tags}
             snapshot = Snapshot(snapshot.topic, snapshot.last_id, kept)
-        sub.skip_through = snapshot.last_id
+        sub.caught_up(snapshot.last_id)
         return snapshot_frame(snapshot)
 
     async def _live(self, sub: Subscriber, send: Send) -> None:
@@ -225,40 +222,37 @@ class EventStream:
             if sub.end_reason:
                 break
             # The oldest frame's device time: one latency sample per send, not per event.
-            device_ts = sub.frames[0][2] if sub.frames else 0.0
-            chunks = sub.take()
+            chunks, device_ts = sub.take()
             self.events_sent += len(chunks)
             stats.events_sent += len(chunks)
-            if sub.heartbeat_due:
-                sub.heartbeat_due = False
-                if not chunks:
-                    chunks = [heartbeat_frame()]
+            if sub.take_heartbeat() and not chunks:
+                chunks = [heartbeat_frame()]
             if chunks:
                 body = b"".join(chunks)
                 stats.bytes_sent += len(body)
-                sub.sending_since = now = loop.time()
+                now = loop.time()
+                sub.sending(now)
                 await send({"type": "http.response.body", "body": body, "more_body": True})
-                sub.sending_since = 0.0
-                sub.last_send = now
+                sub.sent(now)
                 if device_ts:
                     latency.observe(time.time() - device_ts)
-        self.end_reason = sub.end_reason or "ended"
-        if sub.end_reason == "client-closed":
+
+    async def _goodbye(self, sub: Subscriber, send: Send) -> None:
+        reason = self.end_reason = sub.end_reason or "ended"
+        if reason == "client-closed":
             return
-        if sub.end_reason == "auth-expired":
+        if reason == "auth-expired":
             # The dashboard fetches a fresh ticket and resumes from the id it has.
             await self._send(sub, send, auth_expired_frame(self.topic))
-        if sub.end_reason in GOODBYES:
+        if reason in GOODBYES:
             # Many streams end at once here: spread their returns so they do not come back as one storm.
-            spread = self.stream.shutdown_retry_spread_ms
-            retry = self.stream.retry_ms + random.randint(0, spread)
-            await self._send(sub, send, goodbye_frame(retry, GOODBYES[sub.end_reason]))
+            retry = self.stream.retry_ms + random.randint(0, self.stream.shutdown_retry_spread_ms)
+            await self._send(sub, send, goodbye_frame(retry, GOODBYES[reason]))
         await self._send(sub, send, b"", more_body=False)
 
     async def _send(self, sub: Subscriber, send: Send, data: bytes, more_body: bool = True) -> None:
-        # sending_since lets the hub's sweeper interrupt a send to a peer that stopped reading.
+        # Reported to the subscriber, so the hub's sweeper can interrupt a send to a peer that stopped reading.
         loop = asyncio.get_running_loop()
-        sub.sending_since = loop.time()
+        sub.sending(loop.time())
         await send({"type": "http.response.body", "body": data, "more_body": more_body})
-        sub.sending_since = 0.0
-        sub.last_send = loop.time()
+        sub.sent(loop.time())

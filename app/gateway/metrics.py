@@ -62,8 +62,7 @@ class GatewayCollector(Collector):
         yield counter("wellstream_slow_evictions", "Streams ended because their queue filled", stats.slow_disconnects)
         yield counter("wellstream_send_timeouts", "Streams ended because a send was stuck", stats.send_timeouts)
         yield counter("wellstream_redis_reconnects", "Live feed reconnects to Redis", hub.feed_reconnects)
-        # Every reconnect is a gap the hub fills: one count, under the name each question looks for.
-        yield counter("wellstream_gap_fills", "Live feed gaps filled from history", hub.feed_reconnects)
+        yield counter("wellstream_gap_fills", "Live feed gaps filled from history (fills completed)", stats.gap_fills)
         yield counter("wellstream_gap_events", "Events sent from history by gap fills", stats.gap_events)
         refused = CounterMetricFamily(
             "wellstream_refusals", "Auth failures and limit hits, by kind and reason", labels=["kind", "reason"]

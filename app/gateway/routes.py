@@ -6,7 +6,6 @@ import logging
 import re
 import time
 from ipaddress import ip_address
-from typing import TYPE_CHECKING
 
 import orjson
 from starlette.requests import Request
@@ -15,44 +14,30 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from app.auth.audit import audit
-from app.auth.guard import client_address
-from app.errors import AuthError, BrokerError, LimitError
+from app.errors import AuthError, RequestError
+from app.gateway.context import client_of, gateway_of
+from app.gateway.errors import handler_for
 from app.gateway.eventstream import EventStream
 from app.gateway.metrics import CONTENT_TYPE, render
 from app.models import StreamId, Topic, is_valid_id
 from app.streams.codec import single_line_json
-
-if TYPE_CHECKING:
-    from app.gateway.app import Gateway
 
 logger = logging.getLogger(__name__)
 
 MAX_TAGS = 64
 
 
-class BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-def _gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
-
-
 def _tenant(request: Request) -> str:
     tenant: str = request.path_params["tenant"]
     if not is_valid_id(tenant):
-        raise BadRequest(404, "unknown tenant")
+        raise RequestError("unknown tenant", 404)
     return tenant
 
 
 def _topic(request: Request) -> Topic:
     tenant, well = request.path_params["tenant"], request.path_params["well"]
     if not (is_valid_id(tenant) and is_valid_id(well)):
-        raise BadRequest(404, "unknown tenant or well")
+        raise RequestError("unknown tenant or well", 404)
     return Topic(tenant, well)
 
 
@@ -63,7 +48,7 @@ def _last_event_id(request: Request) -> StreamId | None:
     try:
         return StreamId.parse(raw.strip())
     except ValueError:
-        raise BadRequest(400, "malformed Last-Event-ID: expected <milliseconds>-<sequence>") from None
+        raise RequestError("malformed Last-Event-ID: expected <milliseconds>-<sequence>", 400) from None
 
 
 def _tags(request: Request) -> frozenset[str] | None:
@@ -72,13 +57,13 @@ def _tags(request: Request) -> frozenset[str] | None:
         return None
     tags = frozenset(tag.strip() for tag in raw.split(",") if tag.strip())
     if not tags or len(tags) > MAX_TAGS or not all(is_valid_id(tag) for tag in tags):
-        raise BadRequest(400, f"tags must be 1-{MAX_TAGS} comma-separated tag ids")
+        raise RequestError(f"tags must be 1-{MAX_TAGS} comma-separated tag ids", 400)
     return tags
 
 
 async def stream(request: Request) -> Response | EventStream:
-    gateway = _gateway(request)
-    client = client_address(request)
+    gateway = gateway_of(request)
+    client = client_of(request)
     gateway.limits.check_attempt(client)
     topic = _topic(request)
     last_id, tags = _last_event_id(request), _tags(request)
@@ -101,7 +86,7 @@ async def stream(request: Request) -> Response | EventStream:
 
 async def stream_tickets(request: Request) -> Response:
     """POST /tenants/{tenant}/stream-tickets {"wells": [...]} -> {"ticket", "expiresIn"}."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     tenant = _tenant(request)
     principal = await gateway.guard.authorize(request, tenant)
     wells = _wells_body(await _json_body(request))
@@ -113,23 +98,23 @@ async def stream_tickets(request: Request) -> Response:
 async def _json_body(request: Request) -> object:
     body = await request.body()
     if len(body) > 16_384:
-        raise BadRequest(413, "body too large")
+        raise RequestError("body too large", 413)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise BadRequest(400, "body must be JSON") from None
+        raise RequestError("body must be JSON", 400) from None
 
 
 def _wells_body(body: object) -> list[str]:
     wells = body.get("wells") if isinstance(body, dict) else None
     if not isinstance(wells, list) or not all(isinstance(w, str) and is_valid_id(w) for w in wells):
-        raise BadRequest(400, 'body must be {"wells": [well ids]}')
+        raise RequestError('body must be {"wells": [well ids]}', 400)
     return list(dict.fromkeys(wells))
 
 
 async def open_session(request: Request) -> Response:
     """POST /auth/session with a Bearer token -> the HttpOnly session cookie for the dashboard."""
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -146,18 +131,18 @@ async def open_session(request: Request) -> Response:
         secure=request.url.scheme == "https",
         path="/",
     )
-    audit("session-opened", sub=principal.subject, tenant=principal.tenant, client=client_address(request))
+    audit("session-opened", sub=principal.subject, tenant=principal.tenant, client=client_of(request))
     return response
 
 
 async def close_session(request: Request) -> Response:
     response = Response(status_code=204)
-    response.delete_cookie(_gateway(request).settings.auth.cookie_name, path="/", httponly=True, samesite="strict")
+    response.delete_cookie(gateway_of(request).settings.auth.cookie_name, path="/", httponly=True, samesite="strict")
     return response
 
 
 async def latest(request: Request) -> Response:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     topic = _topic(request)
     tags = _tags(request)
     await gateway.guard.authorize(request, topic.tenant, topic.well)
@@ -175,7 +160,7 @@ async def latest(request: Request) -> Response:
 
 
 async def wells(request: Request) -> Response:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     tenant = _tenant(request)
     principal = await gateway.guard.authorize(request, tenant)
     names = [name for name in await gateway.broker.registry.wells(tenant) if principal.may_see(name)]
@@ -187,7 +172,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    gateway = _gateway(request)
+    gateway = gateway_of(request)
     if gateway.hub.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not await gateway.broker.health.ready():
@@ -204,50 +189,20 @@ async def metrics(request: Request) -> Response:
         address = ip_address(peer)
     except ValueError:
         address = None
-    allowed = _gateway(request).settings.server.metrics_allow
+    allowed = gateway_of(request).settings.server.metrics_allow
     if address is None or not any(address in network for network in allowed):
         logger.info("GET /metrics -> 404: peer %s is not in server.metrics_allow", peer)
         return JSONResponse({"error": "not found"}, status_code=404)
-    return Response(render(request.app.state.metrics), media_type=CONTENT_TYPE)
+    return Response(render(request.app.metrics), media_type=CONTENT_TYPE)
 
-
-async def on_bad_request(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, BadRequest)
-    logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.reason)
-    return JSONResponse({"error": exc.reason}, status_code=exc.status)
-
-
-async def on_auth_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, AuthError)
-    audit("auth-failure", status=exc.status, reason=exc.reason, path=request.url.path, client=client_address(request))
-    headers = {"WWW-Authenticate": 'Bearer realm="wellstream"'} if exc.status == 401 else None
-    return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
-
-
-async def on_limit_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, LimitError)
-    audit("limit", status=exc.status, reason=exc.reason, path=request.url.path, client=client_address(request))
-    headers = {"Retry-After": str(exc.retry_after_s)}
-    return JSONResponse({"error": exc.reason}, status_code=exc.status, headers=headers)
-
-
-async def on_broker_error(request: Request, exc: Exception) -> Response:
-    logger.warning("%s %s -> 503: %s", request.method, request.url.path, exc)
-    return JSONResponse({"error": "broker unavailable"}, status_code=503, headers={"Retry-After": "2"})
-
-
-EXCEPTION_HANDLERS = {
-    BadRequest: on_bad_request,
-    AuthError: on_auth_error,
-    LimitError: on_limit_error,
-    BrokerError: on_broker_error,
-}
 
 STREAM_PATH = re.compile(r"^/tenants/([^/]+)/wells/([^/]+)/stream$")
+STREAM_METHODS = ("GET", "HEAD")
 
 
 async def serve_stream(scope: Scope, receive: Receive, send: Send) -> None:
-    """The stream route, called by app.gateway.app.GatewayApp without Starlette's middleware and routing.
+    """The stream route, the only one outside Starlette's routing (app.gateway.app.GatewayApp
+    sends every request on STREAM_PATH here, whatever its method).
 
     A stream's request task stays suspended for hours; under the usual stack it would hold a
     dozen coroutine frames and their objects per connection (docs/performance.md). Errors are
@@ -255,14 +210,18 @@ async def serve_stream(scope: Scope, receive: Receive, send: Send) -> None:
     """
     request = Request(scope, receive)
     try:
+        if request.method not in STREAM_METHODS:
+            raise RequestError("method not allowed", 405)
         response: Response | EventStream = await stream(request)
     except Exception as exc:
-        handler = EXCEPTION_HANDLERS.get(type(exc))
+        handler = handler_for(exc)
         if handler is None:
             logger.exception("%s %s failed", request.method, request.url.path)
             response = JSONResponse({"error": "internal error"}, status_code=500)
         else:
             response = await handler(request, exc)
+        if isinstance(exc, RequestError) and exc.status == 405:
+            response.headers["Allow"] = ", ".join(STREAM_METHODS)
     await response(scope, receive, send)
 
 
@@ -272,7 +231,6 @@ ROUTES = [
     Route("/metrics", metrics),
     Route("/tenants/{tenant}/wells", wells),
     Route("/tenants/{tenant}/wells/{well}/latest", latest),
-    Route("/tenants/{tenant}/wells/{well}/stream", stream),
     Route("/tenants/{tenant}/stream-tickets", stream_tickets, methods=["POST"]),
     Route("/auth/session", open_session, methods=["POST"]),
     Route("/auth/session", close_session, methods=["DELETE"]),

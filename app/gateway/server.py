@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config, Sockets
-from starlette.applications import Starlette
 
+from app.gateway.app import GatewayApp
 from app.settings import ServerSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,14 @@ class TunedConfig(Config):
     """Hypercorn's Config, whose sockets get our TCP options before Hypercorn listens on them."""
 
     socket_options: ServerSettings = ServerSettings()
+    listening_ports: frozenset[int] = frozenset()  # filled once Hypercorn asked for its sockets
 
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()
-        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        listeners = (*sockets.secure_sockets, *sockets.insecure_sockets)
+        for sock in listeners:
             tune_socket(sock, self.socket_options)
+        self.listening_ports = frozenset(sock.getsockname()[1] for sock in listeners if sock.family != socket.AF_UNIX)
         return sockets
 
 
@@ -85,16 +88,16 @@ def hypercorn_config(settings: Settings, host: str, port: int, toml: Path | None
     return config
 
 
-async def drain(app: Starlette, grace_s: float) -> None:
+async def drain(app: GatewayApp, grace_s: float) -> None:
     """Ask every open stream to end, and wait for them up to `grace_s`."""
-    gateway = getattr(app.state, "gateway", None)
-    if gateway is None:
+    hub = app.hub()
+    if hub is None:
         return
-    gateway.hub.drain()
-    if not await gateway.hub.wait_idle(grace_s * 0.7):
-        gateway.hub.abort()  # streams stuck sending to a peer that stopped reading get no goodbye
-        await gateway.hub.wait_idle(grace_s * 0.3)
-    logger.info("drained; %d streams still open", gateway.hub.open_streams)
+    hub.drain()
+    if not await hub.wait_idle(grace_s * 0.7):
+        hub.abort()  # streams stuck sending to a peer that stopped reading get no goodbye
+        await hub.wait_idle(grace_s * 0.3)
+    logger.info("drained; %d streams still open", hub.open_streams)
 
 
 ServerName = Literal["hypercorn", "uvicorn", "granian"]
@@ -114,7 +117,7 @@ def tune_gc(settings: Settings) -> None:
 
 
 async def run(
-    app: Starlette,
+    app: GatewayApp,
     settings: Settings,
     host: str,
     port: int,
@@ -135,7 +138,7 @@ async def run(
         await serve_until(app, settings, host, port, stop, hypercorn_toml)
 
 
-async def _serve_uvicorn(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
+async def _serve_uvicorn(app: GatewayApp, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
     import uvicorn
 
     loop = asyncio.get_running_loop()
@@ -173,7 +176,7 @@ async def _serve_uvicorn(app: Starlette, settings: Settings, host: str, port: in
         sock.close()
 
 
-async def _serve_granian(app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
+async def _serve_granian(app: GatewayApp, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
     from granian.constants import HTTPModes, Interfaces
 
     # HTTP/2 support costs granian about 10 KiB more per connection (docs/performance.md): opt in.
@@ -220,7 +223,7 @@ def _granian_server(options: ServerSettings) -> Any:
 
 
 async def serve_until(
-    app: Starlette, settings: Settings, host: str, port: int, stop: asyncio.Event, hypercorn_toml: Path | None = None
+    app: GatewayApp, settings: Settings, host: str, port: int, stop: asyncio.Event, hypercorn_toml: Path | None = None
 ) -> None:
     """Serve on Hypercorn until `stop` is set, then stop listening, drain streams and stop.
 
@@ -235,7 +238,8 @@ async def serve_until(
         await stop.wait()
         logger.info("shutting down: no new connections, draining streams")
         shutdown.append(asyncio.create_task(drain(app, settings.stream.shutdown_grace_s)))
-        shutdown.append(asyncio.create_task(_abort_stuck_connections(config.graceful_timeout + 1)))
+        ports = set(config.listening_ports)
+        shutdown.append(asyncio.create_task(_abort_stuck_connections(config.graceful_timeout + 1, ports)))
 
     logger.info("serving on %s", ", ".join(_urls(config)))
     try:
@@ -247,29 +251,47 @@ async def serve_until(
                 await task
 
 
-async def _abort_stuck_connections(after_s: float) -> None:
-    """Abort the connections still open `after_s` into a shutdown, so the process exits.
+async def _abort_stuck_connections(after_s: float, ports: set[int]) -> None:
+    """Shut down the connections still open `after_s` into a shutdown, so the process exits.
 
     Hypercorn waits for every connection to close before it finishes (uvloop's Server.wait_closed
     waits for them), and closing a TLS connection waits up to 30 s for the peer's close_notify,
     which a vanished client, or one that keeps an idle connection without reading, never sends.
-    Their streams have ended by now. Hypercorn keeps no list of its connections, so they are
-    found as its `_server_callback(reader, writer)` tasks (checked against Hypercorn 0.18; if
-    that changes, nothing is aborted and the exit waits as before).
+    Their streams have ended by now. Hypercorn keeps no list of its connections we could use,
+    so they are found as this process's accepted sockets on our listening ports and shut down at
+    the socket: the transport then sees the end of the stream and closes itself.
     """
     await asyncio.sleep(after_s)
-    aborted = 0
-    for task in asyncio.all_tasks():
-        coro = task.get_coro()
-        frame = getattr(coro, "cr_frame", None)
-        if frame is None or not getattr(coro, "__qualname__", "").endswith("._server_callback"):
-            continue
-        writer = frame.f_locals.get("writer")
-        if isinstance(writer, asyncio.StreamWriter):
-            writer.transport.abort()
-            aborted += 1
+    aborted = shut_down_accepted(ports)
     if aborted:
         logger.warning("aborted %d connections still open %.0f s into the shutdown", aborted, after_s)
+
+
+def shut_down_accepted(ports: set[int]) -> int:
+    """shutdown(SHUT_RDWR) every accepted TCP socket of this process whose local port is in `ports`."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except (OSError, ValueError):
+            continue  # not a socket (or already gone)
+        with sock:
+            if _is_accepted_tcp(sock, ports):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                    count += 1
+    return count
+
+
+def _is_accepted_tcp(sock: socket.socket, ports: set[int]) -> bool:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        return False
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        port: int = sock.getsockname()[1]
+    except OSError:
+        return False
+    return not listening and port in ports
 
 
 def _urls(config: Config) -> list[str]:

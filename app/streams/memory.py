@@ -7,9 +7,10 @@ injectable, so trimming by age and expiring tickets and leases are tested withou
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from app.models import ZERO_ID, History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
@@ -32,8 +33,7 @@ class _Log:
 
 
 class _MemoryFeed:
-    def __init__(self, log: MemoryStreamLog, deliver: Deliver) -> None:
-        self._log = log
+    def __init__(self, deliver: Deliver) -> None:
         self.deliver = deliver
         self.topics: set[Topic] = set()
         self.on_gap: Callable[[], None] | None = None  # an in-process feed never has a gap
@@ -51,10 +51,6 @@ class _MemoryFeed:
 
     async def unsubscribe(self, topic: Topic) -> None:
         self.topics.discard(topic)
-
-    async def aclose(self) -> None:
-        self.topics.clear()
-        self._log.feeds.discard(self)
 
 
 class MemoryRegistry:
@@ -148,10 +144,15 @@ class MemoryStreamLog:
         cursor = events[-1].id if events else after
         return History(events, truncated, cursor, more=len(events) >= limit)
 
-    async def open_feed(self, deliver: Deliver) -> LiveFeed:
-        feed = _MemoryFeed(self, deliver)
+    @contextlib.asynccontextmanager
+    async def live_feed(self, deliver: Deliver) -> AsyncIterator[LiveFeed]:
+        feed = _MemoryFeed(deliver)
         self.feeds.add(feed)
-        return feed
+        try:
+            yield feed
+        finally:
+            feed.topics.clear()
+            self.feeds.discard(feed)
 
 
 class MemoryTickets:

@@ -17,6 +17,7 @@ Each seam has a memory and a Redis implementation side by side, and one conforma
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +31,8 @@ It must not block or raise: the hub's fan-out is the only intended implementatio
 
 
 class LiveFeed(Protocol):
-    """One upstream subscription set shared by a whole process (one Redis Pub/Sub connection).
+    """One upstream subscription set shared by a whole process (one Redis Pub/Sub connection),
+    open for as long as the `async with StreamLog.live_feed(...)` around it.
 
     `on_gap`, set by the hub, is called after the feed reconnected and resent its
     subscriptions: events published while it was down were never delivered.
@@ -51,9 +53,6 @@ class LiveFeed(Protocol):
 
     async def unsubscribe(self, topic: Topic) -> None:
         """Stop delivery for a topic."""
-
-    async def aclose(self) -> None:
-        """Drop every subscription and the connection behind them."""
 
 
 class StreamLog(Protocol):
@@ -83,8 +82,8 @@ class StreamLog(Protocol):
     async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
         """Up to `limit` entries with id > `after`, oldest first."""
 
-    async def open_feed(self, deliver: Deliver) -> LiveFeed:
-        """Open the process's live feed; `deliver` gets every event of every subscribed topic."""
+    def live_feed(self, deliver: Deliver) -> AbstractAsyncContextManager[LiveFeed]:
+        """The process's live feed, open inside `async with`; `deliver` gets every event of every subscribed topic."""
 
 
 class WellRegistry(Protocol):

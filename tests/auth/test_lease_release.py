@@ -29,12 +29,8 @@ PRINCIPAL = Principal(subject="tester", tenant="acme", expires_at=time.time() + 
 @contextlib.asynccontextmanager
 async def started_limits(redis_url: str) -> AsyncIterator[StreamLimits]:
     async with connect_redis(redis_url, max_connections=4) as broker:
-        limits = StreamLimits(ROOMY, broker.leases)
-        await limits.start()
-        try:
+        async with StreamLimits(ROOMY, broker.leases) as limits:
             yield limits
-        finally:
-            await limits.aclose()
 
 
 def tenant_count(redis_url: str) -> int:

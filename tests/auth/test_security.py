@@ -658,7 +658,7 @@ async def test_concurrent_stream_limits_trip_with_429_and_release(
             # One subject for the subject limit; a subject each for the tenant limit.
             subjects = ["alice"] * 4 if scope == "subject" else ["alice", "bob", "carol", "dave"]
             tokens = [s.token(secret, subject) for subject in subjects]
-            limits_state = s.gateway.app.state.gateway.limits
+            limits_state = s.gateway.running.limits
             async with contextlib.AsyncExitStack() as stack:
                 opened = []
                 for token in tokens[:2]:
@@ -695,7 +695,7 @@ async def test_a_full_process_answers_503_with_retry_after(
                 assert full.headers["retry-after"].isdigit()
                 assert full.json() == {"error": "this gateway is full"}
                 s.assert_audited("limit", status=503, reason="this gateway is full")
-            await wait_until(lambda: s.gateway.hub.open_streams == 0 and s.gateway.app.state.gateway.limits.open == 0)
+            await wait_until(lambda: s.gateway.hub.open_streams == 0 and s.gateway.running.limits.open == 0)
             async with s.stream(STREAM, headers=bearer(bob)) as (response, events):
                 assert response.status_code == 200
                 await events.next_event("snapshot")

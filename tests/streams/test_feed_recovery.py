@@ -23,9 +23,7 @@ async def test_a_subscribe_lost_in_a_freeze_does_not_delay_every_later_one(own_r
     topic = Topic("acme", "w1")
     with anyio.fail_after(30):
         async with connect_redis(own_redis.url, timeout_s=0.5, ping_interval_s=0.2) as broker:
-            hub = Hub(broker.log)
-            await hub.start()
-            try:
+            async with Hub(broker.log) as hub:
                 own_redis.freeze()
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(hub.subscribe(topic), 0.5)
@@ -37,7 +35,5 @@ async def test_a_subscribe_lost_in_a_freeze_does_not_delay_every_later_one(own_r
                     sub = await asyncio.wait_for(hub.subscribe(topic), 5)
                     await broker.log.publish([make_reading(value)])
                     await wait_until(lambda: bool(sub.frames))  # noqa: B023 - awaited at once
-                    assert f'"value":{value}'.encode() in sub.frames[0][1]
+                    assert f'"value":{value}'.encode() in sub.frames[0].data
                     await hub.unsubscribe(sub)
-            finally:
-                await hub.aclose()

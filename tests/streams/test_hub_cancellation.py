@@ -15,7 +15,9 @@ import pytest
 from app.gateway.hub import Hub
 from app.models import Topic
 from app.streams.redis import connect_redis
-from tests.conftest import RedisServer
+from app.streams.seams import Broker
+from tests.conftest import RedisServer, wait_until
+from tests.factories import make_reading
 
 pytestmark = pytest.mark.anyio
 
@@ -30,14 +32,9 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @contextlib.asynccontextmanager
-async def started_hub(url: str) -> AsyncIterator[Hub]:
-    async with connect_redis(url) as broker:
-        hub = Hub(broker.log)
-        await hub.start()
-        try:
-            yield hub
-        finally:
-            await hub.aclose()
+async def started_hub(url: str) -> AsyncIterator[tuple[Hub, Broker]]:
+    async with connect_redis(url) as broker, Hub(broker.log) as hub:
+        yield hub, broker
 
 
 @pytest.mark.parametrize("yields", range(6))
@@ -45,7 +42,7 @@ async def test_a_subscribe_cancelled_at_any_step_leaves_the_feed_and_other_strea
     redis_url: str, yields: int
 ) -> None:
     with anyio.fail_after(10):
-        async with started_hub(redis_url) as hub:
+        async with started_hub(redis_url) as (hub, broker):
             steady = await hub.subscribe(Topic("acme", "w1"))
             leaving = asyncio.create_task(hub.subscribe(Topic("acme", "w2")))
             for _ in range(yields):
@@ -53,7 +50,10 @@ async def test_a_subscribe_cancelled_at_any_step_leaves_the_feed_and_other_strea
             leaving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await hub.unsubscribe(await leaving)
-            await asyncio.sleep(0.3)
+            # A reading published now arrives on the same connection only if the feed was left alone.
+            [marker] = await broker.log.publish([make_reading(1.0)])
+            await wait_until(lambda: bool(steady.frames))
+            assert steady.frames[0].id == marker
             assert steady.end_reason is None
             assert hub._feed is not None
             assert hub.feed_reconnects == 0
@@ -66,15 +66,15 @@ async def test_a_subscribe_cancelled_at_any_step_leaves_the_feed_and_other_strea
 async def test_the_first_subscriber_leaving_does_not_fail_those_waiting_with_it(own_redis: RedisServer) -> None:
     assert own_redis.process is not None
     with anyio.fail_after(15):
-        async with started_hub(own_redis.url) as hub:
+        async with started_hub(own_redis.url) as (hub, _):
             os.kill(own_redis.process.pid, signal.SIGSTOP)  # confirmations now wait
             try:
                 first = asyncio.create_task(hub.subscribe(Topic("acme", "w9")))
-                await asyncio.sleep(0.05)
+                await wait_until(lambda: hub.open_streams == 1)
                 joiner = asyncio.create_task(hub.subscribe(Topic("acme", "w9")))
-                await asyncio.sleep(0.05)
+                await wait_until(lambda: hub.open_streams == 2)
                 first.cancel()
-                await asyncio.sleep(0.05)
+                await wait_until(lambda: hub.open_streams == 1)  # the first one has left
             finally:
                 os.kill(own_redis.process.pid, signal.SIGCONT)
             sub = await joiner

@@ -110,24 +110,23 @@ async def test_live_feed_delivers_subscribed_topics_only_in_order(backend: Backe
                 if len(got) >= 20:
                     twenty.set()
 
-            feed = await broker.log.open_feed(deliver)
-            await feed.subscribe(Topic("acme", "w1"))
-            await feed.subscribe(MARKER)
-            ids = await broker.log.publish([reading(float(i)) for i in range(20)] + [reading(well="w2")])
-            await twenty.wait()
-            # Nothing from w2 can come after the marker: one publisher's messages arrive in order.
-            [marker] = await broker.log.publish([reading(well=MARKER.well)])
-            await wait_until(lambda: got[-1][1].id == marker)
-            assert [event.id for _, event in got[:-1]] == ids[:20]
-            assert {topic for topic, _ in got[:-1]} == {Topic("acme", "w1")}
-            assert got[0][1].tag == "p"
-            assert Reading.from_json(got[0][1].data).value == 0.0
-            await feed.unsubscribe(Topic("acme", "w1"))
-            await broker.log.publish([reading()])
-            [marker] = await broker.log.publish([reading(well=MARKER.well)])
-            await wait_until(lambda: got[-1][1].id == marker)
-            assert len(got) == 22, "after unsubscribing, only the marker came"
-            await feed.aclose()
+            async with broker.log.live_feed(deliver) as feed:
+                await feed.subscribe(Topic("acme", "w1"))
+                await feed.subscribe(MARKER)
+                ids = await broker.log.publish([reading(float(i)) for i in range(20)] + [reading(well="w2")])
+                await twenty.wait()
+                # Nothing from w2 can come after the marker: one publisher's messages arrive in order.
+                [marker] = await broker.log.publish([reading(well=MARKER.well)])
+                await wait_until(lambda: got[-1][1].id == marker)
+                assert [event.id for _, event in got[:-1]] == ids[:20]
+                assert {topic for topic, _ in got[:-1]} == {Topic("acme", "w1")}
+                assert got[0][1].tag == "p"
+                assert Reading.from_json(got[0][1].data).value == 0.0
+                await feed.unsubscribe(Topic("acme", "w1"))
+                await broker.log.publish([reading()])
+                [marker] = await broker.log.publish([reading(well=MARKER.well)])
+                await wait_until(lambda: got[-1][1].id == marker)
+                assert len(got) == 22, "after unsubscribing, only the marker came"
 
 
 async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:

@@ -6,8 +6,9 @@ never disagree; reads take the stream's bookkeeping and a page in one step (stre
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from redis.asyncio.client import Redis
@@ -105,12 +106,16 @@ class RedisStreamLog:
             logger.warning("skipped malformed entry %s in the log of %s", raw_id, topic)
             return None
 
-    async def open_feed(self, deliver: Deliver) -> LiveFeed:
+    @contextlib.asynccontextmanager
+    async def live_feed(self, deliver: Deliver) -> AsyncIterator[LiveFeed]:
         on_close: Callable[[RedisFeed], None] = self.feeds.discard
         feed = RedisFeed(self._client, deliver, on_close=on_close, ping_interval_s=self._ping_interval_s)
         self.feeds.add(feed)
-        await feed.start()
-        return feed
+        try:
+            await feed.start()
+            yield feed
+        finally:
+            await feed.aclose()
 
     async def aclose(self) -> None:
         for feed in list(self.feeds):

@@ -1,0 +1,151 @@
+"""One open stream as the hub sees it: its queue of frames and its send bookkeeping.
+
+The queue has two parties: the hub appends frames (and wakes the waiter) on the hot path, the
+stream's writer takes them. Every other field is written only by this class's methods: the
+writer reports its sends (`sending`, `sent`) and its catch-up (`caught_up`), the hub's sweeper
+asks `sweep()`, and anyone may `end()` the stream. Nothing here cancels a task on its own:
+ending a stream whose send is stuck calls the `interrupt` its owner gave it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+from app.models import StreamId, Topic
+
+# Ends that let a send in progress finish, so the goodbye with its retry hint still goes out.
+GENTLE = frozenset({"drain", "max-age"})
+
+
+class Frame(NamedTuple):
+    """A live event as queued: built once, the same object for every subscriber of its topic."""
+
+    id: StreamId
+    data: bytes  # the SSE bytes
+    device_ts: float  # the reading's device time, epoch seconds (0: unknown), for the latency histogram
+
+
+class Subscriber:
+    """One open stream's queue and bookkeeping. See the module docstring for who writes what."""
+
+    __slots__ = (
+        "_heartbeat_due",
+        "_interrupt",
+        "_last_send",
+        "_sending_since",
+        "_skip_through",
+        "end_reason",
+        "expires_at",
+        "frames",
+        "max_queued",
+        "retire_at",
+        "tags",
+        "topic",
+        "waiter",
+    )
+
+    def __init__(
+        self,
+        topic: Topic,
+        tags: frozenset[str] | None,
+        max_queued: int,
+        now: float,
+        expires_at: float | None = None,
+        retire_at: float = math.inf,
+        interrupt: Callable[[], object] | None = None,
+    ) -> None:
+        self.topic = topic
+        self.tags = tags
+        self.max_queued = max_queued
+        self.expires_at = expires_at  # epoch seconds: the token's expiry
+        self.retire_at = retire_at  # loop time: the stream's maximum age
+        self.frames: list[Frame] = []  # a list, not a deque: an empty deque costs 600 bytes a stream
+        self.waiter: asyncio.Future[None] | None = None
+        self.end_reason: str | None = None
+        self._interrupt = interrupt
+        self._skip_through: StreamId | None = None
+        self._heartbeat_due = False
+        self._last_send = now
+        self._sending_since = 0.0
+
+    # The writer's side.
+
+    def take(self) -> tuple[list[bytes], float]:
+        """Everything queued (minus frames a catch-up already sent) and the oldest one's device time."""
+        frames, self.frames = self.frames, []
+        device_ts = frames[0].device_ts if frames else 0.0
+        skip = self._skip_through
+        if skip is None:
+            chunks = [frame.data for frame in frames]
+        else:
+            chunks = [frame.data for frame in frames if frame.id > skip]
+            if chunks:
+                self._skip_through = None  # ids only grow: once one passes, all later ones do
+        return chunks, device_ts
+
+    def take_heartbeat(self) -> bool:
+        """Whether a heartbeat fell due (sent only when nothing else goes out)."""
+        due, self._heartbeat_due = self._heartbeat_due, False
+        return due
+
+    async def wait(self) -> None:
+        """Until something is queued, a heartbeat is due, or the stream must end."""
+        if self.frames or self._heartbeat_due or self.end_reason:
+            return
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def caught_up(self, cursor: StreamId) -> None:
+        """The catch-up sent everything up to `cursor`: queued frames up to it are not sent again."""
+        self._skip_through = cursor
+
+    def sending(self, now: float) -> None:
+        self._sending_since = now
+
+    def sent(self, now: float) -> None:
+        self._sending_since = 0.0
+        self._last_send = now
+
+    @property
+    def caught_up_to(self) -> StreamId | None:
+        """Where the catch-up ended, until a live frame passed it (read by the gap fill)."""
+        return self._skip_through
+
+    # The hub's side.
+
+    def sweep(self, now: float, wall: float, heartbeat_s: float, send_timeout_s: float) -> str | None:
+        """The sweeper's look at this stream: the reason it must end now, if any; marks a heartbeat due."""
+        if self.expires_at is not None and wall >= self.expires_at:
+            return "auth-expired"
+        if now >= self.retire_at:
+            return "max-age"
+        if self._sending_since and now - self._sending_since > send_timeout_s:
+            return "send-timeout"
+        if now - self._last_send >= heartbeat_s and not self._heartbeat_due:
+            self._heartbeat_due = True
+            self.wake()
+        return None
+
+    def stuck_for(self, now: float) -> float:
+        return now - self._sending_since if self._sending_since else 0.0
+
+    def end(self, reason: str) -> None:
+        """Ask the stream to end. 'drain' and 'max-age' end it cleanly, after the send in progress;
+        anything else also interrupts a stuck send."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        if reason not in GENTLE and self._sending_since and self._interrupt is not None:
+            interrupt, self._interrupt = self._interrupt, None
+            interrupt()
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
