@@ -131,7 +131,10 @@ def wait_healthy(port: int, timeout_s: float) -> None:
 
 @contextlib.contextmanager
 def gateway(system: str, redis_url: str, secret: str) -> Iterator[tuple[int, psutil.Process]]:
-    args, extra = SYSTEMS[system]
+    # "NAME@DIR": the same system run from another checkout (`python -m app` imports the app of its cwd),
+    # so a change is measured against the code before it in one run.
+    name, _, tree_dir = system.partition("@")
+    args, extra = SYSTEMS[name]
     port = free_port()
     env = clean_env()
     env |= {
@@ -141,7 +144,7 @@ def gateway(system: str, redis_url: str, secret: str) -> Iterator[tuple[int, psu
         "WELLSTREAM_HISTORY__MAX_AGE_S": "0",
         "WELLSTREAM_STREAM__QUEUE_SIZE": "4096",
         # The load generator is one subject at one address opening 10,000 streams at once:
-        # the production caps (app/auth/limits.py) would refuse all but a few dozen.
+        # the production caps (app/auth/admission.py) would refuse all but a few dozen.
         "WELLSTREAM_AUTH__LIMITS__STREAMS_PER_SUBJECT": "1000000",
         "WELLSTREAM_AUTH__LIMITS__STREAMS_PER_TENANT": "1000000",
         "WELLSTREAM_AUTH__LIMITS__STREAMS_PER_PROCESS": "1000000",
@@ -154,7 +157,7 @@ def gateway(system: str, redis_url: str, secret: str) -> Iterator[tuple[int, psu
     cmd = [sys.executable, *args, "--port", str(port)]
     if system == "baseline":
         cmd += ["--redis-url", redis_url]
-    proc = subprocess.Popen(pinned(1, cmd), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(pinned(1, cmd), cwd=tree_dir or ROOT, env=env, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(port, 30)
         yield port, psutil.Process(proc.pid)
@@ -318,6 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=15, help="seconds of publishing per scenario")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy flame graphs of each gateway here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a checkout of the code before a change (e.g. `git worktree add /tmp/before HEAD~3`): "
+        "each wellstream system also runs from there, as NAME@DIR, in the same run",
+    )
     args = parser.parse_args(argv)
     scenarios = QUICK if args.quick else FULL
     if args.scenarios:
@@ -326,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"unknown systems: {unknown}; known: {sorted(SYSTEMS)}")
+    if args.before is not None:
+        if not (args.before / "app" / "__main__.py").is_file():
+            parser.error(f"--before {args.before}: not a wellstream checkout")
+        systems = [twin for s in systems for twin in ((s, f"{s}@{args.before}") if s != "baseline" else (s,))]
     secret = secrets.token_urlsafe(32)
     results: list[Result] = []
     header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}; `python -m bench {' '.join(argv or sys.argv[1:])}`"
