@@ -69,7 +69,7 @@ class GatewayApp(Starlette):
 
 class DashboardFiles(StaticFiles):
     """static/, revalidated on every load (ETag: a 304 when unchanged), so a wall screen that
-    reloads picks up a new dashboard.js instead of a heuristically cached one."""
+    reloads picks up a new module of the page instead of a heuristically cached one."""
 
     def file_response(self, *args: Any, **kwargs: Any) -> Response:
         response = super().file_response(*args, **kwargs)

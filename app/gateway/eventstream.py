@@ -222,10 +222,10 @@ class EventStream:
             if sub.end_reason:
                 break
             # The oldest frame's device time: one latency sample per send, not per event.
-            chunks, device_ts = sub.take()
+            chunks, device_ts, heartbeat = sub.take()
             self.events_sent += len(chunks)
             stats.events_sent += len(chunks)
-            if sub.take_heartbeat() and not chunks:
+            if heartbeat and not chunks:
                 chunks = [heartbeat_frame()]
             if chunks:
                 body = b"".join(chunks)

@@ -73,23 +73,22 @@ class Subscriber:
 
     # The writer's side.
 
-    def take(self) -> tuple[list[bytes], float]:
-        """Everything queued (minus frames a catch-up already sent) and the oldest one's device time."""
+    def take(self) -> tuple[list[bytes], float, bool]:
+        """Everything queued (minus frames a catch-up already sent), the oldest one's device time,
+        and whether a heartbeat fell due (sent only when nothing else goes out)."""
         frames, self.frames = self.frames, []
-        device_ts = frames[0].device_ts if frames else 0.0
+        heartbeat, self._heartbeat_due = self._heartbeat_due, False
+        if not frames:
+            return [], 0.0, heartbeat
         skip = self._skip_through
+        # Unpacked, not by field name: this runs once per event per stream.
         if skip is None:
-            chunks = [frame.data for frame in frames]
+            chunks = [data for _, data, _ in frames]
         else:
-            chunks = [frame.data for frame in frames if frame.id > skip]
+            chunks = [data for stream_id, data, _ in frames if stream_id > skip]
             if chunks:
                 self._skip_through = None  # ids only grow: once one passes, all later ones do
-        return chunks, device_ts
-
-    def take_heartbeat(self) -> bool:
-        """Whether a heartbeat fell due (sent only when nothing else goes out)."""
-        due, self._heartbeat_due = self._heartbeat_due, False
-        return due
+        return chunks, frames[0][2], heartbeat
 
     async def wait(self) -> None:
         """Until something is queued, a heartbeat is due, or the stream must end."""

@@ -1,0 +1,20 @@
+// Tab reaches the tiles; the arrow keys, Home and End move between them, following the grid.
+
+/** @param {HTMLElement} wells  the grid of tiles */
+export function enableTileNavigation(wells) {
+  wells.addEventListener("keydown", (event) => {
+    const tile = /** @type {HTMLElement} */ (event.target).closest(".well");
+    if (!tile) return;
+    const tiles = [...wells.children];
+    const index = tiles.indexOf(tile);
+    // The grid's column count is whatever the layout made of the window's width right now.
+    const columns = getComputedStyle(wells).gridTemplateColumns.split(" ").length || 1;
+    const moves = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: columns, ArrowUp: -columns, Home: -index,
+                    End: tiles.length - 1 - index };
+    if (!Object.hasOwn(moves, event.key)) return;
+    const move = moves[/** @type {keyof typeof moves} */ (event.key)];
+    const target = /** @type {HTMLElement | undefined} */ (tiles[index + move]);
+    event.preventDefault();
+    if (target) target.focus();
+  });
+}
