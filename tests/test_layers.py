@@ -38,7 +38,7 @@ CONFINED = {
 VOCABULARY = ("app.models", "app.errors", "app.settings", "app.logs", "app.backoff")
 # folder (or file) -> the app modules it may import, besides its own folder
 MAY_IMPORT = {
-    "adapters/": (*VOCABULARY, "app.adapters"),
+    "adapters/": ("app.models", "app.errors", "app.backoff", "app.adapters"),
     "streams/": (*VOCABULARY, "app.streams"),
     "auth/": (*VOCABULARY, "app.streams.seams", "app.auth"),
     "ingest/": (*VOCABULARY, "app.streams.seams", "app.adapters", "app.ingest"),

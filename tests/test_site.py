@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.errors import SiteError
-from app.ingest.sitefile import load_site
+from app.ingest.sitefile import Site, load_site
 from tests.conftest import ROOT, RedisServer, clean_env, ingest_command, ingest_env
 
 SITE = """
@@ -129,14 +129,18 @@ def test_a_modbus_connection_is_checked_against_the_tenants_wells(tmp_path: Path
         load_site(path)
 
 
-def test_the_commented_protocol_examples_in_the_site_file_are_valid_too(tmp_path: Path) -> None:
-    """Uncomment every TOML line of config/site.toml: the examples must stay loadable."""
+def example_site(directory: Path) -> Site:
+    """config/site.toml with every commented TOML line uncommented: one example of each protocol."""
     toml_line = re.compile(r"^(\[|[a-z_]+ = |  \{|\]$|(points|tags|nodes) = \[)")
     lines = []
     for line in (ROOT / "config" / "site.toml").read_text().splitlines():
         body = line.removeprefix("# ")
         lines.append(body if line.startswith("# ") and toml_line.match(body) else line)
-    path = tmp_path / "all.toml"
+    path = directory / "all.toml"
     path.write_text("\n".join(lines) + "\n")
-    site = load_site(path)
+    return load_site(path)
+
+
+def test_the_commented_protocol_examples_in_the_site_file_are_valid_too(tmp_path: Path) -> None:
+    site = example_site(tmp_path)
     assert sorted({c.protocol for c in site.connections}) == ["modbus", "mqtt", "opcua", "simulator"]

@@ -18,11 +18,16 @@ class Adapter(Protocol):
     """Reads one connection's devices until cancelled, reconnecting by itself.
 
     `connected` and `errors` (failed connects and lost connections so far) feed the worker's
-    health line and metrics.
+    health line and metrics; they are read-only: only the adapter's reconnect loop writes them.
     """
 
-    name: str
-    connected: bool
-    errors: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def errors(self) -> int: ...
 
     async def run(self, sink: ReadingSink) -> None: ...

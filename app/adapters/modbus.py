@@ -3,19 +3,22 @@
 Each group of points is polled on its own interval over one shared connection. Values are
 decoded here from the raw 16-bit registers (struct), so every word and byte order a device
 may use is supported, including the byte-swapped ones pymodbus cannot decode. A value is
-reported when it moved past its deadband, when its quality changed, or when `refresh_s` has
-passed since it was last reported. A Modbus exception response (an illegal address, say)
-turns only the points it concerns BAD; losing the connection closes it and reconnects with
-a short capped backoff. pymodbus never leaves this module: not its types, not its errors.
+reported by exception (app/adapters/deadband.py): when it moved past its deadband, when its
+quality changed, or when `refresh_s` has passed since it was last reported. A Modbus
+exception response (an illegal address, say) turns only the points it concerns BAD; losing
+the connection closes it and reconnects (app/adapters/reconnect.py) with a short backoff,
+0.1 s doubling to 2 s: a PLC is on the local network and back quickly. pymodbus never leaves
+this module: not its types, not its errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +27,9 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 
 from app.adapters.base import ReadingSink
+from app.adapters.deadband import Deadband, ReportByException
+from app.adapters.reconnect import ReconnectLoop, describe
+from app.errors import ConnectionLost
 from app.models import Identifier, Quality, Reading, utc_now_iso
 
 logger = logging.getLogger(__name__)
@@ -41,8 +47,8 @@ _LAYOUT: dict[PointType, tuple[str, int]] = {
     "float64": ("d", 4),
 }
 
-BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 2.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 2.0
 
 
 class ModbusPoint(BaseModel):
@@ -50,7 +56,8 @@ class ModbusPoint(BaseModel):
 
     `type` is ignored for coils, which read as 0.0 or 1.0. `word_order` says which register
     holds the most significant word; `byte_order` which byte inside each register comes first.
-    The value reported is `raw * scale + offset`.
+    The value reported is `raw * scale + offset`. A move of at most `deadband` (with
+    `deadband_percent`, that percent of the last reported value) is not reported.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -72,6 +79,11 @@ class ModbusPoint(BaseModel):
     def count(self) -> int:
         """How many registers (or coils) one read of this point takes."""
         return 1 if self.table == "coil" else _LAYOUT[self.type][1]
+
+    @property
+    def report_deadband(self) -> Deadband:
+        """Always one: polling repeats unchanged values, which only a refresh may report again."""
+        return Deadband(self.deadband, percent=self.deadband_percent)
 
 
 class ModbusGroup(BaseModel):
@@ -98,17 +110,10 @@ class ModbusConnection(BaseModel):
     refresh_s: float = Field(60.0, gt=0)
     groups: list[ModbusGroup] = Field(min_length=1)
 
-
-class ModbusConnectionLost(Exception):
-    """The device stopped answering, or the connection dropped; the adapter reconnects."""
-
-    def __init__(self, connection_id: str, reason: str) -> None:
-        super().__init__(connection_id, reason)
-        self.connection_id = connection_id
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"modbus connection {self.connection_id}: {self.reason}"
+    @property
+    def wells(self) -> list[str]:
+        """Every well this connection feeds, in first-seen order."""
+        return list(dict.fromkeys(point.well for group in self.groups for point in group.points))
 
 
 def decode(registers: Sequence[int], point: ModbusPoint) -> float:
@@ -130,39 +135,6 @@ class _Sample:
     quality: Quality
 
 
-@dataclass(frozen=True, slots=True)
-class _Reported:
-    value: float | None
-    quality: Quality
-    at: float  # loop time
-
-
-class _ExceptionFilter:
-    """Report by exception: moved past the deadband, changed quality, or due for a refresh."""
-
-    def __init__(self, refresh_s: float) -> None:
-        self._refresh_s = refresh_s
-        self._last: dict[tuple[str, str], _Reported] = {}
-
-    def due(self, sample: _Sample, now: float) -> bool:
-        key = (sample.point.well, sample.point.tag)
-        last = self._last.get(key)
-        if last is None or now - last.at >= self._refresh_s or self._changed(sample, last):
-            self._last[key] = _Reported(sample.value, sample.quality, now)
-            return True
-        return False
-
-    @staticmethod
-    def _changed(sample: _Sample, last: _Reported) -> bool:
-        if sample.quality != last.quality:
-            return True
-        if sample.value is None or last.value is None:
-            return sample.value is not last.value
-        point = sample.point
-        threshold = point.deadband * abs(last.value) / 100.0 if point.deadband_percent else point.deadband
-        return abs(sample.value - last.value) > threshold
-
-
 class ModbusAdapter:
     """Polls one Modbus TCP device until cancelled, reconnecting by itself.
 
@@ -173,32 +145,32 @@ class ModbusAdapter:
     def __init__(self, connection: ModbusConnection) -> None:
         self.name = connection.id
         self._connection = connection
-        self._filter = _ExceptionFilter(connection.refresh_s)
-        self.connected = False  # read by the ingest health line
-        self.errors = 0
+        self._filter = ReportByException(connection.refresh_s)
+        self._reconnect = ReconnectLoop(
+            "modbus", connection.id, first_s=BACKOFF_FIRST_S, cap_s=BACKOFF_CAP_S, logger=logger
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._reconnect.connected
+
+    @property
+    def errors(self) -> int:
+        return self._reconnect.errors
 
     async def run(self, sink: ReadingSink) -> None:
-        backoff = BACKOFF_START_S
-        failing = False
-        while True:
-            client = self._client()
-            try:
-                if await client.connect():
-                    logger.info("adapter %s connected to %s", self.name, self._address)
-                    backoff, failing = BACKOFF_START_S, False
-                    self.connected = True
-                    await self._poll_groups(client, sink)
-                raise ModbusConnectionLost(self.name, f"cannot connect to {self._address}")
-            except Exception as exc:  # never CancelledError: that is a BaseException
-                self.connected = False
-                self.errors += 1
-                level = logging.DEBUG if failing else logging.WARNING  # each outage is logged once
-                logger.log(level, "adapter %s: %s; reconnecting", self.name, _describe(exc))
-                failing = True
-            finally:
-                client.close()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+        await self._reconnect.run(self._session, lambda client: self._poll_groups(client, sink))
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[AsyncModbusTcpClient]:
+        client = self._client()
+        try:
+            if not await client.connect():
+                raise ConnectionLost(self.name, f"cannot connect to {self._address}")
+            logger.info("modbus %s connected to %s", self.name, self._address)
+            yield client
+        finally:
+            client.close()
 
     @property
     def _address(self) -> str:
@@ -227,13 +199,17 @@ class ModbusAdapter:
         while True:
             samples = [await self._sample(client, point) for point in group.points]
             now = loop.time()
-            readings = [self._reading(sample) for sample in samples if self._filter.due(sample, now)]
+            readings = [self._reading(sample) for sample in samples if self._due(sample, now)]
             if readings:
                 await sink.submit(readings)
             next_at += group.interval_s
             if next_at < loop.time():  # fell behind (slow device or sink): don't burst to catch up
                 next_at = loop.time()
             await asyncio.sleep(next_at - loop.time())
+
+    def _due(self, sample: _Sample, now: float) -> bool:
+        point = sample.point
+        return self._filter.due((point.well, point.tag), sample.value, sample.quality, point.report_deadband, now)
 
     async def _sample(self, client: AsyncModbusTcpClient, point: ModbusPoint) -> _Sample:
         response = await self._read(client, point)
@@ -252,7 +228,7 @@ class ModbusAdapter:
 
     async def _read(self, client: AsyncModbusTcpClient, point: ModbusPoint) -> ModbusPDU:
         if not client.connected:
-            raise ModbusConnectionLost(self.name, "connection dropped")
+            raise ConnectionLost(self.name, "connection dropped")
         unit, count = self._connection.unit_id, point.count
         try:
             if point.table == "coil":
@@ -261,7 +237,7 @@ class ModbusAdapter:
                 return await client.read_input_registers(point.address, count=count, device_id=unit)
             return await client.read_holding_registers(point.address, count=count, device_id=unit)
         except Exception as exc:
-            raise ModbusConnectionLost(self.name, _describe(exc)) from exc
+            raise ConnectionLost(self.name, describe(exc)) from exc
 
     def _reading(self, sample: _Sample) -> Reading:
         return Reading(
@@ -275,11 +251,3 @@ class ModbusAdapter:
             connection_id=self.name,
             unit=sample.point.unit,
         )
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(_describe(inner) for inner in exc.exceptions)
-    if isinstance(exc, ModbusConnectionLost):
-        return exc.reason
-    return str(exc) or type(exc).__name__

@@ -4,22 +4,25 @@ A payload is a plain number (`12.5`, `nan`) or a JSON object whose value, qualit
 timestamp fields are named by the connection. Quality is GOOD, BAD or UNCERTAIN in any case
 and defaults to GOOD; the timestamp is ISO-8601 with a zone or epoch seconds/milliseconds and
 defaults to the time of arrival. A payload that cannot become a valid Reading is logged with
-its topic and skipped.
+its topic and skipped. Every message is reported unless its tag has a `deadband`: then it is
+reported by exception (app/adapters/deadband.py), and every `refresh_s` if the connection has one.
 
-aiomqtt 2.x has no automatic reconnect: `run()` opens a fresh client per attempt, subscribes
-again and backs off 0.1 s doubling to 5 s while the broker is away. Credentials are looked up
-by name at each connect in the `credentials` mapping the caller passes: only app/settings.py
-reads the process environment, and a live mapping of it picks up rotated secrets.
+aiomqtt 2.x has no automatic reconnect: each attempt (app/adapters/reconnect.py) opens a fresh
+client, subscribes again and backs off 0.1 s doubling to 5 s while the broker is away.
+Credentials are looked up by name at each connect in the `credentials` mapping the caller
+passes: only app/settings.py reads the process environment, and a live mapping of it picks up
+rotated secrets.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import logging
 import math
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -27,23 +30,30 @@ import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.adapters.base import ReadingSink
+from app.adapters.deadband import Deadband, ReportByException
+from app.adapters.reconnect import ReconnectLoop
+from app.errors import ConnectionLost, PayloadError
 from app.models import Identifier, Quality, Reading, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 5.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 5.0
 # As epoch seconds 1e11 is the year 5138, so any larger timestamp is taken as milliseconds.
 _EPOCH_MILLIS_FROM = 1e11
 _QUALITIES: dict[str, Quality] = {"GOOD": "GOOD", "BAD": "BAD", "UNCERTAIN": "UNCERTAIN"}
 
 
-class PayloadError(ValueError):
-    """A message payload that cannot become a Reading."""
+class _Unusable(ValueError):
+    """Why a payload cannot become a Reading; `decode` names the connection (PayloadError)."""
 
 
 class MqttTag(BaseModel):
-    """One topic filter (`+` and `#` allowed) and the tag of the well its messages feed."""
+    """One topic filter (`+` and `#` allowed) and the tag of the well its messages feed.
+
+    With a `deadband` (in the scaled unit, or percent of the last reported value), a message is
+    only reported when its value moved past it since the last report, or its quality changed.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -53,6 +63,13 @@ class MqttTag(BaseModel):
     unit: str | None = None
     scale: float = Field(1.0, allow_inf_nan=False)
     offset: float = Field(0.0, allow_inf_nan=False)
+    deadband: float = Field(0.0, ge=0, allow_inf_nan=False)
+    deadband_percent: bool = False
+
+    @property
+    def report_deadband(self) -> Deadband | None:
+        """None (every message is reported) unless a deadband is set."""
+        return Deadband(self.deadband, percent=self.deadband_percent) if self.deadband > 0 else None
 
     @field_validator("topic")
     @classmethod
@@ -81,6 +98,7 @@ class MqttConnection(BaseModel):
     value_field: str = Field("value", min_length=1)
     quality_field: str = Field("quality", min_length=1)
     timestamp_field: str = Field("timestamp", min_length=1)
+    refresh_s: float | None = Field(None, gt=0, description="with a deadband: report an unchanged value this often")
     tags: list[MqttTag] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -99,7 +117,7 @@ class MqttAdapter:
     """Subscribes to every tag's filter and turns each message into Readings, until cancelled.
 
     A message whose topic matches several filters yields one Reading per matching tag, submitted
-    together. Connection failures are logged once per attempt and retried with capped backoff;
+    together. Connection failures are logged once per outage and retried with capped backoff;
     no aiomqtt or paho exception ever leaves `run()`.
 
     Args:
@@ -110,31 +128,43 @@ class MqttAdapter:
     def __init__(self, connection: MqttConnection, *, credentials: Mapping[str, str] | None = None) -> None:
         self.name = connection.id
         self._connection = connection
-        self._credentials: Mapping[str, str] = {} if credentials is None else credentials
         self._filters = list(dict.fromkeys(tag.topic for tag in connection.tags))
-        self.connected = False  # read by the ingest health line
-        self.errors = 0
+        self._filter = ReportByException(connection.refresh_s)
+        self._reconnect = ReconnectLoop(
+            "mqtt",
+            connection.id,
+            first_s=BACKOFF_FIRST_S,
+            cap_s=BACKOFF_CAP_S,
+            logger=logger,
+            credentials=credentials,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._reconnect.connected
+
+    @property
+    def errors(self) -> int:
+        return self._reconnect.errors
 
     async def run(self, sink: ReadingSink) -> None:
-        delay = BACKOFF_START_S
-        while True:
-            try:
-                async with self._client() as client:
-                    await self._subscribe(client)
-                    logger.info("mqtt %s subscribed to %d filters", self.name, len(self._filters))
-                    delay = BACKOFF_START_S
-                    self.connected = True
-                    async for message in client.messages:
-                        await self._handle(message.topic, message.payload, sink)
-            except aiomqtt.MqttError as exc:
-                logger.warning("mqtt %s: broker connection failed (%s); retrying in %.1f s", self.name, exc, delay)
-            except Exception:
-                logger.exception("mqtt %s: unexpected failure; retrying in %.1f s", self.name, delay)
-            finally:
-                self.connected = False
-            self.errors += 1
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX_S)
+        await self._reconnect.run(self._session, lambda client: self._serve(client, sink))
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiomqtt.Client]:
+        # Around the yield too: the broker going away surfaces while messages are read, and on leaving.
+        try:
+            async with self._client() as client:
+                await self._subscribe(client)
+                logger.info("mqtt %s subscribed to %d filters", self.name, len(self._filters))
+                self._filter.forget()  # the first message after a reconnect is news
+                yield client
+        except aiomqtt.MqttError as exc:
+            raise ConnectionLost(self.name, f"broker connection failed: {exc}") from exc
+
+    async def _serve(self, client: aiomqtt.Client, sink: ReadingSink) -> None:
+        async for message in client.messages:
+            await self._handle(message.topic, message.payload, sink)
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         for topic_filter in self._filters:
@@ -148,8 +178,8 @@ class MqttAdapter:
         return aiomqtt.Client(
             c.host,
             c.port,
-            username=self._secret(c.username_env),
-            password=self._secret(c.password_env),
+            username=self._reconnect.secret(c.username_env),
+            password=self._reconnect.secret(c.password_env),
             identifier=c.client_id,
             clean_session=not c.persistent_session,
             keepalive=c.keepalive_s,
@@ -158,14 +188,6 @@ class MqttAdapter:
             logger=logger,
         )
 
-    def _secret(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        value = self._credentials.get(name)
-        if value is None:
-            logger.warning("mqtt %s: environment variable %s is not set", self.name, name)
-        return value
-
     async def _handle(self, topic: aiomqtt.Topic, payload: object, sink: ReadingSink) -> None:
         tags = [tag for tag in self._connection.tags if topic.matches(tag.topic)]
         if not tags:
@@ -173,14 +195,27 @@ class MqttAdapter:
         try:
             readings = self.decode(tags, payload)
         except PayloadError as exc:
-            logger.warning("mqtt %s: skipped a message on %s: %s", self.name, topic.value, exc)
+            logger.warning("mqtt %s: skipped a message on %s: %s", self.name, topic.value, exc.detail)
             return
-        await sink.submit(readings)
+        now = time.monotonic()
+        news = [
+            reading
+            for tag, reading in zip(tags, readings, strict=True)
+            if self._filter.due(tag, reading.value, reading.quality, tag.report_deadband, now)
+        ]
+        if news:
+            await sink.submit(news)
 
     def decode(self, tags: Sequence[MqttTag], payload: object) -> list[Reading]:
-        """Readings for `tags` from one payload; raises PayloadError if it is not usable."""
+        """Readings for `tags` from one payload, one per tag in order; raises PayloadError if it is not usable."""
+        try:
+            return self._decode(tags, payload)
+        except _Unusable as exc:
+            raise PayloadError(self.name, str(exc)) from None
+
+    def _decode(self, tags: Sequence[MqttTag], payload: object) -> list[Reading]:
         if not isinstance(payload, bytes | bytearray | str):
-            raise PayloadError(f"payload of type {type(payload).__name__}")
+            raise _Unusable(f"payload of type {type(payload).__name__}")
         value, quality, timestamp = _parse(
             bytes(payload) if not isinstance(payload, str) else payload, self._connection
         )
@@ -188,7 +223,7 @@ class MqttAdapter:
             return [self._reading(tag, value, quality, timestamp) for tag in tags]
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'reading'}: {e['msg']}" for e in exc.errors())
-            raise PayloadError(problems) from None
+            raise _Unusable(problems) from None
 
     def _reading(self, tag: MqttTag, value: float | None, quality: Quality, timestamp: str) -> Reading:
         return Reading(
@@ -212,11 +247,11 @@ def _parse(payload: bytes | str, c: MqttConnection) -> tuple[float | None, Quali
     try:
         document: object = json.loads(payload)
     except ValueError:
-        raise PayloadError("neither a number nor JSON") from None
+        raise _Unusable("neither a number nor JSON") from None
     if not isinstance(document, dict):
-        raise PayloadError(f"JSON {type(document).__name__}, expected an object or a number")
+        raise _Unusable(f"JSON {type(document).__name__}, expected an object or a number")
     if c.value_field not in document:
-        raise PayloadError(f"no {c.value_field!r} field")
+        raise _Unusable(f"no {c.value_field!r} field")
     value = _value(document[c.value_field])
     quality = _quality(document.get(c.quality_field))
     timestamp = _timestamp(document.get(c.timestamp_field))
@@ -227,11 +262,11 @@ def _value(raw: object) -> float | None:
     if raw is None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise PayloadError(f"value must be a number or null, not {type(raw).__name__}")
+        raise _Unusable(f"value must be a number or null, not {type(raw).__name__}")
     try:
         return float(raw)
     except (ValueError, OverflowError):
-        raise PayloadError("value is not a number") from None
+        raise _Unusable("value is not a number") from None
 
 
 def _quality(raw: object) -> Quality:
@@ -239,7 +274,7 @@ def _quality(raw: object) -> Quality:
         return "GOOD"
     quality = _QUALITIES.get(raw.upper()) if isinstance(raw, str) else None
     if quality is None:
-        raise PayloadError("quality must be GOOD, BAD or UNCERTAIN")
+        raise _Unusable("quality must be GOOD, BAD or UNCERTAIN")
     return quality
 
 
@@ -249,9 +284,9 @@ def _timestamp(raw: object) -> str:
     if isinstance(raw, str):
         return raw  # Reading validates it: ISO-8601 with a zone
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
-        raise PayloadError("timestamp must be ISO-8601 or epoch seconds/milliseconds")
+        raise _Unusable("timestamp must be ISO-8601 or epoch seconds/milliseconds")
     seconds = raw / 1000 if abs(raw) >= _EPOCH_MILLIS_FROM else raw
     try:
         return datetime.fromtimestamp(seconds, UTC).isoformat()
     except (ValueError, OverflowError, OSError):
-        raise PayloadError("timestamp out of range") from None
+        raise _Unusable("timestamp out of range") from None

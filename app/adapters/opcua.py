@@ -3,16 +3,18 @@
 Every data change becomes a Reading: the OPC-UA StatusCode maps to GOOD, UNCERTAIN or BAD
 (a Bad value arrives as null and is reported as None), the SourceTimestamp is kept (else the
 ServerTimestamp, else the time of arrival), then `scale`/`offset` are applied and a client-side
-absolute deadband drops small moves (asyncua's own server compares consecutive samples, not the
-last reported value, so the deadband is not left to the server). A node the server refuses to
-monitor (an unknown NodeId, say) is logged and reported once as BAD; the others carry on.
+absolute deadband (app/adapters/deadband.py) drops small moves (asyncua's own server compares
+consecutive samples, not the last reported value, so the deadband is not left to the server).
+Without a deadband every notification is reported: the server already reports by exception. A
+node the server refuses to monitor (an unknown NodeId, say) is logged and reported once as BAD;
+the others carry on.
 
-Reconnection is ours, not asyncua's auto_reconnect: `run()` opens a fresh Client per attempt,
-subscribes again, watches the session (asyncua's watchdog reports a lost server through
-`status_change_notification`, and the client state is checked every `_CHECK_S`), and backs off
-0.1 s doubling to 5 s while the server is away. The first connect is retried the same way.
-Credentials are looked up by name at each connect in the `credentials` mapping the caller
-passes, as for MQTT: the process environment is never read here.
+Reconnection is ours (app/adapters/reconnect.py), not asyncua's auto_reconnect: each attempt
+opens a fresh Client, subscribes again, watches the session (asyncua's watchdog reports a lost
+server through `status_change_notification`, and the client state is checked every `_CHECK_S`),
+and backs off 0.1 s doubling to 5 s while the server is away. The first connect is retried the
+same way. Credentials are looked up by name at each connect in the `credentials` mapping the
+caller passes: the process environment is never read here.
 
 Security: policy None (plain channel; a username/password then travel unencrypted), or
 Basic256Sha256 with mode Sign or SignAndEncrypt, for which the client certificate, its private key
@@ -27,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -37,15 +39,19 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.crypto import security_policies
+from asyncua.ua.uaerrors import UaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.adapters.base import ReadingSink
+from app.adapters.deadband import Deadband, ReportByException
+from app.adapters.reconnect import ReconnectLoop, describe
+from app.errors import ConnectionLost
 from app.models import Identifier, Quality, Reading, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 5.0
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 5.0
 _CHECK_S = 0.5  # how often the client state is looked at between notifications
 _TIMEOUT_S = 4.0  # per request
 _WATCHDOG_S = 1.0  # asyncua reads the server state this often and reports a failure
@@ -69,6 +75,11 @@ class OpcuaNode(BaseModel):
     scale: float = Field(1.0, allow_inf_nan=False)
     offset: float = Field(0.0, allow_inf_nan=False)
     deadband: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+    @property
+    def report_deadband(self) -> Deadband | None:
+        """None (every notification is reported) unless a deadband is set."""
+        return Deadband(self.deadband) if self.deadband > 0 else None
 
     @field_validator("node_id")
     @classmethod
@@ -119,16 +130,6 @@ class OpcuaConnection(BaseModel):
         return list(dict.fromkeys(node.well for node in self.nodes))
 
 
-class OpcuaConnectionLost(Exception):
-    """The server went away, or the session is no longer usable; the adapter reconnects."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Reported:
-    value: float | None
-    quality: Quality
-
-
 class _Handler:
     """asyncua's subscription handler: turns notifications into Readings for the sink."""
 
@@ -161,7 +162,8 @@ class OpcuaAdapter:
     """Monitors every node of one connection and reports its changes, until cancelled.
 
     Connection failures are logged once per outage and retried with capped backoff; no asyncua
-    exception ever leaves `run()`. `connected` and `errors` tell a health reporter how it goes.
+    exception ever leaves `run()`. `connected` and `errors` tell a health reporter how it goes:
+    up and subscribed, and failed connects plus connections lost so far.
 
     Args:
         connection: the validated connection.
@@ -171,46 +173,58 @@ class OpcuaAdapter:
     def __init__(self, connection: OpcuaConnection, *, credentials: Mapping[str, str] | None = None) -> None:
         self.name = connection.id
         self._connection = connection
-        self._credentials: Mapping[str, str] = {} if credentials is None else credentials
         # Normalized NodeId strings, so notifications find their node however the config spelled it.
         self._nodes = {ua.NodeId.from_string(node.node_id).to_string(): node for node in connection.nodes}
-        self._last: dict[str, _Reported] = {}
-        self.connected = False
-        """True while a session is up and subscribed; read by the health reporter."""
-        self.errors = 0
-        """Failed connect attempts plus connections lost after subscribing; only ever grows."""
+        self._filter = ReportByException()
+        self._reconnect = ReconnectLoop(
+            "opcua",
+            connection.id,
+            first_s=BACKOFF_FIRST_S,
+            cap_s=BACKOFF_CAP_S,
+            logger=logger,
+            credentials=credentials,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._reconnect.connected
+
+    @property
+    def errors(self) -> int:
+        return self._reconnect.errors
 
     async def run(self, sink: ReadingSink) -> None:
-        delay = BACKOFF_START_S
-        failing = False
-        while True:
-            client = self._client()
-            try:
+        await self._reconnect.run(lambda: self._session(sink), self._watch)
+
+    @contextlib.asynccontextmanager
+    async def _session(self, sink: ReadingSink) -> AsyncIterator[tuple[Client, _Handler]]:
+        client = self._client()
+        try:
+            with self._translated():
                 await self._secure(client)
                 await client.connect()
-                logger.info("opcua %s connected to %s", self.name, self._connection.endpoint)
-                handler = _Handler(self, self._nodes, sink)
-                self._last.clear()  # report every current value again after a reconnect
+            logger.info("opcua %s connected to %s", self.name, self._connection.endpoint)
+            handler = _Handler(self, self._nodes, sink)
+            self._filter.forget()  # report every current value again after a reconnect
+            with self._translated():
                 await self._subscribe(client, handler, sink)
-                delay, failing = BACKOFF_START_S, False
-                self.connected = True
-                await self._watch(client, handler)
-            except Exception as exc:  # never CancelledError: that is a BaseException
-                self.errors += 1
-                level = logging.DEBUG if failing else logging.WARNING  # each outage is logged once
-                logger.log(level, "opcua %s: %s; retrying in %.1f s", self.name, _describe(exc), delay)
-                failing = True
-            finally:
-                self.connected = False
-                await self._disconnect(client)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX_S)
+            yield client, handler
+        finally:
+            await self._disconnect(client)
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """The socket's and asyncua's failures become ConnectionLost: the failure the loop expects."""
+        try:
+            yield
+        except (OSError, UaError) as exc:  # OSError covers TimeoutError and ConnectionError
+            raise ConnectionLost(self.name, describe(exc)) from exc
 
     def _client(self) -> Client:
         c = self._connection
         client = Client(c.endpoint, timeout=_TIMEOUT_S, watchdog_intervall=_WATCHDOG_S)
         client.session_timeout = _SESSION_TIMEOUT_MS
-        username, password = self._secret(c.username_env), self._secret(c.password_env)
+        username, password = self._reconnect.secret(c.username_env), self._reconnect.secret(c.password_env)
         if username is not None:
             client.set_user(username)
         if password is not None:
@@ -232,14 +246,6 @@ class OpcuaAdapter:
             mode=mode,
         )
 
-    def _secret(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        value = self._credentials.get(name)
-        if value is None:
-            logger.warning("opcua %s: environment variable %s is not set", self.name, name)
-        return value
-
     async def _subscribe(self, client: Client, handler: _Handler, sink: ReadingSink) -> None:
         c = self._connection
         subscription = await client.create_subscription(c.publishing_interval_ms, handler)
@@ -257,20 +263,22 @@ class OpcuaAdapter:
         if refused:
             await sink.submit(refused)
 
-    async def _watch(self, client: Client, handler: _Handler) -> None:
-        """Return never; raise OpcuaConnectionLost once the server is gone."""
+    async def _watch(self, session: tuple[Client, _Handler]) -> None:
+        """Return never; raise ConnectionLost once the server is gone."""
+        client, handler = session
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(handler.lost.wait(), _CHECK_S)
             if handler.lost.is_set():
-                raise OpcuaConnectionLost("the server stopped answering")
-            await client.check_connection()  # raises ConnectionError once the client gave up
+                raise ConnectionLost(self.name, "the server stopped answering")
+            with self._translated():
+                await client.check_connection()  # raises ConnectionError once the client gave up
 
     async def _disconnect(self, client: Client) -> None:
         try:
             await asyncio.wait_for(client.disconnect(), _DISCONNECT_S)
         except Exception as exc:  # the server may already be gone
-            logger.debug("opcua %s: disconnect: %s", self.name, _describe(exc))
+            logger.debug("opcua %s: disconnect: %s", self.name, describe(exc))
         finally:
             # asyncua closes the socket last: a disconnect cut short (its timeout, or the worker
             # stopping) would leave the server holding a half-open connection. Closing twice is a no-op.
@@ -292,19 +300,7 @@ class OpcuaAdapter:
         return self._make(node, value, quality, _timestamp(data_value))
 
     def _due(self, node: OpcuaNode, value: float | None, quality: Quality) -> bool:
-        key = node.node_id
-        last = self._last.get(key)
-        changed = (
-            last is None
-            or node.deadband <= 0
-            or last.quality != quality
-            or value is None
-            or last.value is None
-            or abs(value - last.value) > node.deadband
-        )
-        if changed:
-            self._last[key] = _Reported(value, quality)
-        return changed
+        return self._filter.due(node.node_id, value, quality, node.report_deadband, time.monotonic())
 
     def _make(self, node: OpcuaNode, value: float | None, quality: Quality, timestamp: str) -> Reading:
         return Reading(
@@ -336,9 +332,3 @@ def _timestamp(data_value: ua.DataValue) -> str:
         if isinstance(moment, datetime):  # tz-aware UTC from asyncua; a naive one is taken as UTC
             return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).isoformat()
     return utc_now_iso()
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(_describe(inner) for inner in exc.exceptions)
-    return str(exc) or type(exc).__name__

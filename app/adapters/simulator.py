@@ -11,9 +11,25 @@ import asyncio
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.adapters.base import ReadingSink
-from app.models import Quality, Reading, utc_now_iso
+from app.models import Identifier, Quality, Reading, utc_now_iso
+
+
+class SimulatorConnection(BaseModel):
+    """Simulated wells: every tag of each listed well, every `interval_s`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol: Literal["simulator"]
+    id: Identifier
+    tenant: Identifier
+    wells: list[Identifier] = Field(min_length=1)
+    interval_s: float = Field(1.0, gt=0, le=3600)
+    seed: int | None = Field(None, description="repeatable values (tests); unset: different every run")
 
 
 @dataclass(frozen=True)
@@ -104,6 +120,12 @@ class SimulatorAdapter:
             connection_id=self.name,
             unit=signal.profile.unit,
         )
+
+    @classmethod
+    def for_connection(cls, connection: SimulatorConnection) -> SimulatorAdapter:
+        """The adapter for a site file's simulator connection."""
+        c = connection
+        return cls([(c.tenant, well) for well in c.wells], c.interval_s, name=c.id, seed=c.seed)
 
     async def run(self, sink: ReadingSink) -> None:
         loop = asyncio.get_running_loop()

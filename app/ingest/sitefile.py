@@ -2,20 +2,18 @@
 
 Validated with pydantic; every error names the file, the key and the problem. Credentials
 never live in the file: a connection names the environment variables that hold them.
-Protocols: simulator, Modbus TCP, MQTT and OPC-UA, one adapter file each.
+The protocols, and each one's connection model, are app/adapters/registry.py's.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.adapters.modbus import ModbusConnection
-from app.adapters.mqtt import MqttConnection
-from app.adapters.opcua import OpcuaConnection
+from app.adapters.registry import PROTOCOLS, ConnectionModel, connection_union
 from app.errors import SiteError
 from app.models import Identifier
 
@@ -26,29 +24,11 @@ class TenantSite(BaseModel):
     wells: list[Identifier] = Field(min_length=1)
 
 
-class SimulatorConnection(BaseModel):
-    """Simulated wells: every tag of each listed well, every `interval_s`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    protocol: Literal["simulator"]
-    id: Identifier
-    tenant: Identifier
-    wells: list[Identifier] = Field(min_length=1)
-    interval_s: float = Field(1.0, gt=0, le=3600)
-    seed: int | None = Field(None, description="repeatable values (tests); unset: different every run")
-
-
-Connection = Annotated[
-    SimulatorConnection | ModbusConnection | MqttConnection | OpcuaConnection, Field(discriminator="protocol")
-]
-
-
-def wells_of(connection: Connection) -> set[str]:
-    """The wells a connection produces readings for."""
-    if isinstance(connection, SimulatorConnection | MqttConnection | OpcuaConnection):
-        return set(connection.wells)
-    return {point.well for group in connection.groups for point in group.points}
+# Built from the registry when this module loads; type checkers see the Protocol every model meets.
+if TYPE_CHECKING:
+    Connection: TypeAlias = ConnectionModel
+else:
+    Connection = connection_union()
 
 
 class Site(BaseModel):
@@ -67,7 +47,7 @@ class Site(BaseModel):
             tenant = self.tenants.get(connection.tenant)
             if tenant is None:
                 raise ValueError(f"connection {connection.id}: tenant {connection.tenant!r} is not in [tenants]")
-            unknown = sorted(wells_of(connection) - set(tenant.wells))
+            unknown = sorted(set(connection.wells) - set(tenant.wells))
             if unknown:
                 raise ValueError(f"connection {connection.id}: wells not listed for {connection.tenant}: {unknown}")
         return self
@@ -96,6 +76,6 @@ def _location(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             parts.append(f"[{part}]")
-        elif part not in ("simulator", "modbus", "mqtt", "opcua"):  # the discriminator's tag adds nothing for a reader
+        elif part not in PROTOCOLS:  # the discriminator's tag adds nothing for a reader
             parts.append(f".{part}" if parts else part)
     return "".join(parts) or "(top level)"

@@ -8,15 +8,12 @@ import time
 from collections.abc import Mapping, Sequence
 
 from app.adapters.base import Adapter, ReadingSink
-from app.adapters.modbus import ModbusAdapter
-from app.adapters.mqtt import MqttAdapter, MqttConnection
-from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
-from app.adapters.simulator import SimulatorAdapter
+from app.adapters.registry import build_adapter
 from app.backoff import Backoff
 from app.errors import BrokerError
 from app.ingest.metrics import ingest_registry, serve_metrics
 from app.ingest.publisher import Publisher
-from app.ingest.sitefile import SimulatorConnection, Site
+from app.ingest.sitefile import Site
 from app.ingest.spool import Spool
 from app.models import Reading
 from app.settings import SpoolSettings
@@ -27,19 +24,7 @@ logger = logging.getLogger(__name__)
 
 def adapters_for(site: Site, credentials: Mapping[str, str]) -> list[Adapter]:
     """One adapter per connection of the site file; `credentials` holds the variables it names."""
-    adapters: list[Adapter] = []
-    for c in site.connections:
-        if isinstance(c, SimulatorConnection):
-            adapters.append(
-                SimulatorAdapter([(c.tenant, well) for well in c.wells], c.interval_s, name=c.id, seed=c.seed)
-            )
-        elif isinstance(c, MqttConnection):
-            adapters.append(MqttAdapter(c, credentials=credentials))
-        elif isinstance(c, OpcuaConnection):
-            adapters.append(OpcuaAdapter(c, credentials=credentials))
-        else:
-            adapters.append(ModbusAdapter(c))
-    return adapters
+    return [build_adapter(connection, credentials) for connection in site.connections]
 
 
 class ConnectionHealth:

@@ -242,6 +242,36 @@ async def test_nan_becomes_bad_with_no_value(broker: MosquittoBroker) -> None:
     assert [(r.value, r.quality) for r in readings] == [(None, "BAD")] * 3
 
 
+async def test_a_tag_with_a_deadband_reports_by_exception_and_refreshes(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags: list[dict[str, Any]] = [
+            {"topic": "site/w1/p", "well": "w1", "tag": "p", "deadband": 1.0},
+            {"topic": "site/w1/marker", "well": "w1", "tag": "marker"},
+        ]
+        conn = connection(broker.port, tags, refresh_s=1.0)
+        async with running(conn, broker.port) as (sink, publisher):
+
+            async def marked(n: int) -> None:
+                # One publisher, one subscriber, QoS 1: a later message is handled after the earlier ones.
+                await publisher.publish("site/w1/marker", str(n).encode(), qos=1)
+                await wait_until(lambda: any(r.tag_name == "marker" and r.value == n for r in sink.readings))
+
+            for payload in (b"10", b"10.5", b"9.2", b"11.5", b"11.5", b'{"value": 11.5, "quality": "BAD"}'):
+                await publisher.publish("site/w1/p", payload, qos=1)
+            await marked(1)
+            await anyio.sleep(1.0)  # refresh_s since the last report
+            await publisher.publish("site/w1/p", b'{"value": 11.5, "quality": "BAD"}', qos=1)
+            await marked(2)
+    assert [(r.tag_name, r.value, r.quality) for r in sink.readings] == [
+        ("p", 10.0, "GOOD"),
+        ("p", 11.5, "GOOD"),
+        ("p", 11.5, "BAD"),
+        ("marker", 1.0, "GOOD"),
+        ("p", 11.5, "BAD"),
+        ("marker", 2.0, "GOOD"),
+    ]
+
+
 async def test_broker_restart_is_survived(broker: MosquittoBroker) -> None:
     with anyio.fail_after(15):
         tags = [{"topic": "site/w1/p", "well": "w1", "tag": "p"}]

@@ -143,12 +143,21 @@ async def test_scale_and_offset(plc: Plc) -> None:
 async def test_deadband_suppresses_small_changes(plc: Plc) -> None:
     with anyio.fail_after(20):
         await plc.write("Flow", 10.0)
-        conn = connection(plc, {"node_id": plc.node_id("Flow"), "tag": "flow", "deadband": 1.0})
+        await plc.write("Level", 0.0)
+        conn = connection(
+            plc,
+            {"node_id": plc.node_id("Flow"), "tag": "flow", "deadband": 1.0},
+            {"node_id": plc.node_id("Level"), "tag": "marker"},
+        )
         async with running(conn) as sink:
             await sink.wait_for("flow", 10.0)
-            for value in (10.4, 10.8, 11.0, 9.2):  # all within 1.0 of the last reported 10.0
+            await sink.wait_for("marker", 0.0)
+            for n, value in enumerate((10.4, 10.8, 11.0, 9.2), start=1):  # all within 1.0 of the last reported 10.0
                 await plc.write("Flow", value)
-                await anyio.sleep(0.12)  # past a publishing interval, so each is seen
+                # Written after the value, so notified in the same publish or a later one, and handled
+                # after it: once the marker is in, the value was seen (and dropped), not merely late.
+                await plc.write("Level", float(n))
+                await sink.wait_for("marker", float(n))
             await plc.write("Flow", 11.5)
             await sink.wait_for("flow", 11.5)
             await plc.write("Flow", 11.5, StatusCodes.UncertainLastUsableValue)  # quality change: reported
@@ -255,13 +264,12 @@ async def test_basic256sha256_sign_and_encrypt(tmp_path: Path) -> None:
                 await sink.wait_for("level", 43.5)
 
             async with running_adapter(connection(secure, node)) as (plain, refused):
-                # Policy None is not offered: every attempt fails. A fixed wait, not wait_until: cancelled
-                # right after a failed attempt, asyncua can leave a connection the server's stop waits
-                # 20 s for (seen in two of five full runs); by 2 s the adapter is asleep in its backoff.
-                await anyio.sleep(2.0)
+                # Policy None is not offered: every attempt fails. An attempt is counted once its
+                # connection is closed, so the adapter is asleep in its backoff when cancelled here
+                # (cancelled mid-attempt, asyncua can leave a connection the server's stop waits 20 s for).
+                await wait_until(lambda: plain.errors >= 2)
                 assert refused.batches == []
                 assert not plain.connected
-                assert plain.errors >= 2
         finally:
             await secure.server.stop()
 
