@@ -19,7 +19,7 @@ from app.adapters.simulator import SimulatorAdapter
 from app.errors import SiteError
 from app.ingest.sitefile import Site
 from app.ingest.worker import adapters_for
-from tests.test_site import example_site
+from tests.ingest.test_sitefile import example_site
 
 
 def union_members() -> set[type]:
