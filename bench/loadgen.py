@@ -4,7 +4,9 @@ Run by bench/run.py as worker processes; talks to it over stdin/stdout, one JSON
     -> {"cmd": "measure"}      start counting (resets counters)
     -> {"cmd": "report"}       print a report and exit
     <- {"opened": n, "failed": n, "seconds": s}    once every connection answered (or timed out)
-    <- {"events": n, "chunks": n, "dropped": n, "per_stream_min": n, ...}
+    <- {"events": n, "chunks": n, "dropped": n, "per_stream_min": n, "silent": n, ...}
+A stream is silent when it was opened (200) and is still open, yet received no reading while
+measuring: the failure an operator must never see (a stream that says live and shows old values).
 Latency: each received chunk's first reading carries its publish time; now minus that is the
 device-to-client latency of the oldest event in the chunk, so the figures are an upper
 bound of per-event latency. Samples are written to `--samples FILE` as float64 seconds.
@@ -44,6 +46,8 @@ class StreamProtocol(asyncio.Protocol):
         self.head = b""
         self.tail = b""
         self.events = 0
+        self.ok = False
+        self.closed = False
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -56,7 +60,7 @@ class StreamProtocol(asyncio.Protocol):
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            ok = self.head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+            ok = self.ok = self.head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
             self.opened.set_result(ok)
             if not ok:
                 assert self.transport is not None
@@ -79,6 +83,7 @@ class StreamProtocol(asyncio.Protocol):
                 counters.latencies.append(time.time() - datetime.fromisoformat(stamp).timestamp())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
         if not self.opened.done():
             self.opened.set_result(False)
         elif self.counters.measuring:
@@ -127,6 +132,7 @@ async def run(args: argparse.Namespace) -> None:
         elif command == "report":
             counters.measuring = False
             per_stream = [s.events for s in streams] or [0]
+            silent = sum(1 for s in streams if s.ok and not s.closed and s.events == 0)
             await asyncio.to_thread(Path(args.samples).write_bytes, counters.latencies.tobytes())
             emit(
                 {
@@ -135,6 +141,7 @@ async def run(args: argparse.Namespace) -> None:
                     "dropped": counters.dropped,
                     "per_stream_min": min(per_stream),
                     "per_stream_max": max(per_stream),
+                    "silent": silent,
                 }
             )
             return

@@ -75,6 +75,8 @@ class Result:
     cpu_pct: float
     loadgen_cpu_pct: float
     publisher_lag_ms: float
+    silent: int = 0
+    while_publishing: bool = False
 
 
 def clean_env() -> dict[str, str]:
@@ -203,6 +205,11 @@ def start_profile(
     return subprocess.Popen(pinned(0, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def publisher(redis_url: str, rate: int, duration_s: float) -> list[str]:
+    return pinned(0, [sys.executable, "-m", "bench.publish", "--redis-url", redis_url, "--tenant", TENANT,
+                      "--wells", str(WELLS), "--rate", str(rate), "--duration", str(duration_s)])  # fmt: skip
+
+
 def run_scenario(
     system: str,
     streams: int,
@@ -212,12 +219,21 @@ def run_scenario(
     duration_s: float,
     workdir: Path,
     profile_dir: Path | None = None,
+    while_publishing: bool = False,
 ) -> Result:
+    """One row. `while_publishing`: readings flow while the streams connect (as after a gateway
+    restart under load), so admission is measured against live traffic, not an idle gateway."""
     token = mint_token(secret, TENANT, "bench", ttl_s=3600)
     with gateway(system, redis_url, secret) as (port, server):
         time.sleep(0.5)
         rss_before = rss(server)
         workers = []
+        background = None
+        if while_publishing:
+            background = subprocess.Popen(
+                publisher(redis_url, rate, 3600), cwd=ROOT, stdout=subprocess.DEVNULL, text=True
+            )
+            time.sleep(1)  # readings flow before the first stream connects
         started = time.monotonic()
         for index, first in enumerate(range(0, streams, STREAMS_PER_WORKER)):
             count = min(STREAMS_PER_WORKER, streams - first)
@@ -242,12 +258,16 @@ def run_scenario(
         load_before = sum(cpu_seconds(p) for p in loadgens)
         cpu_before, t0 = cpu_seconds(server), time.monotonic()
         profiler = start_profile(profile_dir, system, streams, rate, server.pid, duration_s)
-        pub = subprocess.run(
-            pinned(0, [sys.executable, "-m", "bench.publish", "--redis-url", redis_url, "--tenant", TENANT,
-                       "--wells", str(WELLS), "--rate", str(rate), "--duration", str(duration_s)]),
-            cwd=ROOT, capture_output=True, text=True, check=True, timeout=duration_s + 60,
-        )  # fmt: skip
-        time.sleep(1.0)  # let queued frames arrive
+        if background is None:
+            pub = subprocess.run(
+                publisher(redis_url, rate, duration_s), cwd=ROOT, capture_output=True, text=True, check=True,
+                timeout=duration_s + 60,
+            )  # fmt: skip
+            published = json.loads(pub.stdout)
+            time.sleep(1.0)  # let queued frames arrive
+        else:
+            time.sleep(duration_s)
+            published = {"published": rate * duration_s, "max_lag_ms": math.nan}
         cpu_after, t1 = cpu_seconds(server), time.monotonic()
         load_after = sum(cpu_seconds(p) for p in loadgens)
         if profiler is not None:
@@ -258,7 +278,9 @@ def run_scenario(
             w.stdin.flush()  # type: ignore[union-attr]
             reports.append(json.loads(w.stdout.readline() or "{}"))  # type: ignore[union-attr]
             w.wait(30)
-    published = json.loads(pub.stdout)
+        if background is not None:
+            background.terminate()
+            background.wait(10)
     latencies = array("d")
     for index in range(len(workers)):
         path = workdir / f"lat-{index}.bin"
@@ -285,6 +307,8 @@ def run_scenario(
         cpu_pct=round(100 * (cpu_after - cpu_before) / (t1 - t0), 1),
         loadgen_cpu_pct=round(100 * (load_after - load_before) / (t1 - t0), 1),
         publisher_lag_ms=published["max_lag_ms"],
+        silent=sum(r.get("silent", 0) for r in reports),
+        while_publishing=while_publishing,
     )
 
 
@@ -293,7 +317,7 @@ COLUMNS = [
     ("expected_eps", "ev/s expected"), ("delivered_eps", "ev/s delivered"), ("loss_pct", "loss %"),
     ("dropped", "dropped"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
     ("rss_mib", "RSS MiB"), ("kib_per_stream", "KiB/stream"), ("cpu_pct", "CPU %"),
-    ("loadgen_cpu_pct", "loadgen CPU %"),
+    ("loadgen_cpu_pct", "loadgen CPU %"), ("silent", "silent streams"), ("while_publishing", "opened while publishing"),
 ]  # fmt: skip
 
 
@@ -313,11 +337,21 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}"
 
 
+def pairs(text: str | None) -> list[tuple[int, int]]:
+    """ "N:R,N:R" -> [(N, R), ...]; empty for None or ""."""
+    return [(int(n), int(r)) for n, r in (pair.split(":") for pair in text.split(",") if pair)] if text else []
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--systems", default="baseline,wellstream-hypercorn,wellstream-uvicorn,wellstream-granian")
     parser.add_argument("--scenarios", default=None, help="N:R pairs, e.g. 1000:100,10000:1000")
     parser.add_argument("--quick", action="store_true", help="small scenarios only (a few minutes)")
+    parser.add_argument(
+        "--while-publishing",
+        default=None,
+        help="N:R pairs opened while R readings/s already flow (admission under load), e.g. 10000:500",
+    )
     parser.add_argument("--duration", type=float, default=15, help="seconds of publishing per scenario")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy flame graphs of each gateway here")
@@ -330,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     scenarios = QUICK if args.quick else FULL
-    if args.scenarios:
-        scenarios = [(int(n), int(r)) for n, r in (pair.split(":") for pair in args.scenarios.split(","))]
+    if args.scenarios is not None:
+        scenarios = pairs(args.scenarios)
     systems = args.systems.split(",")
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
@@ -345,11 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}; `python -m bench {' '.join(argv or sys.argv[1:])}`"
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
-        for streams, rate in scenarios:
+        runs = [(n, r, False) for n, r in scenarios] + [(n, r, True) for n, r in pairs(args.while_publishing)]
+        for streams, rate, during in runs:
             for system in systems:
                 if system == "baseline" and streams > BASELINE_MAX_STREAMS:
                     continue
-                result = run_scenario(system, streams, rate, redis_url, secret, args.duration, Path(tmp), args.profile)
+                result = run_scenario(
+                    system, streams, rate, redis_url, secret, args.duration, Path(tmp), args.profile, during
+                )
                 results.append(result)
                 print(json.dumps(asdict(result)), flush=True)
     output = header + "\n\n" + table(results) + "\n"

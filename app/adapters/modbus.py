@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 
-from app.adapters.base import ReadingSink
-from app.adapters.deadband import Deadband, ReportByException
-from app.adapters.reconnect import ReconnectLoop, describe
+from app.adapters.base import PointTarget, ReadingSink
+from app.adapters.deadband import ReportByException
+from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop, describe
 from app.errors import ConnectionLost
 from app.models import Identifier, Quality, Reading, utc_now_iso
 
@@ -47,11 +47,8 @@ _LAYOUT: dict[PointType, tuple[str, int]] = {
     "float64": ("d", 4),
 }
 
-BACKOFF_FIRST_S = 0.1
-BACKOFF_CAP_S = 2.0
 
-
-class ModbusPoint(BaseModel):
+class ModbusPoint(PointTarget):
     """One tag read from one register (or run of registers) or coil.
 
     `type` is ignored for coils, which read as 0.0 or 1.0. `word_order` says which register
@@ -60,30 +57,18 @@ class ModbusPoint(BaseModel):
     `deadband_percent`, that percent of the last reported value) is not reported.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    polled = True
 
     table: Literal["holding", "input", "coil"]
     address: int = Field(ge=0, lt=65536)
     type: PointType = "uint16"
     word_order: Order = "big"
     byte_order: Order = "big"
-    well: Identifier
-    tag: Identifier
-    unit: str | None = None
-    scale: float = 1.0
-    offset: float = 0.0
-    deadband: float = Field(0.0, ge=0)
-    deadband_percent: bool = False
 
     @property
     def count(self) -> int:
         """How many registers (or coils) one read of this point takes."""
         return 1 if self.table == "coil" else _LAYOUT[self.type][1]
-
-    @property
-    def report_deadband(self) -> Deadband:
-        """Always one: polling repeats unchanged values, which only a refresh may report again."""
-        return Deadband(self.deadband, percent=self.deadband_percent)
 
 
 class ModbusGroup(BaseModel):
@@ -135,7 +120,7 @@ class _Sample:
     quality: Quality
 
 
-class ModbusAdapter:
+class ModbusAdapter(ReconnectingAdapter):
     """Polls one Modbus TCP device until cancelled, reconnecting by itself.
 
     Args:
@@ -143,20 +128,9 @@ class ModbusAdapter:
     """
 
     def __init__(self, connection: ModbusConnection) -> None:
-        self.name = connection.id
+        super().__init__(ReconnectLoop("modbus", connection.id, first_s=0.1, cap_s=2.0, logger=logger))
         self._connection = connection
         self._filter = ReportByException(connection.refresh_s)
-        self._reconnect = ReconnectLoop(
-            "modbus", connection.id, first_s=BACKOFF_FIRST_S, cap_s=BACKOFF_CAP_S, logger=logger
-        )
-
-    @property
-    def connected(self) -> bool:
-        return self._reconnect.connected
-
-    @property
-    def errors(self) -> int:
-        return self._reconnect.errors
 
     async def run(self, sink: ReadingSink) -> None:
         await self._reconnect.run(self._session, lambda client: self._poll_groups(client, sink))

@@ -29,16 +29,14 @@ from typing import Literal
 import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.adapters.base import ReadingSink
-from app.adapters.deadband import Deadband, ReportByException
-from app.adapters.reconnect import ReconnectLoop
+from app.adapters.base import PointTarget, ReadingSink
+from app.adapters.deadband import ReportByException
+from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop
 from app.errors import ConnectionLost, PayloadError
 from app.models import Identifier, Quality, Reading, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_FIRST_S = 0.1
-BACKOFF_CAP_S = 5.0
 # As epoch seconds 1e11 is the year 5138, so any larger timestamp is taken as milliseconds.
 _EPOCH_MILLIS_FROM = 1e11
 _QUALITIES: dict[str, Quality] = {"GOOD": "GOOD", "BAD": "BAD", "UNCERTAIN": "UNCERTAIN"}
@@ -48,28 +46,14 @@ class _Unusable(ValueError):
     """Why a payload cannot become a Reading; `decode` names the connection (PayloadError)."""
 
 
-class MqttTag(BaseModel):
+class MqttTag(PointTarget):
     """One topic filter (`+` and `#` allowed) and the tag of the well its messages feed.
 
     With a `deadband` (in the scaled unit, or percent of the last reported value), a message is
     only reported when its value moved past it since the last report, or its quality changed.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     topic: str = Field(min_length=1, max_length=1024)
-    well: Identifier
-    tag: Identifier
-    unit: str | None = None
-    scale: float = Field(1.0, allow_inf_nan=False)
-    offset: float = Field(0.0, allow_inf_nan=False)
-    deadband: float = Field(0.0, ge=0, allow_inf_nan=False)
-    deadband_percent: bool = False
-
-    @property
-    def report_deadband(self) -> Deadband | None:
-        """None (every message is reported) unless a deadband is set."""
-        return Deadband(self.deadband, percent=self.deadband_percent) if self.deadband > 0 else None
 
     @field_validator("topic")
     @classmethod
@@ -113,7 +97,7 @@ class MqttConnection(BaseModel):
         return list(dict.fromkeys(tag.well for tag in self.tags))
 
 
-class MqttAdapter:
+class MqttAdapter(ReconnectingAdapter):
     """Subscribes to every tag's filter and turns each message into Readings, until cancelled.
 
     A message whose topic matches several filters yields one Reading per matching tag, submitted
@@ -126,26 +110,11 @@ class MqttAdapter:
     """
 
     def __init__(self, connection: MqttConnection, *, credentials: Mapping[str, str] | None = None) -> None:
-        self.name = connection.id
+        loop = ReconnectLoop("mqtt", connection.id, first_s=0.1, cap_s=5.0, logger=logger, credentials=credentials)
+        super().__init__(loop)
         self._connection = connection
         self._filters = list(dict.fromkeys(tag.topic for tag in connection.tags))
         self._filter = ReportByException(connection.refresh_s)
-        self._reconnect = ReconnectLoop(
-            "mqtt",
-            connection.id,
-            first_s=BACKOFF_FIRST_S,
-            cap_s=BACKOFF_CAP_S,
-            logger=logger,
-            credentials=credentials,
-        )
-
-    @property
-    def connected(self) -> bool:
-        return self._reconnect.connected
-
-    @property
-    def errors(self) -> int:
-        return self._reconnect.errors
 
     async def run(self, sink: ReadingSink) -> None:
         await self._reconnect.run(self._session, lambda client: self._serve(client, sink))

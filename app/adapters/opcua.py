@@ -42,16 +42,14 @@ from asyncua.crypto import security_policies
 from asyncua.ua.uaerrors import UaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.adapters.base import ReadingSink
-from app.adapters.deadband import Deadband, ReportByException
-from app.adapters.reconnect import ReconnectLoop, describe
+from app.adapters.base import PointTarget, ReadingSink
+from app.adapters.deadband import ReportByException
+from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop, describe
 from app.errors import ConnectionLost
 from app.models import Identifier, Quality, Reading, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_FIRST_S = 0.1
-BACKOFF_CAP_S = 5.0
 _CHECK_S = 0.5  # how often the client state is looked at between notifications
 _TIMEOUT_S = 4.0  # per request
 _WATCHDOG_S = 1.0  # asyncua reads the server state this often and reports a failure
@@ -59,27 +57,14 @@ _DISCONNECT_S = 2.0
 _SESSION_TIMEOUT_MS = 600_000  # what asyncua servers grant; asking for more only logs a warning
 
 
-class OpcuaNode(BaseModel):
+class OpcuaNode(PointTarget):
     """One monitored variable, by NodeId string (`ns=2;s=Well1.TubingPressure`), and its tag.
 
     The value reported is `raw * scale + offset`; a change of at most `deadband` (in the scaled
     unit) since the last reported value is not reported, unless the quality changed.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     node_id: str = Field(min_length=1, max_length=4096)
-    well: Identifier
-    tag: Identifier
-    unit: str | None = None
-    scale: float = Field(1.0, allow_inf_nan=False)
-    offset: float = Field(0.0, allow_inf_nan=False)
-    deadband: float = Field(0.0, ge=0, allow_inf_nan=False)
-
-    @property
-    def report_deadband(self) -> Deadband | None:
-        """None (every notification is reported) unless a deadband is set."""
-        return Deadband(self.deadband) if self.deadband > 0 else None
 
     @field_validator("node_id")
     @classmethod
@@ -158,7 +143,7 @@ class _Handler:
         self.lost.set()
 
 
-class OpcuaAdapter:
+class OpcuaAdapter(ReconnectingAdapter):
     """Monitors every node of one connection and reports its changes, until cancelled.
 
     Connection failures are logged once per outage and retried with capped backoff; no asyncua
@@ -171,27 +156,12 @@ class OpcuaAdapter:
     """
 
     def __init__(self, connection: OpcuaConnection, *, credentials: Mapping[str, str] | None = None) -> None:
-        self.name = connection.id
+        loop = ReconnectLoop("opcua", connection.id, first_s=0.1, cap_s=5.0, logger=logger, credentials=credentials)
+        super().__init__(loop)
         self._connection = connection
         # Normalized NodeId strings, so notifications find their node however the config spelled it.
         self._nodes = {ua.NodeId.from_string(node.node_id).to_string(): node for node in connection.nodes}
         self._filter = ReportByException()
-        self._reconnect = ReconnectLoop(
-            "opcua",
-            connection.id,
-            first_s=BACKOFF_FIRST_S,
-            cap_s=BACKOFF_CAP_S,
-            logger=logger,
-            credentials=credentials,
-        )
-
-    @property
-    def connected(self) -> bool:
-        return self._reconnect.connected
-
-    @property
-    def errors(self) -> int:
-        return self._reconnect.errors
 
     async def run(self, sink: ReadingSink) -> None:
         await self._reconnect.run(lambda: self._session(sink), self._watch)

@@ -111,3 +111,22 @@ def _expected(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_expected(inner) for inner in exc.exceptions)
     return isinstance(exc, AdapterError)
+
+
+class ReconnectingAdapter:
+    """What every reconnecting adapter shares: its name and vital signs come from its loop."""
+
+    def __init__(self, reconnect: ReconnectLoop) -> None:
+        self._reconnect = reconnect
+
+    @property
+    def name(self) -> str:
+        return self._reconnect.connection_id
+
+    @property
+    def connected(self) -> bool:
+        return self._reconnect.connected
+
+    @property
+    def errors(self) -> int:
+        return self._reconnect.errors

@@ -19,6 +19,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from starlette.types import Receive, Scope, Send
 
@@ -56,6 +57,7 @@ HEADERS = [
 ]
 
 
+@dataclass(eq=False)
 class EventStream:
     """One stream of one well. Create per request, after auth and validation have passed.
 
@@ -65,32 +67,20 @@ class EventStream:
     writer's own cancel, handed to the hub for a stream stuck on a peer that stopped reading.
     """
 
-    def __init__(
-        self,
-        hub: Hub,
-        log: StreamLog,
-        topic: Topic,
-        last_id: StreamId | None,
-        tags: frozenset[str] | None,
-        stream: StreamSettings,
-        history: HistorySettings,
-        principal: Principal | None = None,
-        lease: Lease | None = None,
-    ) -> None:
-        self.principal = principal
-        self.lease = lease
-        self.hub = hub
-        self.log = log
-        self.topic = topic
-        self.last_id = last_id
-        self.tags = tags
-        self.stream = stream
-        self.history = history
-        self.events_sent = 0
-        self.end_reason = "client-closed"
-        self._started = False
-        self._sub: Subscriber | None = None
-        self._writer: asyncio.Task[None] | None = None
+    hub: Hub
+    log: StreamLog
+    topic: Topic
+    last_id: StreamId | None
+    tags: frozenset[str] | None
+    stream: StreamSettings
+    history: HistorySettings
+    principal: Principal | None = None
+    lease: Lease | None = None
+    events_sent: int = field(default=0, init=False)
+    end_reason: str = field(default="client-closed", init=False)
+    _started: bool = field(default=False, init=False)
+    _sub: Subscriber | None = field(default=None, init=False)
+    _writer: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         opened = time.monotonic()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from app.backoff import Backoff
@@ -35,18 +36,16 @@ def _retrieve(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
+@dataclass(eq=False)
 class GapFill:
     """Owns the fill task; reads the hub's channels (the hub owns them) and fans out through them."""
 
-    def __init__(
-        self, log: StreamLog, feed: LiveFeed, channels: dict[Topic, Channel], replay_page: int, stats: HubStats
-    ) -> None:
-        self._log = log
-        self._feed = feed
-        self._channels = channels
-        self._replay_page = replay_page
-        self._stats = stats
-        self._task: asyncio.Task[None] | None = None
+    _log: StreamLog
+    _feed: LiveFeed
+    _channels: dict[Topic, Channel]
+    _replay_page: int
+    _stats: HubStats
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     @property
     def running(self) -> bool:

@@ -46,28 +46,36 @@ class IngestCollector(Collector):
                 age.add_metric(names, report["last_reading_age_s"])
         yield from (readings, connected, errors, age)
         publisher = self._publisher
-        yield counter("wellstream_ingest_accepted", "Readings handed to the publisher", publisher.accepted)
+        yield counter("wellstream_ingest_accepted", "Readings handed to the publisher", publisher.counters.accepted)
         yield counter(
-            "wellstream_ingest_published", "Readings Redis took (directly or from the spool)", publisher.published
+            "wellstream_ingest_published",
+            "Readings Redis took (directly or from the spool)",
+            publisher.counters.published,
         )
         yield counter(
-            "wellstream_spool_spooled", "Readings written to the spool while Redis was down", publisher.spooled
+            "wellstream_spool_spooled", "Readings written to the spool while Redis was down", publisher.counters.spooled
         )
-        yield counter("wellstream_spool_drained", "Readings drained from the spool into Redis", publisher.drained)
+        yield counter(
+            "wellstream_spool_drained", "Readings drained from the spool into Redis", publisher.counters.drained
+        )
         yield counter(
             "wellstream_spool_dropped",
             "Readings dropped because the spool hit its size bound (oldest first)",
-            publisher.dropped,
+            publisher.counters.dropped,
         )
-        yield counter("wellstream_ingest_lost", "Readings neither Redis nor the spool took (on exit)", publisher.lost)
+        yield counter(
+            "wellstream_ingest_lost", "Readings neither Redis nor the spool took (on exit)", publisher.counters.lost
+        )
         yield counter(
             "wellstream_ingest_rejected",
             "Readings Redis refused for good (a key of the wrong type)",
             publisher.rejected,
         )
-        yield GaugeMetricFamily("wellstream_spool_depth_readings", "Readings waiting in the spool", publisher.depth)
         yield GaugeMetricFamily(
-            "wellstream_spool_depth_bytes", "Bytes of readings waiting in the spool", publisher.depth_bytes
+            "wellstream_spool_depth_readings", "Readings waiting in the spool", publisher.counters.depth
+        )
+        yield GaugeMetricFamily(
+            "wellstream_spool_depth_bytes", "Bytes of readings waiting in the spool", publisher.counters.depth_bytes
         )
 
 

@@ -72,38 +72,6 @@ class Publisher:
         self._next_seq = 1
 
     @property
-    def accepted(self) -> int:
-        return self.counters.accepted
-
-    @property
-    def published(self) -> int:
-        return self.counters.published
-
-    @property
-    def spooled(self) -> int:
-        return self.counters.spooled
-
-    @property
-    def drained(self) -> int:
-        return self.counters.drained
-
-    @property
-    def lost(self) -> int:
-        return self.counters.lost
-
-    @property
-    def dropped(self) -> int:
-        return self.counters.dropped
-
-    @property
-    def depth(self) -> int:
-        return self.counters.depth
-
-    @property
-    def depth_bytes(self) -> int:
-        return self.counters.depth_bytes
-
-    @property
     def rejected(self) -> int:
         """Readings Redis refused for good (a key of the wrong type): logged by the broker, never retried."""
         return self._log.rejected

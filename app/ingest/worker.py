@@ -122,7 +122,7 @@ async def _run_adapters(
                 await asyncio.to_thread(stop_metrics)
     logger.info(
         "ingest stopped after publishing %d readings",
-        publisher.published,
+        publisher.counters.published,
         extra={"fields": {"event": "ingest-stopped", **publisher.report()}},
     )
 

@@ -28,7 +28,7 @@ async def test_batches_keep_order_and_exit_publishes_everything_pending() -> Non
                 await publisher.submit([reading(float(v)) for v in range(start, min(start + 7, 1000))])
         found = await broker.log.history(TOPIC, ZERO_ID, 2000)
         assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(1000)]
-        assert publisher.published == 1000
+        assert publisher.counters.published == 1000
 
 
 async def test_readings_submitted_while_redis_is_down_arrive_in_order_once_it_is_back(tmp_path: Path) -> None:

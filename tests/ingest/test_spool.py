@@ -201,19 +201,19 @@ async def test_the_publisher_spools_through_an_outage_and_drains_in_order(
         ):
             async with Publisher(broker.log, max_batch=50, max_delay_s=0.005, spool=spool) as publisher:
                 await publisher.submit(batch(0, 100))
-                await wait_until(lambda: publisher.published >= 100)
+                await wait_until(lambda: publisher.counters.published >= 100)
                 own_redis.stop()
                 for start in range(100, 300, 10):  # never waits on the dead Redis
                     await publisher.submit(batch(start, 10))
-                await wait_until(lambda: publisher.spooled >= 200)
+                await wait_until(lambda: publisher.counters.spooled >= 200)
                 own_redis.start()
                 await publisher.submit(batch(300, 50))
-                await wait_until(lambda: publisher.published >= 350)
+                await wait_until(lambda: publisher.counters.published >= 350)
                 assert spool.readings == 0
             found = await broker.log.history(TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(350)]
-    assert publisher.spooled >= 200, "what arrived during the outage went to the spool"
-    assert (publisher.drained, publisher.dropped) == (publisher.spooled, 0)
+    assert publisher.counters.spooled >= 200, "what arrived during the outage went to the spool"
+    assert (publisher.counters.drained, publisher.counters.dropped) == (publisher.counters.spooled, 0)
 
 
 async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_drains_it_first(
@@ -226,7 +226,7 @@ async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_dr
             async with await Spool.open(path) as spool:
                 async with Publisher(broker.log, max_batch=50, max_delay_s=1, spool=spool) as publisher:
                     await publisher.submit(batch(0, 120))  # still pending (1 s batching) at exit
-                assert (spool.readings, publisher.spooled, publisher.published) == (120, 120, 0)
+                assert (spool.readings, publisher.counters.spooled, publisher.counters.published) == (120, 120, 0)
             own_redis.start()
             async with await Spool.open(path) as spool:
                 async with Publisher(broker.log, max_batch=50, spool=spool) as publisher:
@@ -234,8 +234,8 @@ async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_dr
                 assert spool.readings == 0
             found = await broker.log.history(TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(150)]
-    assert publisher.published == 150
-    assert publisher.drained >= 120
+    assert publisher.counters.published == 150
+    assert publisher.counters.drained >= 120
 
 
 @pytest.mark.parametrize(
@@ -261,17 +261,17 @@ async def test_a_frozen_redis_gets_every_batch_once_and_in_order(
             publisher = Publisher(broker.log, max_batch=50, spool=spool, publish_timeout_s=0.2)
             async with publisher:
                 await publisher.submit(batch(0, 20))
-                await wait_until(lambda: publisher.published >= 20)
+                await wait_until(lambda: publisher.counters.published >= 20)
                 own_redis.freeze()
                 for start in range(20, 200, 5):
                     await publisher.submit(batch(start, 5))
                     await asyncio.sleep(0.02)  # an adapter's pace, so batches stay small
                 await wait_until(lambda: spool.readings >= 150)
                 own_redis.thaw()
-                await wait_until(lambda: publisher.published >= 200 and spool.readings == 0)
+                await wait_until(lambda: publisher.counters.published >= 200 and spool.readings == 0)
             found = await broker.log.history(TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(200)]
-    assert publisher.drained == publisher.spooled >= 150
+    assert publisher.counters.drained == publisher.counters.spooled >= 150
 
 
 async def test_runs_keep_one_producer_and_its_seqs(tmp_path: Path) -> None:
@@ -309,14 +309,14 @@ async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_a
                 for start in range(0, 500, 50):
                     await publisher.submit(batch(start, 50))
                 await wait_until(lambda: any("cannot spool" in r.getMessage() for r in caplog.records))
-                assert publisher.spooled < 500
+                assert publisher.counters.spooled < 500
                 await spool._call(lambda: limit_pages(1_000_000))
-                await wait_until(lambda: publisher.spooled == 500)
+                await wait_until(lambda: publisher.counters.spooled == 500)
                 own_redis.start()
-                await wait_until(lambda: publisher.published == 500)
+                await wait_until(lambda: publisher.counters.published == 500)
             found = await broker.log.history(TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(500)]
-    assert publisher.lost == 0
+    assert publisher.counters.lost == 0
 
 
 async def test_readings_evicted_while_their_publish_ran_are_not_counted_as_dropped(tmp_path: Path) -> None:
