@@ -184,13 +184,34 @@ class Topic:
 
 
 @dataclass(frozen=True, slots=True)
+class Selection:
+    """What one stream carries: wells of one tenant, and optionally only some tags.
+
+    `wells` None: every well of the tenant, including wells registered while the stream is
+    open. A per-well stream is a selection of one well.
+    """
+
+    tenant: str
+    wells: frozenset[str] | None
+    tags: frozenset[str] | None = None
+
+    def __str__(self) -> str:
+        if self.wells is None:
+            return f"{self.tenant}/*"
+        if len(self.wells) == 1:
+            return f"{self.tenant}/{next(iter(self.wells))}"
+        return f"{self.tenant}/[{len(self.wells)} wells]"
+
+
+@dataclass(frozen=True, slots=True)
 class StreamEvent:
-    """A reading as stored: its stream id, its tag, and its JSON exactly as published.
+    """A reading as stored: its stream id, its well and tag, and its JSON exactly as published.
 
     `data` is kept as bytes so that fan-out never re-encodes it.
     """
 
     id: StreamId
+    well: str
     tag: str
     data: bytes
     ts: float = 0.0  # the device timestamp, epoch seconds (0: unknown), for the latency histogram
@@ -203,6 +224,34 @@ class Snapshot:
     topic: Topic
     last_id: StreamId
     readings: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class WellRead:
+    """One well in an atomic read of a tenant's logs.
+
+    `events`: entries after the asked id, oldest first (at most the count asked for).
+    `complete`: `events` hold every entry up to the read's clock. `truncated`: some entries
+    after the asked id are gone (trimmed), so the well needs a reset and a snapshot instead.
+    `latest`: tag -> reading JSON, for a snapshot read and for a truncated well (else None).
+    """
+
+    events: list[StreamEvent]
+    complete: bool
+    truncated: bool
+    latest: dict[str, bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRead:
+    """Several wells of one tenant read in one atomic step, at the tenant's clock `clock`.
+
+    Every id of a tenant comes from one clock, so `clock` is a point in the tenant's total order:
+    each entry at or below it is in `wells` (or trimmed: `truncated`), each entry above it is newer.
+    """
+
+    clock: StreamId
+    wells: dict[str, WellRead]
 
 
 @dataclass(frozen=True, slots=True)

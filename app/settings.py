@@ -104,6 +104,7 @@ class LimitSettings(BaseModel):
     streams_per_process: int = Field(15000, ge=1, description="open streams in this gateway (503, try another)")
     connects_per_s: float = Field(5, gt=0, description="connection attempts per client address and per subject")
     connect_burst: int = Field(30, ge=1, description="token bucket size for connection attempts")
+    wells_per_stream: int = Field(2000, ge=1, description="wells one stream of many wells may carry (400 beyond)")
 
 
 class AuthSettings(BaseModel):

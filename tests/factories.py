@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from app.models import Quality, Reading
+from app.models import ZERO_ID, History, Quality, Reading, StreamId, Topic
+from app.streams.seams import StreamLog
 
 
 def make_reading(
@@ -27,3 +28,11 @@ def make_reading(
         connection_id=connection,
         unit=unit,
     )
+
+
+END = StreamId(2**64 - 1, 2**64 - 1)
+
+
+async def history(log: StreamLog, topic: Topic, after: StreamId = ZERO_ID, limit: int = 100_000) -> History:
+    """A well's stored entries after `after`: what a test checks the log against."""
+    return await log.range(topic, after, END, limit)

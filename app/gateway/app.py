@@ -55,7 +55,7 @@ class GatewayApp(Starlette):
             match = STREAM_PATH.match(scope["path"])
             if match is not None:
                 scope["app"] = self
-                scope["path_params"] = {"tenant": match[1], "well": match[2]}
+                scope["path_params"] = {"tenant": match[1]} | ({"well": match[2]} if match[2] else {})
                 await self.stream_app(scope, receive, send)
                 return
         await self.other_app(scope, receive, send)

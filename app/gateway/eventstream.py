@@ -27,6 +27,7 @@ from app.auth.admission import Lease
 from app.auth.audit import audit
 from app.errors import BrokerError
 from app.gateway.hub import Hub
+from app.gateway.replay import HistoryMerge
 from app.gateway.sse import (
     auth_expired_frame,
     goodbye_frame,
@@ -37,7 +38,7 @@ from app.gateway.sse import (
     snapshot_frame,
 )
 from app.gateway.subscriber import Subscriber
-from app.models import Principal, Snapshot, StreamId, Topic
+from app.models import Principal, Selection, Snapshot, StreamId, Topic
 from app.settings import HistorySettings, StreamSettings
 from app.streams.seams import StreamLog
 
@@ -59,7 +60,7 @@ HEADERS = [
 
 @dataclass(eq=False)
 class EventStream:
-    """One stream of one well. Create per request, after auth and validation have passed.
+    """One stream of a selection of wells. Create per request, after auth and validation have passed.
 
     It owns its two tasks: the writer (subscribe, catch up, live, goodbye) and the watcher
     (the client's disconnect). Whichever ends first ends the other, as in a task group; the
@@ -69,9 +70,8 @@ class EventStream:
 
     hub: Hub
     log: StreamLog
-    topic: Topic
+    selection: Selection
     last_id: StreamId | None
-    tags: frozenset[str] | None
     stream: StreamSettings
     history: HistorySettings
     principal: Principal | None = None
@@ -87,8 +87,8 @@ class EventStream:
         # The writer is a task of its own: its wake-ups then resume a few coroutine frames
         # instead of the dozen of the server and Starlette that this request task sits under,
         # which is most of the per-event cost at 100,000 events/s (docs/performance.md).
-        writer = self._writer = asyncio.create_task(self._write(send), name=f"sse {self.topic}")
-        watcher = asyncio.create_task(self._watch(receive), name=f"sse-watch {self.topic}")
+        writer = self._writer = asyncio.create_task(self._write(send), name=f"sse {self.selection}")
+        watcher = asyncio.create_task(self._watch(receive), name=f"sse-watch {self.selection}")
         try:
             await asyncio.wait((writer, watcher), return_when=asyncio.FIRST_COMPLETED)
         finally:  # the client went away, the stream ended, or the server cancels this request
@@ -96,7 +96,7 @@ class EventStream:
             writer.cancel()  # a no-op once it finished
             await asyncio.gather(writer, watcher, return_exceptions=True)
             if not writer.cancelled() and (failure := writer.exception()) is not None:
-                logger.error("stream on %s failed", self.topic, exc_info=failure)
+                logger.error("stream on %s failed", self.selection, exc_info=failure)
                 self.end_reason = "error"
             await self._closed(opened)
 
@@ -118,8 +118,7 @@ class EventStream:
         audit(
             "disconnect",
             sub=principal.subject if principal else None,
-            tenant=self.topic.tenant,
-            well=self.topic.well,
+            **audit_fields(self.selection),
             reason=self.end_reason,
             duration_s=round(time.monotonic() - opened, 3),
             events_sent=self.events_sent,
@@ -130,12 +129,15 @@ class EventStream:
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
                     expires_at = self.principal.expires_at if self.principal else None
-                    self._sub = await self.hub.subscribe(self.topic, self.tags, expires_at, self._interrupt)
+                    selection = self.selection
+                    self._sub = await self.hub.subscribe(
+                        selection.tenant, selection.wells, selection.tags, expires_at, self._interrupt
+                    )
             except TimeoutError:
                 raise BrokerError("subscribe", f"no confirmation within {SUBSCRIBE_TIMEOUT_S} s") from None
             await self._run(self._sub, send)
         except BrokerError as exc:
-            logger.warning("stream on %s failed: %s", self.topic, exc)
+            logger.warning("stream on %s failed: %s", self.selection, exc)
             self.end_reason = "broker-error"
             await self._fail(send)
         finally:
@@ -174,33 +176,40 @@ class EventStream:
 
     async def _catch_up(self, sub: Subscriber) -> AsyncIterator[bytes]:
         stats = self.hub.stats
+        selection = self.selection
+        wells = sorted(selection.wells) if selection.wells is not None else None
         if self.last_id is None:
             stats.snapshots += 1
-            yield await self._snapshot(sub)
+            read = await self.log.read(selection.tenant, wells, None, 0)
+            sub.caught_up(read.clock)
+            yield self._snapshots(read.clock, {well: state.latest or {} for well, state in read.wells.items()})
             return
         stats.replays += 1
-        cursor = self.last_id
-        while not sub.end_reason:
-            found = await self.log.history(self.topic, cursor, self.history.replay_page)
-            if found.truncated:  # on any page: a slow replay can be overtaken by trimming
-                stats.resets += 1
-                yield reset_frame(self.topic, cursor) + await self._snapshot(sub)
-                return
-            cursor = found.cursor
-            frames = [reading_frame(e) for e in found.events if self.tags is None or e.tag in self.tags]
+        merge = HistoryMerge(self.log, selection.tenant, wells, self.last_id, self.history.replay_page)
+        async for events in merge.pages():
+            sub.caught_up(merge.clock)  # everything up to the clock comes from history, above it live
+            frames = [reading_frame(e) for e in events if selection.tags is None or e.tag in selection.tags]
             self.events_sent += len(frames)
-            sub.caught_up(cursor)
             yield b"".join(frames)
-            if not found.more:
-                return
+        sub.caught_up(merge.clock)
+        if merge.interrupted:  # a slow replay overtaken by trimming: start over from the last id sent
+            sub.end("upstream-gap")
+        elif merge.truncated:
+            stats.resets += 1
+            resets = b"".join(
+                reset_frame(Topic(selection.tenant, well), self.last_id) for well in sorted(merge.truncated)
+            )
+            yield resets + self._snapshots(merge.clock, merge.truncated)
 
-    async def _snapshot(self, sub: Subscriber) -> bytes:
-        snapshot = await self.log.snapshot(self.topic)
-        if self.tags is not None:
-            kept = {tag: data for tag, data in snapshot.readings.items() if tag in self.tags}
-            snapshot = Snapshot(snapshot.topic, snapshot.last_id, kept)
-        sub.caught_up(snapshot.last_id)
-        return snapshot_frame(snapshot)
+    def _snapshots(self, clock: StreamId, latest: dict[str, dict[str, bytes]]) -> bytes:
+        """One snapshot event per well, each with the tenant's clock as its id: the point in the
+        tenant's order after which everything comes as readings."""
+        tags = self.selection.tags
+        frames = []
+        for well in sorted(latest):
+            readings = latest[well] if tags is None else {t: v for t, v in latest[well].items() if t in tags}
+            frames.append(snapshot_frame(Snapshot(Topic(self.selection.tenant, well), clock, readings)))
+        return b"".join(frames)
 
     async def _live(self, sub: Subscriber, send: Send) -> None:
         # The per-connection hot loop: _send is written out inline to save a coroutine frame per chunk.
@@ -233,7 +242,7 @@ class EventStream:
             return
         if reason == "auth-expired":
             # The dashboard fetches a fresh ticket and resumes from the id it has.
-            await self._send(sub, send, auth_expired_frame(self.topic))
+            await self._send(sub, send, auth_expired_frame(self.selection))
         if reason in GOODBYES:
             # Many streams end at once here: spread their returns so they do not come back as one storm.
             retry = self.stream.retry_ms + random.randint(0, self.stream.shutdown_retry_spread_ms)
@@ -246,3 +255,11 @@ class EventStream:
         sub.sending(loop.time())
         await send({"type": "http.response.body", "body": data, "more_body": more_body})
         sub.sent(loop.time())
+
+
+def audit_fields(selection: Selection) -> dict[str, object]:
+    """For audit lines: the tenant, and the `well` of a per-well stream or how many `wells` ("*": all)."""
+    wells = selection.wells
+    if wells is not None and len(wells) == 1:
+        return {"tenant": selection.tenant, "well": next(iter(wells))}
+    return {"tenant": selection.tenant, "wells": "*" if wells is None else len(wells)}

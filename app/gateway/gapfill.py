@@ -1,11 +1,13 @@
 """Filling the gap after the live feed reconnected: nothing published meanwhile is lost.
 
 The feed calls `start()` right after it reconnected and resent its subscriptions, before it
-reads again: from then on each topic's live events are held back. Per topic, once its
-subscription is confirmed on the new connection, history after the last id the hub fanned out
-is fanned out, then the held events newer than that, and the topic is live again. Browsers that
-stayed connected see every reading, in order, once. A topic whose history no longer reaches
-back (or that keeps failing) is reset instead: its streams end and resume by Last-Event-ID.
+reads again: from then on each tenant's live events are held back. Per tenant, once its
+subscription is confirmed on the new connection, the history of the wells its streams want
+after the last id the hub fanned out is fanned out in id order (up to the tenant's clock at
+that read), then the held events newer than that, and the tenant is live again. Browsers that
+stayed connected see every reading, in order, once. The streams of a well whose history no
+longer reaches back (or of a tenant whose fill keeps failing) are ended instead: they resume
+by Last-Event-ID, with a reset and a snapshot for that well.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from app.backoff import Backoff
 from app.errors import BrokerError
+from app.gateway.replay import HistoryMerge
 from app.gateway.stats import HubStats
-from app.models import StreamId, Topic
+from app.models import StreamId
 from app.streams.seams import LiveFeed, StreamLog
 
 if TYPE_CHECKING:
@@ -27,8 +30,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PARALLEL_TOPICS = 32  # topics filled at once: one slow or failing well holds back no other
-GIVE_UP_AFTER = 5  # failed attempts before a topic's streams are reset instead
+PARALLEL_TENANTS = 32  # tenants filled at once: one slow or failing tenant holds back no other
+GIVE_UP_AFTER = 5  # failed attempts before a tenant's streams are reset instead
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
@@ -42,7 +45,7 @@ class GapFill:
 
     _log: StreamLog
     _feed: LiveFeed
-    _channels: dict[Topic, Channel]
+    _channels: dict[str, Channel]
     _replay_page: int
     _stats: HubStats
     _task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -68,8 +71,8 @@ class GapFill:
 
     async def _fill_all(self) -> None:
         channels = list(self._channels.values())
-        logger.info("live feed back: filling the gap of %d topics from history", len(channels))
-        slots = asyncio.Semaphore(PARALLEL_TOPICS)
+        logger.info("live feed back: filling the gap of %d tenants from history", len(channels))
+        slots = asyncio.Semaphore(PARALLEL_TENANTS)
         await asyncio.gather(*(self._fill(channel, slots) for channel in channels))
         self._stats.gap_fills += 1
         logger.info("gap filled: streams are live again")
@@ -78,7 +81,7 @@ class GapFill:
         backoff = Backoff(first_s=0.1, cap_s=2.0)
         while self._current(channel) and channel.held is not None:
             try:
-                await self._feed.confirmed(channel.topic)  # after this, history covers everything not held
+                await self._feed.confirmed(channel.tenant)  # after this, history covers everything not held
                 async with slots:
                     await self._replay(channel)
                 return
@@ -86,38 +89,39 @@ class GapFill:
                 if not self._feed.connected:
                     return  # the next reconnect starts a new fill
                 delay = backoff.next()
-                if backoff.failures >= GIVE_UP_AFTER:  # Redis answers, but not for this well
+                if backoff.failures >= GIVE_UP_AFTER:  # Redis answers, but not for this tenant
                     channel.reset(f"gap fill failed {backoff.failures} times: {exc}")
                     return
-                logger.warning("gap fill of %s failed, retrying: %s", channel.topic, exc)
+                logger.warning("gap fill of %s failed, retrying: %s", channel.tenant, exc)
                 await asyncio.sleep(delay)
-            except Exception:  # a bug must not leave the topic held for ever: its streams resume instead
-                logger.exception("gap fill of %s failed", channel.topic)
+            except Exception:  # a bug must not leave the tenant held for ever: its streams resume instead
+                logger.exception("gap fill of %s failed", channel.tenant)
                 channel.reset("gap fill failed")
                 return
 
     def _current(self, channel: Channel) -> bool:
-        """Whether the channel is still the hub's one for its topic (its last stream may have left)."""
-        return self._channels.get(channel.topic) is channel
+        """Whether the channel is still the hub's one for its tenant (its last stream may have left)."""
+        return self._channels.get(channel.tenant) is channel
 
     async def _replay(self, channel: Channel) -> None:
         cursor = channel.last_id
-        if cursor is None:  # nothing went live on this topic yet: start where its streams' catch-up ended
-            positions = [sub.caught_up_to for sub in channel.subscribers if sub.caught_up_to is not None]
+        if cursor is None:  # nothing went live for this tenant yet: start where its streams' catch-up ended
+            positions = [sub.caught_up_to for sub in channel.members if sub.caught_up_to is not None]
             cursor = min(positions, default=None)
-        while cursor is not None and channel.held is not None:
-            found = await self._log.history(channel.topic, cursor, self._replay_page)
-            if channel.held is None or not self._current(channel):
+        if cursor is not None:
+            merge = HistoryMerge(self._log, channel.tenant, channel.wanted(), cursor, self._replay_page)
+            async for events in merge.pages():
+                if channel.held is None or not self._current(channel):
+                    return
+                for event in events:
+                    channel.fan_out(event)
+                self._stats.gap_events += len(events)
+            if merge.interrupted:
+                channel.reset("history was trimmed while the gap was filled")
                 return
-            if found.truncated:
-                channel.reset("history no longer covers the gap")
-                return
-            for event in found.events:
-                channel.fan_out(event)
-            self._stats.gap_events += len(found.events)
-            cursor = found.cursor
-            if not found.more:
-                break
+            if merge.truncated:
+                lost = channel.subscribers_of(set(merge.truncated))
+                channel.reset(f"history no longer covers the gap of {len(merge.truncated)} wells", lost)
         self._release_held(channel)
 
     @staticmethod

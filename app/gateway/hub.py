@@ -1,7 +1,8 @@
 """The hub: one live feed per gateway process, fanned out to every open stream.
 
-Per live event the hub does O(1) work plus one list append per subscriber: the frame bytes
-are built once and the same `Frame` goes to every subscriber of the topic. A subscriber
+The hub holds one live subscription per tenant (every well of the tenant on one channel). Per
+live event it does O(1) work plus one list append per subscriber that wants the event's well:
+the frame bytes are built once and the same `Frame` goes to each of them. A subscriber
 never blocks the hub: when its queue is full it is ended (and counted), and its client
 resumes from history by Last-Event-ID.
 
@@ -28,7 +29,7 @@ from app.gateway.gapfill import GapFill
 from app.gateway.sse import reading_frame
 from app.gateway.stats import HubStats
 from app.gateway.subscriber import Frame, Subscriber
-from app.models import StreamEvent, StreamId, Topic
+from app.models import StreamEvent, StreamId
 from app.streams.seams import LiveFeed, StreamLog
 
 logger = logging.getLogger(__name__)
@@ -41,20 +42,58 @@ def _retrieve(task: asyncio.Task[None]) -> None:
 
 
 class Channel:
-    """One topic's subscribers on this gateway and where its live events stand."""
+    """One tenant's subscribers on this gateway (its live feed subscription) and where its live events stand.
 
-    __slots__ = ("floor", "held", "last_id", "ready", "stats", "subscribers", "topic")
+    Subscribers are indexed by the wells they asked for, so an event costs one dict lookup and
+    then only the streams that want its well: a per-well stream, a stream of a list of wells
+    (under each of them), and the streams of every well (`everything`, which also see wells
+    registered after they opened).
+    """
 
-    def __init__(self, topic: Topic, stats: HubStats) -> None:
-        self.topic = topic
+    __slots__ = ("by_well", "everything", "floor", "held", "last_id", "members", "ready", "stats", "tenant")
+
+    def __init__(self, tenant: str, stats: HubStats) -> None:
+        self.tenant = tenant
         self.stats = stats
-        self.subscribers: set[Subscriber] = set()
+        self.members: set[Subscriber] = set()
+        self.by_well: dict[str, set[Subscriber]] = {}
+        self.everything: set[Subscriber] = set()
         self.ready: asyncio.Task[None] | None = None  # the upstream subscription, shared by all who wait
         self.last_id: StreamId | None = None  # the newest event fanned out: where a gap fill starts
         self.held: list[StreamEvent] | None = None  # live events held back while a gap is filled
         # After a fill, live messages already sent from history may still be in flight on the
         # Pub/Sub connection (history answered first): they are dropped up to here.
         self.floor: StreamId | None = None
+
+    def add(self, sub: Subscriber) -> None:
+        self.members.add(sub)
+        if sub.wells is None:
+            self.everything.add(sub)
+            return
+        for well in sub.wells:
+            self.by_well.setdefault(well, set()).add(sub)
+
+    def remove(self, sub: Subscriber) -> None:
+        self.members.discard(sub)
+        if sub.wells is None:
+            self.everything.discard(sub)
+            return
+        for well in sub.wells:
+            subs = self.by_well.get(well)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self.by_well[well]
+
+    def wanted(self) -> list[str] | None:
+        """The wells a gap fill must read: None when some stream wants every well."""
+        return None if self.everything else sorted(self.by_well)
+
+    def subscribers_of(self, wells: set[str]) -> set[Subscriber]:
+        found = set(self.everything)
+        for well in wells:
+            found |= self.by_well.get(well, set())
+        return found
 
     def deliver(self, event: StreamEvent, max_held: int) -> None:
         held = self.held
@@ -71,18 +110,24 @@ class Channel:
         self.fan_out(event)
 
     def fan_out(self, event: StreamEvent) -> None:
-        # The hot loop: once per event per subscriber, so the queue append is written out inline
-        # (the queue is the one structure the hub and a stream's writer share; see Subscriber).
         self.last_id = event.id
         frame = Frame(event.id, reading_frame(event), event.ts)
-        tag = event.tag
-        for sub in self.subscribers:
+        subs = self.by_well.get(event.well)
+        if subs:
+            self._offer(subs, frame, event.tag)
+        if self.everything:
+            self._offer(self.everything, frame, event.tag)
+
+    def _offer(self, subs: set[Subscriber], frame: Frame, tag: str) -> None:
+        # The hot loop: once per event per subscriber, so the queue append is written out inline
+        # (the queue is the one structure the hub and a stream's writer share; see Subscriber).
+        for sub in subs:
             if sub.end_reason is not None or (sub.tags is not None and tag not in sub.tags):
                 continue
             frames = sub.frames
             if len(frames) >= sub.max_queued:
                 self.stats.slow_disconnects += 1
-                logger.warning("stream on %s ended: queue of %d frames full", self.topic, sub.max_queued)
+                logger.warning("stream on %s ended: queue of %d frames full", self.tenant, sub.max_queued)
                 sub.end("slow")
                 continue
             frames.append(frame)
@@ -90,17 +135,19 @@ class Channel:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-    def reset(self, why: str) -> None:
-        """End every stream of the topic: they resume by Last-Event-ID (reset + snapshot if history is gone)."""
-        logger.warning("streams on %s ended: %s", self.topic, why)
-        self.held = None
-        self.floor = None
-        for sub in self.subscribers:
+    def reset(self, why: str, subs: set[Subscriber] | None = None) -> None:
+        """End streams of the tenant (all of them, or `subs`): they resume by Last-Event-ID, with a
+        reset and a snapshot for the wells whose history is gone."""
+        logger.warning("streams on %s ended: %s", self.tenant, why)
+        if subs is None:
+            self.held = None
+            self.floor = None
+        for sub in self.members if subs is None else subs:
             sub.end("upstream-gap")
 
 
 class Hub:
-    """Reference-counted topic subscriptions on one shared live feed; `async with Hub(...) as hub:`.
+    """Reference-counted tenant subscriptions on one shared live feed; `async with Hub(...) as hub:`.
 
     Args:
         log: the stream log the live feed and gap fills come from.
@@ -126,7 +173,7 @@ class Hub:
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
         self.send_timeout_s = send_timeout_s
-        self._channels: dict[Topic, Channel] = {}
+        self._channels: dict[str, Channel] = {}  # by tenant
         self._feed: LiveFeed | None = None
         self._stack = contextlib.AsyncExitStack()
         self._sweeper: asyncio.Task[None] | None = None
@@ -165,18 +212,16 @@ class Hub:
 
     @property
     def open_streams(self) -> int:
-        return sum(len(channel.subscribers) for channel in self._channels.values())
+        return sum(len(channel.members) for channel in self._channels.values())
 
     @property
-    def topics(self) -> int:
+    def tenants(self) -> int:
+        """Tenants this gateway holds a live subscription for."""
         return len(self._channels)
 
     def streams_by_tenant(self) -> dict[str, int]:
-        """For /metrics: walks every topic, so not for the hot path."""
-        counts: dict[str, int] = {}
-        for topic, channel in self._channels.items():
-            counts[topic.tenant] = counts.get(topic.tenant, 0) + len(channel.subscribers)
-        return counts
+        """For /metrics."""
+        return {tenant: len(channel.members) for tenant, channel in self._channels.items()}
 
     @property
     def feed_reconnects(self) -> int:
@@ -184,7 +229,8 @@ class Hub:
 
     async def subscribe(
         self,
-        topic: Topic,
+        tenant: str,
+        wells: frozenset[str] | None,
         tags: frozenset[str] | None = None,
         expires_at: float | None = None,
         interrupt: Callable[[], object] | None = None,
@@ -201,14 +247,14 @@ class Hub:
         now = asyncio.get_running_loop().time()
         # Jittered so streams opened together (after a restart) do not all retire together.
         retire_at = now + self.max_age_s * random.uniform(0.75, 1.0) if self.max_age_s else math.inf
-        sub = Subscriber(topic, tags, self.queue_size, now, expires_at, retire_at, interrupt)
+        sub = Subscriber(tenant, wells, tags, self.queue_size, now, expires_at, retire_at, interrupt)
         self._idle.clear()
-        channel = self._channels.get(topic)
+        channel = self._channels.get(tenant)
         if channel is None:
-            channel = self._channels[topic] = Channel(topic, self.stats)
-            channel.ready = asyncio.create_task(self._upstream(channel), name=f"subscribe {topic}")
+            channel = self._channels[tenant] = Channel(tenant, self.stats)
+            channel.ready = asyncio.create_task(self._upstream(channel), name=f"subscribe {tenant}")
             channel.ready.add_done_callback(_retrieve)
-        channel.subscribers.add(sub)
+        channel.add(sub)
         try:
             assert channel.ready is not None
             await asyncio.shield(channel.ready)
@@ -220,35 +266,35 @@ class Hub:
     async def _upstream(self, channel: Channel) -> None:
         assert self._feed is not None
         try:
-            await self._feed.subscribe(channel.topic)
+            await self._feed.subscribe(channel.tenant)
         except BaseException as exc:
-            if self._channels.get(channel.topic) is channel:  # nobody else may join a failed subscription
-                del self._channels[channel.topic]
+            if self._channels.get(channel.tenant) is channel:  # nobody else may join a failed subscription
+                del self._channels[channel.tenant]
                 self._update_idle()
             if isinstance(exc, BrokerError | asyncio.CancelledError):
                 raise
             raise BrokerError("subscribe", repr(exc)) from exc
 
     async def unsubscribe(self, sub: Subscriber) -> None:
-        """Remove a subscriber; the topic's last subscriber also drops the upstream subscription."""
+        """Remove a subscriber; the tenant's last subscriber also drops the upstream subscription."""
         sub.frames.clear()
-        channel = self._channels.get(sub.topic)
-        if channel is None or sub not in channel.subscribers:
+        channel = self._channels.get(sub.tenant)
+        if channel is None or sub not in channel.members:
             self._update_idle()
             return
-        channel.subscribers.discard(sub)
-        if not channel.subscribers:
-            del self._channels[sub.topic]
+        channel.remove(sub)
+        if not channel.members:
+            del self._channels[sub.tenant]
             self._update_idle()
             if self._feed is not None:
-                await self._feed.unsubscribe(sub.topic)
+                await self._feed.unsubscribe(sub.tenant)
 
     def _update_idle(self) -> None:
         if not self._channels:
             self._idle.set()
 
-    def _deliver(self, topic: Topic, event: StreamEvent) -> None:
-        channel = self._channels.get(topic)
+    def _deliver(self, tenant: str, event: StreamEvent) -> None:
+        channel = self._channels.get(tenant)
         if channel is not None:
             channel.deliver(event, 4 * self.queue_size)
 
@@ -263,7 +309,7 @@ class Hub:
 
     def _end_all(self, reason: str) -> None:
         for channel in self._channels.values():
-            for sub in channel.subscribers:
+            for sub in channel.members:
                 sub.end(reason)
 
     async def wait_idle(self, timeout_s: float) -> bool:
@@ -279,10 +325,10 @@ class Hub:
             await asyncio.sleep(interval)
             now, wall = loop.time(), time.time()
             for channel in list(self._channels.values()):
-                for sub in list(channel.subscribers):
+                for sub in list(channel.members):
                     reason = sub.sweep(now, wall, self.heartbeat_s, self.send_timeout_s)
                     if reason == "send-timeout":
                         self.stats.send_timeouts += 1
-                        logger.warning("stream on %s ended: send stuck for %.1f s", sub.topic, sub.stuck_for(now))
+                        logger.warning("stream on %s ended: send stuck for %.1f s", sub.tenant, sub.stuck_for(now))
                     if reason is not None:
                         sub.end(reason)

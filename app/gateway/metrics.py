@@ -45,7 +45,9 @@ class GatewayCollector(Collector):
         for tenant, count in sorted(hub.streams_by_tenant().items()):
             open_streams.add_metric([tenant], count)
         yield open_streams
-        yield GaugeMetricFamily("wellstream_hub_subscriptions", "Wells this gateway is subscribed to", hub.topics)
+        yield GaugeMetricFamily(
+            "wellstream_hub_subscriptions", "Tenants this gateway holds a live subscription for", hub.tenants
+        )
         yield GaugeMetricFamily(
             "wellstream_live", "1 when the live feed is connected and no gap is being filled", hub.live
         )

@@ -17,9 +17,9 @@ from app.auth.audit import audit
 from app.errors import AuthError, RequestError
 from app.gateway.context import client_of, gateway_of
 from app.gateway.errors import handler_for
-from app.gateway.eventstream import EventStream
+from app.gateway.eventstream import EventStream, audit_fields
 from app.gateway.metrics import CONTENT_TYPE, render
-from app.models import StreamId, Topic, is_valid_id
+from app.models import Principal, Selection, StreamId, Topic, is_valid_id
 from app.streams.codec import single_line_json
 
 logger = logging.getLogger(__name__)
@@ -62,26 +62,71 @@ def _tags(request: Request) -> frozenset[str] | None:
 
 
 async def stream(request: Request) -> Response | EventStream:
+    """GET /tenants/{tenant}/wells/{well}/stream, and GET /tenants/{tenant}/stream (many wells)."""
     gateway = gateway_of(request)
     client = client_of(request)
     gateway.limits.check_attempt(client)
-    topic = _topic(request)
+    tenant, well = _tenant(request), _well(request)
     last_id, tags = _last_event_id(request), _tags(request)
+    asked = _wells_param(request, gateway.settings.auth.limits.wells_per_stream) if well is None else None
     # HEAD answers headers only: it must not use up a single-use ticket.
-    principal = await gateway.guard.authorize(request, topic.tenant, topic.well, tickets=request.method == "GET")
+    principal = await gateway.guard.authorize(request, tenant, well, tickets=request.method == "GET")
     if principal.expires_at <= time.time():
         # Accepted within the clock leeway, but a stream would end at once: ask for a fresh token.
         raise AuthError("token expired")
+    selection = (
+        Selection(tenant, frozenset({well}), tags) if well else await _selection(request, principal, asked, tags)
+    )
     if gateway.hub.draining:
         return JSONResponse({"error": "server shutting down"}, status_code=503, headers={"Retry-After": "1"})
     if request.method == "HEAD":
         return Response(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"})
     lease = await gateway.limits.admit(principal)
-    audit("connect", sub=principal.subject, tenant=topic.tenant, well=topic.well, client=client)
+    audit("connect", sub=principal.subject, **audit_fields(selection), client=client)
     settings = gateway.settings
     return EventStream(
-        gateway.hub, gateway.broker.log, topic, last_id, tags, settings.stream, settings.history, principal, lease
+        gateway.hub, gateway.broker.log, selection, last_id, settings.stream, settings.history, principal, lease
     )
+
+
+def _well(request: Request) -> str | None:
+    well: str | None = request.path_params.get("well")
+    if well is not None and not is_valid_id(well):
+        raise RequestError("unknown tenant or well", 404)
+    return well
+
+
+def _wells_param(request: Request, most: int) -> frozenset[str] | None:
+    raw = request.query_params.get("wells")
+    if raw is None:
+        return None
+    wells = frozenset(well.strip() for well in raw.split(",") if well.strip())
+    if not wells or len(wells) > most or not all(is_valid_id(well) for well in wells):
+        raise RequestError(f"wells must be 1-{most} comma-separated well ids", 400)
+    return wells
+
+
+async def _selection(
+    request: Request, principal: Principal, asked: frozenset[str] | None, tags: frozenset[str] | None
+) -> Selection:
+    """The wells of a stream of many: those asked for (each registered and allowed, else 404 as for one
+    well), else the token's `wells` claim, else every well of the tenant, now and later."""
+    gateway = gateway_of(request)
+    tenant = principal.tenant
+    most = gateway.settings.auth.limits.wells_per_stream
+    registered = set(await gateway.broker.registry.wells(tenant))
+    if asked is not None:
+        unknown = sorted(well for well in asked if well not in registered or not principal.may_see(well))
+        if unknown:
+            raise RequestError(f"unknown wells: {', '.join(unknown[:20])}", 404)
+        return Selection(tenant, asked, tags)
+    if principal.wells is not None:
+        return Selection(tenant, principal.wells, tags)
+    if len(registered) > most:
+        raise RequestError(
+            f"the tenant has {len(registered)} wells, more than one stream carries ({most}): ask for ?wells=", 400
+        )
+    return Selection(tenant, None, tags)
 
 
 async def stream_tickets(request: Request) -> Response:
@@ -146,14 +191,13 @@ async def latest(request: Request) -> Response:
     topic = _topic(request)
     tags = _tags(request)
     await gateway.guard.authorize(request, topic.tenant, topic.well)
-    snapshot = await gateway.broker.log.snapshot(topic)
-    readings = [
-        single_line_json(data) for tag, data in sorted(snapshot.readings.items()) if tags is None or tag in tags
-    ]
+    read = await gateway.broker.log.read(topic.tenant, [topic.well], None, 0)
+    latest = read.wells[topic.well].latest or {}
+    readings = [single_line_json(data) for tag, data in sorted(latest.items()) if tags is None or tag in tags]
     body = b'{"tenantId":"%s","wellId":"%s","lastEventId":"%s","readings":[%s]}' % (
         topic.tenant.encode(),
         topic.well.encode(),
-        str(snapshot.last_id).encode(),
+        str(read.clock).encode(),
         b",".join(readings),
     )
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
@@ -196,7 +240,8 @@ async def metrics(request: Request) -> Response:
     return Response(render(request.app.metrics), media_type=CONTENT_TYPE)
 
 
-STREAM_PATH = re.compile(r"^/tenants/([^/]+)/wells/([^/]+)/stream$")
+# /tenants/{tenant}/wells/{well}/stream and /tenants/{tenant}/stream: the only routes outside Starlette's.
+STREAM_PATH = re.compile(r"^/tenants/([^/]+)(?:/wells/([^/]+))?/stream$")
 STREAM_METHODS = ("GET", "HEAD")
 
 

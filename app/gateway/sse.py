@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from app.models import Snapshot, StreamEvent, StreamId, Topic
+from app.models import Selection, Snapshot, StreamEvent, StreamId, Topic
 from app.streams.codec import single_line_json
 
 
@@ -48,6 +48,10 @@ def goodbye_frame(retry_ms: int, reason: str) -> bytes:
     return b"retry: %d\n: %s\n\n" % (retry_ms, reason.encode())
 
 
-def auth_expired_frame(topic: Topic) -> bytes:
-    data = orjson.dumps({"tenantId": topic.tenant, "wellId": topic.well, "reason": "token expired"})
+def auth_expired_frame(selection: Selection) -> bytes:
+    """`wellId` on a per-well stream; a stream of many wells names only the tenant."""
+    fields: dict[str, str] = {"tenantId": selection.tenant}
+    if selection.wells is not None and len(selection.wells) == 1:
+        fields["wellId"] = next(iter(selection.wells))
+    data = orjson.dumps({**fields, "reason": "token expired"})
     return b"event: auth-expired\ndata: %s\n\n" % data

@@ -14,14 +14,14 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-from app.models import StreamId, Topic
+from app.models import StreamId
 
 # Ends that let a send in progress finish, so the goodbye with its retry hint still goes out.
 GENTLE = frozenset({"drain", "max-age"})
 
 
 class Frame(NamedTuple):
-    """A live event as queued: built once, the same object for every subscriber of its topic."""
+    """A live event as queued: built once, the same object for every subscriber it goes to."""
 
     id: StreamId
     data: bytes  # the SSE bytes
@@ -43,13 +43,15 @@ class Subscriber:
         "max_queued",
         "retire_at",
         "tags",
-        "topic",
+        "tenant",
         "waiter",
+        "wells",
     )
 
     def __init__(
         self,
-        topic: Topic,
+        tenant: str,
+        wells: frozenset[str] | None,
         tags: frozenset[str] | None,
         max_queued: int,
         now: float,
@@ -57,7 +59,8 @@ class Subscriber:
         retire_at: float = math.inf,
         interrupt: Callable[[], object] | None = None,
     ) -> None:
-        self.topic = topic
+        self.tenant = tenant
+        self.wells = wells  # None: every well of the tenant, including wells registered later
         self.tags = tags
         self.max_queued = max_queued
         self.expires_at = expires_at  # epoch seconds: the token's expiry

@@ -24,10 +24,10 @@ def decode_event(raw_id: bytes, data: bytes) -> StreamEvent:
     """An event from stored bytes; raises ValueError (or KeyError/TypeError) if it is not a reading."""
     data = single_line_json(data)
     parsed = orjson.loads(data)
-    tag = parsed["tagName"]
-    if not isinstance(tag, str):
-        raise TypeError("tagName must be a string")
-    return StreamEvent(StreamId.parse(raw_id.decode()), tag, data, epoch_s(parsed.get("timestamp")))
+    well, tag = parsed["wellId"], parsed["tagName"]
+    if not isinstance(well, str) or not isinstance(tag, str):
+        raise TypeError("wellId and tagName must be strings")
+    return StreamEvent(StreamId.parse(raw_id.decode()), well, tag, data, epoch_s(parsed.get("timestamp")))
 
 
 def epoch_s(timestamp: object) -> float:

@@ -13,7 +13,7 @@ from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from app.models import ZERO_ID, History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.models import ZERO_ID, History, Origin, Reading, StreamEvent, StreamId, TenantRead, Topic, WellRead
 from app.streams.codec import epoch_s
 from app.streams.seams import Broker, Deliver, LiveFeed
 
@@ -31,11 +31,24 @@ class _Log:
     last_id: StreamId = ZERO_ID
     max_deleted: StreamId = ZERO_ID
 
+    def trimmed_past(self, after: StreamId) -> bool:
+        """Whether an entry newer than `after` was trimmed."""
+        return after < self.max_deleted
+
+    def after(self, after: StreamId, upto: StreamId, limit: int) -> list[StreamEvent]:
+        found: list[StreamEvent] = []
+        for event in self.entries:
+            if after < event.id <= upto:
+                found.append(event)
+                if len(found) >= limit:
+                    break
+        return found
+
 
 class _MemoryFeed:
     def __init__(self, deliver: Deliver) -> None:
         self.deliver = deliver
-        self.topics: set[Topic] = set()
+        self.tenants: set[str] = set()
         self.on_gap: Callable[[], None] | None = None  # an in-process feed never has a gap
         self.reconnects = 0
 
@@ -43,14 +56,14 @@ class _MemoryFeed:
     def connected(self) -> bool:
         return True
 
-    async def confirmed(self, topic: Topic) -> None:
+    async def confirmed(self, tenant: str) -> None:
         return None
 
-    async def subscribe(self, topic: Topic) -> None:
-        self.topics.add(topic)
+    async def subscribe(self, tenant: str) -> None:
+        self.tenants.add(tenant)
 
-    async def unsubscribe(self, topic: Topic) -> None:
-        self.topics.discard(topic)
+    async def unsubscribe(self, tenant: str) -> None:
+        self.tenants.discard(tenant)
 
 
 class MemoryRegistry:
@@ -72,7 +85,7 @@ class MemoryRegistry:
 
 
 class MemoryStreamLog:
-    """Per-well bounded history (by length and age), latest per tag, live fan-out.
+    """Per-well bounded history (by length and age), latest per tag, one id clock per tenant, live fan-out.
 
     Args:
         registry: where publishing registers each reading's well.
@@ -89,6 +102,7 @@ class MemoryStreamLog:
         self._max_age_ms = int(max_age_s * 1000)
         self._clock = clock
         self._logs: dict[Topic, _Log] = defaultdict(_Log)
+        self._clocks: dict[str, StreamId] = {}  # tenant -> the last id issued
         self._applied: dict[str, int] = {}  # producer -> highest seq applied (see Origin)
         self.rejected = 0  # nothing here can hold a key of the wrong type
         self.feeds: set[_MemoryFeed] = set()
@@ -101,24 +115,30 @@ class MemoryStreamLog:
             readings = [r for r, seq in zip(readings, origin.seqs, strict=True) if seq > applied]
             self._applied[origin.producer] = max((applied, *origin.seqs))
         stored = [self._append(reading) for reading in readings]
-        for topic, event in stored:
+        for tenant, event in stored:
             for feed in self.feeds:
-                if topic in feed.topics:
-                    feed.deliver(topic, event)
+                if tenant in feed.tenants:
+                    feed.deliver(tenant, event)
         return [event.id for _, event in stored]
 
-    def _append(self, reading: Reading) -> tuple[Topic, StreamEvent]:
-        topic = Topic(reading.tenant_id, reading.well_id)
-        log = self._logs[topic]
+    def _next_id(self, tenant: str, now: int) -> StreamId:
+        last = self._clocks.get(tenant, ZERO_ID)
+        stream_id = StreamId(now, 0) if now > last.ms else StreamId(last.ms, last.seq + 1)
+        self._clocks[tenant] = stream_id
+        return stream_id
+
+    def _append(self, reading: Reading) -> tuple[str, StreamEvent]:
+        tenant, well = reading.tenant_id, reading.well_id
+        log = self._logs[Topic(tenant, well)]
         now = self._clock()
-        stream_id = StreamId(now, 0) if now > log.last_id.ms else StreamId(log.last_id.ms, log.last_id.seq + 1)
-        event = StreamEvent(stream_id, reading.tag_name, reading.to_json(), epoch_s(reading.timestamp))
+        stream_id = self._next_id(tenant, now)
+        event = StreamEvent(stream_id, well, reading.tag_name, reading.to_json(), epoch_s(reading.timestamp))
         log.entries.append(event)
         log.latest[reading.tag_name] = event.data
         log.last_id = stream_id
-        self._registry.add(reading.tenant_id, reading.well_id)
+        self._registry.add(tenant, well)
         self._trim(log, now)
-        return topic, event
+        return tenant, event
 
     def _trim(self, log: _Log, now: int) -> None:
         horizon = now - self._max_age_ms if self._max_age_ms else None
@@ -126,23 +146,26 @@ class MemoryStreamLog:
         while entries and (len(entries) > self._max_len or (horizon is not None and entries[0].id.ms < horizon)):
             log.max_deleted = entries.popleft().id
 
-    async def snapshot(self, topic: Topic) -> Snapshot:
-        log = self._logs.get(topic)
-        if log is None:
-            return Snapshot(topic, ZERO_ID, {})
-        return Snapshot(topic, log.last_id, dict(log.latest))
+    async def read(self, tenant: str, wells: Sequence[str] | None, after: StreamId | None, count: int) -> TenantRead:
+        clock = self._clocks.get(tenant, ZERO_ID)
+        names = await self._registry.wells(tenant) if wells is None else wells
+        reads = {}
+        for well in names:
+            log = self._logs.get(Topic(tenant, well)) or _Log()
+            if after is None:
+                reads[well] = WellRead([], True, False, dict(log.latest))
+                continue
+            truncated = after > clock or log.trimmed_past(after)
+            events = [] if truncated else log.after(after, clock, count)
+            complete = len(events) < count
+            reads[well] = WellRead(events, complete, truncated, dict(log.latest) if truncated else None)
+        return TenantRead(clock, reads)
 
-    async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
+    async def range(self, topic: Topic, after: StreamId, upto: StreamId, limit: int) -> History:
         log = self._logs.get(topic) or _Log()
-        truncated = after < log.max_deleted or after > log.last_id
-        events: list[StreamEvent] = []
-        for event in log.entries:
-            if event.id > after:
-                events.append(event)
-                if len(events) >= limit:
-                    break
+        events = log.after(after, upto, limit)
         cursor = events[-1].id if events else after
-        return History(events, truncated, cursor, more=len(events) >= limit)
+        return History(events, log.trimmed_past(after), cursor, more=len(events) >= limit)
 
     @contextlib.asynccontextmanager
     async def live_feed(self, deliver: Deliver) -> AsyncIterator[LiveFeed]:
@@ -151,7 +174,7 @@ class MemoryStreamLog:
         try:
             yield feed
         finally:
-            feed.topics.clear()
+            feed.tenants.clear()
             self.feeds.discard(feed)
 
 

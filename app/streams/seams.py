@@ -21,10 +21,10 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.models import History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.models import History, Origin, Reading, StreamEvent, StreamId, TenantRead, Topic
 
-Deliver = Callable[[Topic, StreamEvent], None]
-"""Called for every live event of a subscribed topic, in stream order, on the event loop.
+Deliver = Callable[[str, StreamEvent], None]
+"""Called for every live event of a subscribed tenant (with the tenant), in id order, on the event loop.
 
 It must not block or raise: the hub's fan-out is the only intended implementation.
 """
@@ -45,26 +45,28 @@ class LiveFeed(Protocol):
     def connected(self) -> bool:
         """Whether live events can arrive now."""
 
-    async def confirmed(self, topic: Topic) -> None:
-        """Once the topic's subscription is confirmed on the current connection; BrokerError if it drops."""
+    async def confirmed(self, tenant: str) -> None:
+        """Once the tenant's subscription is confirmed on the current connection; BrokerError if it drops."""
 
-    async def subscribe(self, topic: Topic) -> None:
-        """Subscribe to a topic; returns once live events for it are guaranteed to be delivered."""
+    async def subscribe(self, tenant: str) -> None:
+        """Subscribe to every well of a tenant; returns once its live events are guaranteed to be delivered."""
 
-    async def unsubscribe(self, topic: Topic) -> None:
-        """Stop delivery for a topic."""
+    async def unsubscribe(self, tenant: str) -> None:
+        """Stop delivery for a tenant."""
 
 
 class StreamLog(Protocol):
     """Stores readings per well and announces them.
 
     Contract shared by every implementation:
-    - `publish` gives each reading an id `<ms>-<seq>`, strictly increasing per topic, and makes
-      it visible in history, in latest, and to live feeds atomically per batch: no feed sees an
-      event that `history` cannot return, and none is announced twice. Publishing registers
-      the reading's well in the tenant's registry too.
-    - history is capped by length and by age; `history(after=id)` says `truncated` when an
-      entry newer than `id` was trimmed, or when `id` is newer than anything ever written.
+    - `publish` gives each reading an id `<ms>-<seq>` from its tenant's one clock, so ids are
+      strictly increasing per tenant (across all its wells), and makes it visible in history,
+      in latest, and to live feeds atomically per batch: no feed sees an event that a read
+      cannot return, none is announced twice, and live events of a tenant arrive in id order.
+      Publishing registers the reading's well in the tenant's registry too.
+    - history is capped per well by length and by age; a read after an id says `truncated`
+      for a well when an entry of it newer than the id was trimmed, and for every well when the
+      id is newer than anything the tenant's clock ever issued.
     """
 
     rejected: int  # readings the store refused for good (logged, counted, never retried)
@@ -76,11 +78,17 @@ class StreamLog(Protocol):
         (they get no id): publishing the same batch twice stores it once.
         """
 
-    async def snapshot(self, topic: Topic) -> Snapshot:
-        """Latest reading per tag, consistent with the id of the newest entry."""
+    async def read(self, tenant: str, wells: Sequence[str] | None, after: StreamId | None, count: int) -> TenantRead:
+        """Several wells in one atomic step, at the tenant's current clock.
 
-    async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
-        """Up to `limit` entries with id > `after`, oldest first."""
+        `wells` None: every well registered for the tenant at that moment. `after` None: a
+        snapshot (each well's latest values, no events); else up to `count` entries of each
+        well after `after`, and the latest values of the wells found truncated.
+        """
+
+    async def range(self, topic: Topic, after: StreamId, upto: StreamId, limit: int) -> History:
+        """Up to `limit` entries of one well with `after` < id <= `upto`, oldest first (a follow-up
+        to `read`); `truncated` when entries after `after` were trimmed meanwhile."""
 
     def live_feed(self, deliver: Deliver) -> AbstractAsyncContextManager[LiveFeed]:
         """The process's live feed, open inside `async with`; `deliver` gets every event of every subscribed topic."""

@@ -152,4 +152,4 @@ def _alive(processes: list[asyncio.subprocess.Process]) -> bool:
 
 def _history(redis_server: RedisServer, well: str, first: str, last: str) -> list[str]:
     with redis_server.client() as client:
-        return [entry_id.decode() for entry_id, _ in client.xrange(f"scada:{{acme/{well}}}:log", first, last)]
+        return [entry_id.decode() for entry_id, _ in client.xrange(f"scada:{{acme}}:log:{well}", first, last)]

@@ -7,14 +7,16 @@ import pytest
 
 from app.gateway.eventstream import EventStream
 from app.gateway.hub import Hub
-from app.models import StreamId, Topic
+from app.models import Selection, StreamId, Topic
 from app.settings import HistorySettings, StreamSettings
 from app.streams.memory import memory_broker
+from tests.factories import history
 from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
 
 TOPIC = Topic("acme", "w1")
+W1 = Selection("acme", frozenset({"w1"}))
 
 
 async def test_trimming_that_overtakes_a_paged_replay_is_reported_not_skipped() -> None:
@@ -22,19 +24,15 @@ async def test_trimming_that_overtakes_a_paged_replay_is_reported_not_skipped() 
     with anyio.fail_after(5):
         async with Hub(broker.log) as hub:
             ids: list[StreamId] = await broker.log.publish([reading(float(i)) for i in range(100)])
-            stream = EventStream(
-                hub, broker.log, TOPIC, ids[10], None, StreamSettings(), HistorySettings(replay_page=10)
-            )
-            sub = await hub.subscribe(TOPIC)
+            stream = EventStream(hub, broker.log, W1, ids[10], StreamSettings(), HistorySettings(replay_page=10))
+            sub = await hub.subscribe("acme", W1.wells)
             pages = stream._catch_up(sub)
             first = await anext(pages)
             assert first.count(b"event: reading") == 10
             await broker.log.publish([reading(float(i)) for i in range(100, 250)])  # trims what is not sent yet
-            second = await anext(pages)
-            assert second.startswith(b"event: reset")
-            assert b"event: snapshot" in second
             with pytest.raises(StopAsyncIteration):
                 await anext(pages)
+            assert sub.end_reason == "upstream-gap", "ended with a retry: it resumes from the last id it got"
             await hub.unsubscribe(sub)
 
 
@@ -51,9 +49,29 @@ async def test_unreadable_entries_are_skipped_and_the_replay_goes_on(redis_url: 
             await client.xadd(log_key(TOPIC), {"r": b"not json"})
             await client.xadd(log_key(TOPIC), {"other": b"x"})
             last = await broker.log.publish([reading(2.0)])
-            found = await broker.log.history(TOPIC, first[0], 1)
+            found = await history(broker.log, TOPIC, first[0], 1)
             assert found.events == []
             assert found.cursor > first[0], "the cursor moves past what it skipped"
-            found = await broker.log.history(TOPIC, first[0], 10)
+            found = await history(broker.log, TOPIC, first[0], 10)
             assert [e.id for e in found.events] == last
             await client.aclose()
+
+
+async def test_live_frames_that_the_catch_up_already_sent_are_not_sent_again() -> None:
+    broker = memory_broker()
+    many = Selection("acme", frozenset({"w1", "w2"}))
+    with anyio.fail_after(5):
+        async with Hub(broker.log) as hub:
+            before = await broker.log.publish([reading(0.0)])
+            sub = await hub.subscribe("acme", many.wells)
+            # Published after the subscription and before the catch-up reads: both queued live and in history.
+            both = await broker.log.publish([reading(1.0), reading(2.0, well="w2"), reading(3.0)])
+            stream = EventStream(hub, broker.log, many, before[0], StreamSettings(), HistorySettings())
+            caught_up = b"".join([page async for page in stream._catch_up(sub)])
+            assert [line for line in caught_up.split(b"\n") if line.startswith(b"id: ")] == [
+                f"id: {stream_id}".encode() for stream_id in both
+            ]
+            later = await broker.log.publish([reading(4.0, well="w2")])
+            chunks, _, _ = sub.take()
+            assert [chunk.split(b"\n")[0] for chunk in chunks] == [f"id: {later[0]}".encode()], "only what is new"
+            await hub.unsubscribe(sub)

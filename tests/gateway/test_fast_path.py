@@ -67,6 +67,6 @@ async def test_a_client_that_leaves_mid_stream_frees_its_subscription(secret: st
             writer.close()
             await writer.wait_closed()
             await wait_until(lambda: gateway.hub.open_streams == 0)
-            assert gateway.hub.topics == 0
+            assert gateway.hub.tenants == 0
             assert len(log.feeds) == 1
-            assert next(iter(log.feeds)).topics == set(), "the upstream subscription is gone too"
+            assert next(iter(log.feeds)).tenants == set(), "the upstream subscription is gone too"

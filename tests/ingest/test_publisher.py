@@ -13,6 +13,7 @@ from app.models import ZERO_ID, Reading, Topic
 from app.streams.memory import memory_broker
 from app.streams.redis import connect_redis
 from tests.conftest import RedisServer, wait_until
+from tests.factories import history
 from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
@@ -26,7 +27,7 @@ async def test_batches_keep_order_and_exit_publishes_everything_pending() -> Non
         async with Publisher(broker.log, max_batch=64, max_delay_s=0.01) as publisher:
             for start in range(0, 1000, 7):
                 await publisher.submit([reading(float(v)) for v in range(start, min(start + 7, 1000))])
-        found = await broker.log.history(TOPIC, ZERO_ID, 2000)
+        found = await history(broker.log, TOPIC, ZERO_ID, 2000)
         assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(1000)]
         assert publisher.counters.published == 1000
 
@@ -44,7 +45,7 @@ async def test_readings_submitted_while_redis_is_down_arrive_in_order_once_it_is
                     await publisher.submit([reading(float(v)) for v in range(100, 300)])
                     await asyncio.sleep(0.5)  # publishing fails and is retried meanwhile
                     server.start()
-                found = await broker.log.history(TOPIC, ZERO_ID, 1000)
+                found = await history(broker.log, TOPIC, ZERO_ID, 1000)
         assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(300)]
     finally:
         server.stop()

@@ -77,9 +77,9 @@ def test_ingest_registers_the_wells_publishes_and_stops_cleanly(
     try:
         with redis_server.client() as client:
             deadline = time.monotonic() + 15
-            while client.xlen("scada:{acme/well-02}:log") < 20 and time.monotonic() < deadline:
+            while client.xlen("scada:{acme}:log:well-02") < 20 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert client.xlen("scada:{acme/well-02}:log") >= 20, "the simulator's readings reach the stream log"
+            assert client.xlen("scada:{acme}:log:well-02") >= 20, "the simulator's readings reach the stream log"
             assert client.smembers("scada:{acme}:wells") == {b"well-01", b"well-02"}
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(10) == 0

@@ -16,6 +16,7 @@ from app.ingest.spool import Spool
 from app.models import ZERO_ID, Origin, Reading, Topic
 from app.streams.redis import connect_redis
 from tests.conftest import ROOT, RedisServer, wait_until
+from tests.factories import history
 from tests.factories import make_reading as reading
 
 pytestmark = pytest.mark.anyio
@@ -210,7 +211,7 @@ async def test_the_publisher_spools_through_an_outage_and_drains_in_order(
                 await publisher.submit(batch(300, 50))
                 await wait_until(lambda: publisher.counters.published >= 350)
                 assert spool.readings == 0
-            found = await broker.log.history(TOPIC, ZERO_ID, 1000)
+            found = await history(broker.log, TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(350)]
     assert publisher.counters.spooled >= 200, "what arrived during the outage went to the spool"
     assert (publisher.counters.drained, publisher.counters.dropped) == (publisher.counters.spooled, 0)
@@ -232,7 +233,7 @@ async def test_exit_with_redis_down_spools_what_is_pending_and_the_next_start_dr
                 async with Publisher(broker.log, max_batch=50, spool=spool) as publisher:
                     await publisher.submit(batch(120, 30))
                 assert spool.readings == 0
-            found = await broker.log.history(TOPIC, ZERO_ID, 1000)
+            found = await history(broker.log, TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(150)]
     assert publisher.counters.published == 150
     assert publisher.counters.drained >= 120
@@ -269,7 +270,7 @@ async def test_a_frozen_redis_gets_every_batch_once_and_in_order(
                 await wait_until(lambda: spool.readings >= 150)
                 own_redis.thaw()
                 await wait_until(lambda: publisher.counters.published >= 200 and spool.readings == 0)
-            found = await broker.log.history(TOPIC, ZERO_ID, 1000)
+            found = await history(broker.log, TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(200)]
     assert publisher.counters.drained == publisher.counters.spooled >= 150
 
@@ -314,7 +315,7 @@ async def test_a_full_disk_holds_readings_in_memory_until_the_spool_takes_them_a
                 await wait_until(lambda: publisher.counters.spooled == 500)
                 own_redis.start()
                 await wait_until(lambda: publisher.counters.published == 500)
-            found = await broker.log.history(TOPIC, ZERO_ID, 1000)
+            found = await history(broker.log, TOPIC, ZERO_ID, 1000)
     assert [Reading.from_json(e.data).value for e in found.events] == [float(v) for v in range(500)]
     assert publisher.counters.lost == 0
 

@@ -13,58 +13,93 @@ from app.models import ZERO_ID, Origin, Reading, StreamEvent, StreamId, Topic
 from app.streams.redis import connect_redis
 from app.streams.redis.keys import channel_name, latest_key, log_key
 from tests.conftest import wait_until
+from tests.factories import history
 from tests.factories import make_reading as reading
 from tests.streams.conftest import Backend
 
 pytestmark = pytest.mark.anyio
 
-MARKER = Topic("acme", "marker")  # a subscribed topic whose arrival shows the feed is past what came before
+MARKER = "marker"  # a subscribed tenant whose reading's arrival shows the feed is past what came before
 
 
-async def test_ids_increase_per_topic_and_history_returns_them_in_order(backend: Backend) -> None:
+async def test_ids_increase_per_well_and_history_returns_them_in_order(backend: Backend) -> None:
     with anyio.fail_after(5):
         async with backend.open() as broker:
             ids = await broker.log.publish([reading(float(i)) for i in range(50)])
             ids += await broker.log.publish([reading(float(i)) for i in range(50, 100)])
             assert ids == sorted(ids)
             assert len(set(ids)) == 100
-            found = await broker.log.history(Topic("acme", "w1"), ZERO_ID, 1000)
+            found = await history(broker.log, Topic("acme", "w1"), ZERO_ID, 1000)
             assert [e.id for e in found.events] == ids
             assert [Reading.from_json(e.data).value for e in found.events] == [float(i) for i in range(100)]
+            assert {(e.well, e.tag) for e in found.events} == {("w1", "p")}
             assert not found.truncated
+
+
+async def test_ids_are_totally_ordered_across_a_tenants_wells(backend: Backend) -> None:
+    with anyio.fail_after(5):
+        async with backend.open() as broker:
+            wells = [f"w{n}" for n in range(5)]
+            ids = []
+            for round_ in range(20):
+                ids += await broker.log.publish([reading(float(round_), well=well) for well in wells])
+            assert ids == sorted(ids), "one clock per tenant: ids grow across its wells"
+            assert len(set(ids)) == len(ids), "no two wells share an id"
 
 
 async def test_history_after_an_id_is_exclusive_and_paged(backend: Backend) -> None:
     with anyio.fail_after(5):
         async with backend.open() as broker:
             ids = await broker.log.publish([reading(float(i)) for i in range(30)])
-            page = await broker.log.history(Topic("acme", "w1"), ids[9], 10)
+            page = await history(broker.log, Topic("acme", "w1"), ids[9], 10)
             assert [e.id for e in page.events] == ids[10:20]
-            rest = await broker.log.history(Topic("acme", "w1"), ids[-1], 10)
+            assert page.more
+            assert page.cursor == ids[19]
+            upto = await broker.log.range(Topic("acme", "w1"), ids[9], ids[14], 100)
+            assert [e.id for e in upto.events] == ids[10:15], "a range ends at its upper bound, inclusive"
+            rest = await history(broker.log, Topic("acme", "w1"), ids[-1], 10)
             assert rest.events == []
             assert not rest.truncated
 
 
-async def test_snapshot_holds_latest_per_tag_and_newest_id(backend: Backend) -> None:
+async def test_a_snapshot_read_holds_latest_per_tag_at_the_tenants_clock(backend: Backend) -> None:
     with anyio.fail_after(5):
         async with backend.open() as broker:
-            empty = await broker.log.snapshot(Topic("acme", "w1"))
-            assert empty.readings == {}
-            assert empty.last_id == ZERO_ID
+            empty = await broker.log.read("acme", ["w1"], None, 0)
+            assert empty.clock == ZERO_ID
+            assert empty.wells["w1"].latest == {}
             await broker.log.publish([reading(1.0, "p"), reading(2.0, "t"), reading(3.0, "p")])
-            ids = await broker.log.publish([reading(None, "t")])
-            snap = await broker.log.snapshot(Topic("acme", "w1"))
-            assert snap.last_id == ids[-1]
-            assert {tag: Reading.from_json(data).value for tag, data in snap.readings.items()} == {"p": 3.0, "t": None}
-            assert Reading.from_json(snap.readings["t"]).quality == "BAD"
+            ids = await broker.log.publish([reading(None, "t"), reading(9.0, "p", well="w2")])
+            snap = await broker.log.read("acme", ["w1"], None, 0)
+            assert snap.clock == ids[-1], "the tenant's clock, moved on by w2 too"
+            latest = snap.wells["w1"].latest or {}
+            assert {tag: Reading.from_json(data).value for tag, data in latest.items()} == {"p": 3.0, "t": None}
+            assert Reading.from_json(latest["t"]).quality == "BAD"
+
+
+async def test_a_read_of_every_well_covers_the_registry_atomically(backend: Backend) -> None:
+    with anyio.fail_after(5):
+        async with backend.open() as broker:
+            await broker.registry.register("acme", ["quiet"])
+            first = await broker.log.publish([reading(1.0, well="w1"), reading(2.0, well="w2")])
+            later = await broker.log.publish([reading(3.0, well="w2"), reading(4.0, well="w3")])
+            read = await broker.log.read("acme", None, first[0], 100)
+            assert sorted(read.wells) == ["quiet", "w1", "w2", "w3"]
+            assert read.clock == later[-1]
+            merged = sorted(event.id for state in read.wells.values() for event in state.events)
+            assert merged == [first[1], *later], "everything after the id, in every well"
+            assert all(state.complete and not state.truncated for state in read.wells.values())
+            some = await broker.log.read("acme", ["w2"], ZERO_ID, 1)
+            assert [e.id for e in some.wells["w2"].events] == [first[1]]
+            assert not some.wells["w2"].complete, "a read of one entry of two is not complete"
 
 
 async def test_tenants_with_the_same_well_id_are_kept_apart(backend: Backend) -> None:
     with anyio.fail_after(5):
         async with backend.open() as broker:
             await broker.log.publish([reading(1.0, tenant="acme", well="w1"), reading(2.0, tenant="globex", well="w1")])
-            acme = await broker.log.history(Topic("acme", "w1"), ZERO_ID, 10)
-            globex = await broker.log.history(Topic("globex", "w1"), ZERO_ID, 10)
+            acme = await history(broker.log, Topic("acme", "w1"), ZERO_ID, 10)
+            globex = await history(broker.log, Topic("globex", "w1"), ZERO_ID, 10)
             assert [Reading.from_json(e.data).tenant_id for e in acme.events] == ["acme"]
             assert [Reading.from_json(e.data).tenant_id for e in globex.events] == ["globex"]
             assert await broker.registry.wells("acme") == ["w1"]
@@ -77,13 +112,18 @@ async def test_trimmed_history_is_reported_as_truncated(backend: Backend) -> Non
             ids: list[StreamId] = []
             for i in range(300):  # one by one, so Redis's approximate MAXLEN ~ gets to trim whole nodes
                 ids += await broker.log.publish([reading(float(i))])
+            await broker.log.publish([reading(1.0, well="w2")])
             topic = Topic("acme", "w1")
-            assert (await broker.log.history(topic, ids[0], 1000)).truncated
-            kept = await broker.log.history(topic, ids[-5], 1000)
+            assert (await history(broker.log, topic, ids[0], 1000)).truncated
+            kept = await history(broker.log, topic, ids[-5], 1000)
             assert not kept.truncated
             assert [e.id for e in kept.events] == ids[-4:]
-            future = StreamId(ids[-1].ms + 10_000, 0)
-            assert (await broker.log.history(topic, future, 10)).truncated, "an id never issued is unknown, not current"
+            read = await broker.log.read("acme", ["w1", "w2"], ids[0], 100)
+            assert read.wells["w1"].truncated, "w1 needs a reset"
+            assert "p" in (read.wells["w1"].latest or {}), "with its latest values"
+            assert not read.wells["w2"].truncated, "w2's history still reaches back"
+            unknown = await broker.log.read("acme", ["w1", "w2"], StreamId(read.clock.ms + 10_000, 0), 10)
+            assert all(state.truncated for state in unknown.wells.values()), "an id never issued is unknown"
 
 
 async def test_history_is_trimmed_by_age(backend: Backend) -> None:
@@ -93,38 +133,39 @@ async def test_history_is_trimmed_by_age(backend: Backend) -> None:
             await backend.advance(0.7)
             new = await broker.log.publish([reading(1000.0)])
             topic = Topic("acme", "w1")
-            assert (await broker.log.history(topic, old[0], 1000)).truncated
-            found = await broker.log.history(topic, ZERO_ID, 1000)
+            assert (await history(broker.log, topic, old[0], 1000)).truncated
+            found = await history(broker.log, topic, ZERO_ID, 1000)
             assert found.events[-1].id == new[0]
             assert len(found.events) < 100, "whole nodes of old entries are gone (Redis trims MINID ~ by node)"
 
 
-async def test_live_feed_delivers_subscribed_topics_only_in_order(backend: Backend) -> None:
+async def test_live_feed_delivers_subscribed_tenants_only_in_id_order(backend: Backend) -> None:
     with anyio.fail_after(5):
         async with backend.open() as broker:
-            got: list[tuple[Topic, StreamEvent]] = []
+            got: list[tuple[str, StreamEvent]] = []
             twenty = asyncio.Event()
 
-            def deliver(topic: Topic, event: StreamEvent) -> None:
-                got.append((topic, event))
+            def deliver(tenant: str, event: StreamEvent) -> None:
+                got.append((tenant, event))
                 if len(got) >= 20:
                     twenty.set()
 
             async with broker.log.live_feed(deliver) as feed:
-                await feed.subscribe(Topic("acme", "w1"))
+                await feed.subscribe("acme")
                 await feed.subscribe(MARKER)
-                ids = await broker.log.publish([reading(float(i)) for i in range(20)] + [reading(well="w2")])
+                batch = [reading(float(i), well=f"w{i % 3}") for i in range(20)] + [reading(tenant="globex")]
+                ids = await broker.log.publish(batch)
                 await twenty.wait()
-                # Nothing from w2 can come after the marker: one publisher's messages arrive in order.
-                [marker] = await broker.log.publish([reading(well=MARKER.well)])
+                # Nothing of globex can come after the marker: one publisher's messages arrive in order.
+                [marker] = await broker.log.publish([reading(tenant=MARKER)])
                 await wait_until(lambda: got[-1][1].id == marker)
-                assert [event.id for _, event in got[:-1]] == ids[:20]
-                assert {topic for topic, _ in got[:-1]} == {Topic("acme", "w1")}
-                assert got[0][1].tag == "p"
+                assert [event.id for _, event in got[:-1]] == ids[:20], "every well of the tenant, in id order"
+                assert {tenant for tenant, _ in got[:-1]} == {"acme"}
+                assert [event.well for _, event in got[:3]] == ["w0", "w1", "w2"]
                 assert Reading.from_json(got[0][1].data).value == 0.0
-                await feed.unsubscribe(Topic("acme", "w1"))
+                await feed.unsubscribe("acme")
                 await broker.log.publish([reading()])
-                [marker] = await broker.log.publish([reading(well=MARKER.well)])
+                [marker] = await broker.log.publish([reading(tenant=MARKER)])
                 await wait_until(lambda: got[-1][1].id == marker)
                 assert len(got) == 22, "after unsubscribing, only the marker came"
 
@@ -134,7 +175,7 @@ async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
         async with connect_redis(redis_url) as broker:
             client = redis.asyncio.Redis.from_url(redis_url)
             pubsub = client.pubsub()
-            await pubsub.subscribe(channel_name(Topic("acme", "w1")))
+            await pubsub.subscribe(channel_name("acme"))
             await pubsub.get_message(timeout=1)  # the subscribe confirmation
             [stream_id] = await broker.log.publish([reading(4.5, "p")])
             message = await pubsub.get_message(timeout=2)
@@ -142,13 +183,16 @@ async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
             raw_id, _, data = message["data"].partition(b" ")
             assert raw_id.decode() == str(stream_id)
             assert Reading.from_json(data).value == 4.5
-            assert log_key(Topic("acme", "w1")) == "scada:{acme/w1}:log"
-            entries: Any = await client.xrange("scada:{acme/w1}:log")
+            assert log_key(Topic("acme", "w1")) == "scada:{acme}:log:w1"
+            entries: Any = await client.xrange("scada:{acme}:log:w1")
             [(entry_id, fields)] = entries
             assert entry_id.decode() == str(stream_id)
             assert fields[b"r"] == data
             assert await client.hget(latest_key(Topic("acme", "w1")), "p") == data
+            assert await client.hget("scada:{acme}:latest:w1", "p") == data
             assert await client.smembers("scada:{acme}:wells") == {b"w1"}
+            assert await client.get("scada:{acme}:clock") == str(stream_id).encode()
+            assert channel_name("acme") == "scada:{acme}:live"
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             await client.aclose()
 
@@ -166,7 +210,7 @@ async def test_a_batch_published_twice_with_its_origin_is_stored_once(backend: B
             assert len(await broker.log.publish(more, Origin("a1b2c3d4", (1, 2, 3, 4, 5)))) == 2
             assert len(await broker.log.publish(batch, other)) == 3, "producers are independent"
             assert len(await broker.log.publish(batch)) == 3, "without an origin nothing is skipped"
-            found = await broker.log.history(topic, ZERO_ID, 100)
+            found = await history(broker.log, topic, ZERO_ID, 100)
             values = [Reading.from_json(e.data).value for e in found.events]
             assert values == [0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 1.0, 2.0, 0.0, 1.0, 2.0]
             with pytest.raises(ValueError, match="one seq per reading"):
@@ -189,8 +233,21 @@ async def test_a_key_of_the_wrong_type_rejects_its_readings_only_and_a_retry_rep
             assert len(ids) == 3, "w2's reading is refused; w3's is stored (only its latest is not)"
             assert broker.log.rejected == 1
             assert await broker.log.publish(batch, origin) == [], "the retry repeats nothing"
-            w1 = await broker.log.history(Topic("acme", "w1"), ZERO_ID, 10)
+            w1 = await history(broker.log, Topic("acme", "w1"), ZERO_ID, 10)
             assert [Reading.from_json(e.data).value for e in w1.events] == [1.0, 4.0]
-            w3 = await broker.log.history(Topic("acme", "w3"), ZERO_ID, 10)
+            w3 = await history(broker.log, Topic("acme", "w3"), ZERO_ID, 10)
             assert [Reading.from_json(e.data).value for e in w3.events] == [3.0]
-    assert "scada:{acme/w2}:log" in caplog.text
+    assert "scada:{acme}:log:w2" in caplog.text
+
+
+async def test_a_lost_clock_moves_past_the_logs_it_finds(redis_url: str) -> None:
+    with anyio.fail_after(5):
+        async with connect_redis(redis_url) as broker:
+            before = await broker.log.publish([reading(1.0), reading(2.0, well="w2")])
+            with redis.Redis.from_url(redis_url) as client:
+                client.delete("scada:{acme}:clock")  # lost (or a log older than the clock)
+                client.xadd("scada:{acme}:log:w1", {"r": reading(3.0).to_json()}, id=f"{before[-1].ms + 60_000}-0")
+            after = await broker.log.publish([reading(4.0), reading(5.0, well="w2")])
+            assert after[0] > StreamId(before[-1].ms + 60_000, 0), "the clock jumped past the newest entry it met"
+            assert after == sorted(after)
+            assert len(after) == 2

@@ -14,7 +14,6 @@ from redis.asyncio.connection import Connection
 
 from app.backoff import Backoff
 from app.errors import BrokerError
-from app.models import Topic
 from app.streams.codec import decode_event
 from app.streams.redis.client import redis_errors
 from app.streams.redis.keys import channel_name
@@ -42,7 +41,7 @@ class RedisFeed:
     after subscribing and know that no live event fell in between. When the connection drops
     (or stops answering pings), the feed reconnects with jittered backoff and resubscribes;
     events published meanwhile were not on the wire, so `on_gap` tells the hub, which awaits
-    `confirmed(topic)` and then fills the gap from history.
+    `confirmed(tenant)` and then fills the gap from history.
     """
 
     def __init__(
@@ -58,7 +57,7 @@ class RedisFeed:
         self._on_close = on_close
         self.on_gap = on_gap
         self._ping_interval_s = ping_interval_s
-        self._topics: dict[bytes, Topic] = {}
+        self._topics: dict[bytes, str] = {}  # channel -> tenant
         self._pending: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._commands: asyncio.Queue[tuple[int, bytes, bytes]] = asyncio.Queue()  # (generation, command, arg)
         self._generation = 0  # one per connection
@@ -117,25 +116,25 @@ class RedisFeed:
             self._pending[channel] = deque([joined])
             self._confirmations[channel] = confirmation
 
-    async def confirmed(self, topic: Topic) -> None:
-        """Returns once the topic's subscription is confirmed on the current connection.
+    async def confirmed(self, tenant: str) -> None:
+        """Returns once the tenant's subscription is confirmed on the current connection.
 
         Raises BrokerError if the connection drops first (the next gap fill starts over).
         """
-        future = self._confirmations.get(channel_name(topic).encode())
+        future = self._confirmations.get(channel_name(tenant).encode())
         if future is not None:
             await asyncio.shield(future)
 
-    async def subscribe(self, topic: Topic) -> None:
-        channel = channel_name(topic).encode()
-        self._topics[channel] = topic
+    async def subscribe(self, tenant: str) -> None:
+        channel = channel_name(tenant).encode()
+        self._topics[channel] = tenant
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel, deque()).append(waiter)
         self._commands.put_nowait((self._generation, b"SUBSCRIBE", channel))
         await waiter
 
-    async def unsubscribe(self, topic: Topic) -> None:
-        channel = channel_name(topic).encode()
+    async def unsubscribe(self, tenant: str) -> None:
+        channel = channel_name(tenant).encode()
         if self._topics.pop(channel, None) is not None:
             self._commands.put_nowait((self._generation, b"UNSUBSCRIBE", channel))
 
@@ -210,8 +209,8 @@ class RedisFeed:
     def _handle(self, response: Any) -> None:
         kind = response[0]
         if kind == b"message":
-            topic = self._topics.get(response[1])
-            if topic is None:
+            tenant = self._topics.get(response[1])
+            if tenant is None:
                 return
             raw_id, _, data = response[2].partition(b" ")
             try:
@@ -219,7 +218,7 @@ class RedisFeed:
             except (ValueError, KeyError, TypeError):
                 logger.warning("malformed message on %s dropped", response[1])
                 return
-            self._deliver(topic, event)
+            self._deliver(tenant, event)
         elif kind == b"subscribe":
             waiters = self._pending.get(response[1])
             if not waiters:

@@ -1,15 +1,18 @@
 """The Redis layout (docs/design.md): every key and channel name, in one place.
 
-Per (tenant, well), keys share the hash tag `{tenant/well}` so they sit on one Cluster slot:
-- `scada:{t/w}:log`    Stream, one entry per reading (field `r` = reading JSON), capped by
-                        MAXLEN ~ and by age (MINID ~);
-- `scada:{t/w}:latest` Hash, tag -> latest reading JSON;
-- `scada:{t}:wells`    Set of the tenant's wells (configured, and what ingestion saw);
+All of a tenant's keys share the hash tag `{tenant}`, so one script call reaches all of them
+(and, on Redis Cluster, one slot holds them):
+- `scada:{t}:clock`        String, the last stream id issued for the tenant: every id of the
+                           tenant comes from it, so ids are totally ordered across its wells;
+- `scada:{t}:log:<well>`   Stream, one entry per reading (field `r` = reading JSON), capped by
+                           MAXLEN ~ and by age (MINID ~);
+- `scada:{t}:latest:<well>`  Hash, tag -> latest reading JSON;
+- `scada:{t}:wells`        Set of the tenant's wells (configured, and what ingestion saw);
+- channel `scada:{t}:live`  message `<stream id> <reading JSON>`, every well of the tenant;
 - `scada:ticket:<sha256 of a ticket>`  single-use stream ticket, with a TTL;
 - `scada:lease:<counter>`  sorted set of open streams scored by lease expiry;
-- `scada:producer:<id>`  highest reading seq applied for an ingest worker run (see Origin),
-                        so a batch sent twice lands once; expires 30 days after its last batch;
-- channel `scada:readings:<t>:<w>`, message `<stream id> <reading JSON>`.
+- `scada:producer:<id>`    highest reading seq applied for an ingest worker run (see Origin),
+                           so a batch sent twice lands once; expires 30 days after its last batch.
 """
 
 from __future__ import annotations
@@ -17,16 +20,28 @@ from __future__ import annotations
 from app.models import Topic
 
 
+def tenant_prefix(tenant: str) -> str:
+    return f"scada:{{{tenant}}}:"
+
+
+def clock_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}clock"
+
+
 def log_key(topic: Topic) -> str:
-    return f"scada:{{{topic.tenant}/{topic.well}}}:log"
+    return f"{tenant_prefix(topic.tenant)}log:{topic.well}"
 
 
 def latest_key(topic: Topic) -> str:
-    return f"scada:{{{topic.tenant}/{topic.well}}}:latest"
+    return f"{tenant_prefix(topic.tenant)}latest:{topic.well}"
 
 
 def wells_key(tenant: str) -> str:
-    return f"scada:{{{tenant}}}:wells"
+    return f"{tenant_prefix(tenant)}wells"
+
+
+def channel_name(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}live"
 
 
 def lease_key(key: str) -> str:
@@ -39,7 +54,3 @@ def producer_key(producer: str) -> str:
 
 def ticket_key(key: str) -> str:
     return f"scada:ticket:{key}"
-
-
-def channel_name(topic: Topic) -> str:
-    return f"scada:readings:{topic.tenant}:{topic.well}"

@@ -13,28 +13,20 @@ from typing import Any
 
 from redis.asyncio.client import Redis
 
-from app.models import History, Origin, Reading, Snapshot, StreamEvent, StreamId, Topic
+from app.models import History, Origin, Reading, StreamEvent, StreamId, TenantRead, Topic, WellRead
 from app.streams.codec import decode_event
 from app.streams.redis.client import redis_errors, script
 from app.streams.redis.feed import RedisFeed
-from app.streams.redis.keys import channel_name, latest_key, log_key, producer_key, wells_key
+from app.streams.redis.keys import channel_name, clock_key, latest_key, log_key, producer_key, tenant_prefix, wells_key
 from app.streams.seams import Deliver, LiveFeed
 
 logger = logging.getLogger(__name__)
 
 
-def _next_id(after: StreamId) -> StreamId | None:
-    if after.seq < 2**64 - 1:
-        return StreamId(after.ms, after.seq + 1)
-    if after.ms < 2**64 - 1:
-        return StreamId(after.ms + 1, 0)
-    return None
-
-
 class RedisStreamLog:
     """The stream log on one standalone Redis.
 
-    Each well's keys share one hash slot, but a batch spans wells and the tenant's wells set,
+    A tenant's keys share one hash slot, but a batch may span tenants (and the producer's key),
     so Redis Cluster would need batches grouped by slot first (not done).
     """
 
@@ -44,7 +36,8 @@ class RedisStreamLog:
         self._max_age_ms = int(max_age_s * 1000)
         self._ping_interval_s = ping_interval_s
         self._publish_script = script(client, "publish")
-        self._state_script = script(client, "stream_state")
+        self._read_script = script(client, "read")
+        self._range_script = script(client, "stream_state")
         self.feeds: set[RedisFeed] = set()
         self.rejected = 0  # readings Redis refused for good (a key of the wrong type)
 
@@ -58,8 +51,8 @@ class RedisStreamLog:
         args: list[str | bytes | int] = [self._max_len, self._max_age_ms, origin.producer if origin else ""]
         for reading, seq in zip(readings, seqs, strict=True):
             topic = Topic(reading.tenant_id, reading.well_id)
-            keys += [log_key(topic), latest_key(topic), wells_key(topic.tenant)]
-            args += [reading.well_id, reading.tag_name, channel_name(topic), reading.to_json(), seq]
+            keys += [log_key(topic), latest_key(topic), wells_key(topic.tenant), clock_key(topic.tenant)]
+            args += [reading.well_id, reading.tag_name, channel_name(topic.tenant), reading.to_json(), seq]
         if origin is not None:
             keys.append(producer_key(origin.producer))
         with redis_errors("publish"):
@@ -75,26 +68,46 @@ class RedisStreamLog:
             )
         return [StreamId.parse(raw.decode()) for raw in ids]
 
-    async def _state(self, topic: Topic, start: StreamId | None, limit: int, latest: bool) -> list[Any]:
-        keys = [log_key(topic)] + ([latest_key(topic)] if latest else [])
+    async def read(self, tenant: str, wells: Sequence[str] | None, after: StreamId | None, count: int) -> TenantRead:
+        if wells is not None and not wells:  # the script takes "no wells" as "every well"
+            return TenantRead(await self._clock(tenant), {})
+        args: list[str | int] = [tenant_prefix(tenant), str(after) if after is not None else "", max(count, 1)]
+        args += list(wells) if wells is not None else []
+        with redis_errors("read streams"):
+            result: list[Any] = await self._read_script(keys=[clock_key(tenant), wells_key(tenant)], args=args)
+        clock_raw, *per_well = result
+        reads = {}
+        for raw_well, truncated, complete, entries, flat in per_well:
+            well = raw_well.decode()
+            events = self._events(Topic(tenant, well), entries)
+            latest = None
+            if after is None or truncated:
+                latest = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+            reads[well] = WellRead(events, bool(complete), bool(truncated), latest)
+        return TenantRead(StreamId.parse(clock_raw.decode()), reads)
+
+    async def _clock(self, tenant: str) -> StreamId:
+        with redis_errors("read clock"):
+            raw = await self._client.get(clock_key(tenant))
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        return StreamId.parse(text) if text else StreamId(0, 0)
+
+    async def range(self, topic: Topic, after: StreamId, upto: StreamId, limit: int) -> History:
+        if not after < upto:
+            return History([], False, after, more=False)
         with redis_errors("read stream"):
-            result: list[Any] = await self._state_script(keys=keys, args=[str(start) if start else "", limit])
-        return result
-
-    async def snapshot(self, topic: Topic) -> Snapshot:
-        last, _first, _length, _added, _entries, flat = await self._state(topic, None, 0, latest=True)
-        readings = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
-        return Snapshot(topic, StreamId.parse(last.decode()), readings)
-
-    async def history(self, topic: Topic, after: StreamId, limit: int) -> History:
-        start = _next_id(after)
-        last_raw, first_raw, length, added, entries, _ = await self._state(topic, start, limit, latest=False)
+            last_raw, first_raw, length, added, entries = await self._range_script(
+                keys=[log_key(topic)], args=[str(after), str(upto), limit]
+            )
         last, first = StreamId.parse(last_raw.decode()), StreamId.parse(first_raw.decode())
         trimmed = int(added) > int(length)
-        truncated = after > last or (trimmed and (after < first or int(length) == 0) and after < last)
-        events = [event for raw_id, fields in entries if (event := self._event(topic, raw_id, fields)) is not None]
+        truncated = trimmed and (after < first or int(length) == 0) and after < last
+        events = self._events(topic, entries)
         cursor = StreamId.parse(entries[-1][0].decode()) if entries else after
         return History(events, truncated, cursor, more=len(entries) >= limit)
+
+    def _events(self, topic: Topic, entries: list[Any]) -> list[StreamEvent]:
+        return [event for raw_id, fields in entries if (event := self._event(topic, raw_id, fields)) is not None]
 
     @staticmethod
     def _event(topic: Topic, raw_id: bytes, fields: list[bytes]) -> StreamEvent | None:

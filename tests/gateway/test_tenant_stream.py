@@ -1,0 +1,225 @@
+"""GET /tenants/{tenant}/stream: one stream for many wells, resumed exactly with one Last-Event-ID."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+import pytest
+
+from app.models import StreamId, Topic
+from app.settings import HistorySettings
+from app.streams.redis import connect_redis
+from app.streams.seams import Broker
+from tests.conftest import RunningGateway, make_settings, running_gateway, wait_until
+from tests.factories import history, make_reading
+from tests.sse_client import SSEReader
+
+pytestmark = pytest.mark.anyio
+
+
+class Publisher:
+    """`per_tick` readings every 10 ms, spread over `wells`; every id it was given."""
+
+    def __init__(self, broker: Broker, wells: list[str], per_tick: int = 10) -> None:
+        self.broker = broker
+        self.wells = wells
+        self.per_tick = per_tick
+        self.ids: list[StreamId] = []
+        self.stop = asyncio.Event()
+        self._n = 0
+
+    async def run(self) -> None:
+        while not self.stop.is_set():
+            batch = []
+            for _ in range(self.per_tick):
+                batch.append(make_reading(float(self._n), well=self.wells[self._n % len(self.wells)]))
+                self._n += 1
+            self.ids += await self.broker.log.publish(batch)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.01)
+
+
+@contextlib.asynccontextmanager
+async def publishing(redis_url: str, wells: list[str]) -> AsyncIterator[Publisher]:
+    async with connect_redis(redis_url) as broker:
+        publisher = Publisher(broker, wells, per_tick=20)
+        task = asyncio.create_task(publisher.run())
+        try:
+            yield publisher
+        finally:
+            publisher.stop.set()
+            await task
+
+
+async def merged_log(broker: Broker, tenant: str, wells: list[str], after: StreamId) -> list[tuple[str, str]]:
+    """Every stored entry of the wells after `after`, as (id, well), in id order: what a stream must carry."""
+    entries = []
+    for well in wells:
+        found = await history(broker.log, Topic(tenant, well), after)
+        entries += [(event.id, event.well) for event in found.events]
+    return [(str(stream_id), well) for stream_id, well in sorted(entries)]
+
+
+async def test_a_stream_of_100_wells_cut_and_resumed_20_times_on_two_gateways_misses_and_repeats_nothing(
+    redis_url: str, secret: str, token
+) -> None:
+    wells = [f"m{n:03d}" for n in range(100)]
+    headers = {"Authorization": f"Bearer {token('acme')}"}
+    settings = make_settings(secret, redis_url=redis_url, history=HistorySettings(replay_page=50))
+    rng = random.Random(13)
+    received: list[tuple[str, str]] = []
+    with anyio.fail_after(90):
+        async with (
+            running_gateway(settings) as first,
+            running_gateway(settings) as second,
+            httpx.AsyncClient(timeout=30) as client,
+            publishing(redis_url, wells) as publisher,
+        ):
+            await wait_until(lambda: len(publisher.ids) >= 200)  # every well registered by publishing
+            gateways: list[RunningGateway] = [first, second]
+            start: StreamId | None = None
+            last_id: str | None = None
+            for cut in range(21):
+                gateway = gateways[cut % 2]
+                await asyncio.sleep(rng.uniform(0, 0.2))  # a gap of up to 400 readings to catch up on
+                resume = {"Last-Event-ID": last_id} if last_id else {}
+                async with client.stream("GET", f"{gateway.url}/tenants/acme/stream", headers=headers | resume) as r:
+                    assert r.status_code == 200
+                    events = SSEReader(r)
+                    wanted = rng.randint(50, 400)
+                    async for event in events:
+                        if not event.data:
+                            continue  # the retry: line, heartbeats
+                        if event.event == "snapshot" and start is None:
+                            start = StreamId.parse(event.json()["lastEventId"])
+                        elif event.event == "reading":
+                            received.append((event.id or "", event.json()["wellId"]))
+                            wanted -= 1
+                        assert event.event in {"snapshot", "reading"}, event
+                        last_id = events.last_id
+                        if wanted <= 0 and cut < 20:
+                            break  # the connection is cut here, at a random point
+                        if cut == 20 and publisher.stop.is_set() and received[-1][0] == str(publisher.ids[-1]):
+                            break
+                        if cut == 20 and len(received) > 2000 and not publisher.stop.is_set():
+                            publisher.stop.set()  # the last stretch: read up to the last reading published
+            assert start is not None
+            expected = await merged_log(publisher.broker, "acme", wells, start)
+    assert len(received) == len(expected), "none missing, none twice"
+    assert received == expected, "in id order, across every well"
+
+
+async def test_a_resume_older_than_one_wells_history_resets_that_well_and_is_exact_for_the_rest(
+    redis_url: str, secret: str, token
+) -> None:
+    headers = {"Authorization": f"Bearer {token('acme')}"}
+    settings = make_settings(secret, redis_url=redis_url, history=HistorySettings(max_len=10))
+    with anyio.fail_after(30):
+        async with running_gateway(settings) as gateway, connect_redis(redis_url, max_len=10) as broker:
+            [start] = await broker.log.publish([make_reading(0.0, well="w1")])
+            quiet = await broker.log.publish([make_reading(1.0, well="w2"), make_reading(2.0, well="w2")])
+            for n in range(300):  # one by one, so Redis's MAXLEN ~ trims whole nodes of w1's log
+                await broker.log.publish([make_reading(float(n), well="w1")])
+            url = f"{gateway.url}/tenants/acme/stream?wells=w1,w2"
+            async with httpx.AsyncClient(timeout=10) as client:
+                async with client.stream("GET", url, headers=headers | {"Last-Event-ID": str(start)}) as response:
+                    seen = await read_until_snapshot(SSEReader(response))
+            [first, second, reset, snapshot] = seen
+            assert [first[0], second[0]] == ["reading", "reading"]
+            assert [first[2], second[2]] == [str(quiet[0]), str(quiet[1])], "w2 exactly from the id on"
+            assert reset[0] == "reset"
+            assert reset[1] == {
+                "tenantId": "acme",
+                "wellId": "w1",
+                "reason": "history-truncated",
+                "lastEventId": str(start),
+            }
+            assert snapshot[0] == "snapshot"
+            assert snapshot[1]["wellId"] == "w1"
+            clock = await broker.log.read("acme", ["w1"], None, 0)
+            assert snapshot[2] == str(clock.clock), "the snapshot stands at the tenant's clock"
+
+
+async def read_until_snapshot(events: SSEReader) -> list[tuple[str, dict[str, object], str | None]]:
+    seen: list[tuple[str, dict[str, object], str | None]] = []
+    async for event in events:
+        if event.data:
+            seen.append((event.event, event.json(), event.id))
+            if event.event == "snapshot":
+                return seen
+    raise EOFError("the stream ended")
+
+
+async def test_a_stream_of_every_well_starts_with_a_snapshot_of_each_and_carries_wells_registered_later(
+    redis_url: str, secret: str, token
+) -> None:
+    headers = {"Authorization": f"Bearer {token('acme')}"}
+    with anyio.fail_after(30):
+        async with (
+            running_gateway(make_settings(secret, redis_url=redis_url)) as gateway,
+            connect_redis(redis_url) as broker,
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            await broker.log.publish([make_reading(1.0, well="w1"), make_reading(2.0, well="w2")])
+            async with client.stream("GET", f"{gateway.url}/tenants/acme/stream", headers=headers) as response:
+                events = SSEReader(response)
+                registered = await broker.registry.wells("acme")
+                snapshots = [await events.next_event("snapshot") for _ in registered]
+                assert sorted(s.json()["wellId"] for s in snapshots) == registered, "one snapshot per well"
+                assert len({s.id for s in snapshots}) == 1, "all at one point of the tenant's order"
+                [fresh] = await broker.log.publish([make_reading(3.0, well="brand-new")])
+                await broker.log.publish([make_reading(4.0, tenant="globex", well="w1")])  # never on acme's stream
+                [mine] = await broker.log.publish([make_reading(5.0, well="w1")])
+                got = [await events.next_event("reading"), await events.next_event("reading")]
+            assert [(e.id, e.json()["tenantId"], e.json()["wellId"]) for e in got] == [
+                (str(fresh), "acme", "brand-new"),
+                (str(mine), "acme", "w1"),
+            ]
+
+
+async def test_wells_are_checked_and_capped(redis_url: str, secret: str, token) -> None:
+    settings = make_settings(secret, redis_url=redis_url, auth={"limits": {"wells_per_stream": 3}})
+    headers = {"Authorization": f"Bearer {token('acme')}"}
+    narrow = {"Authorization": f"Bearer {token('acme', wells=['w1', 'w2'])}"}
+    with anyio.fail_after(30):
+        async with running_gateway(settings) as gateway, httpx.AsyncClient(timeout=10) as client:
+            base = f"{gateway.url}/tenants/acme/stream"
+            unknown = await client.get(base + "?wells=w1,nope", headers=headers)
+            assert unknown.status_code == 404
+            assert unknown.json() == {"error": "unknown wells: nope"}
+            hidden = await client.get(base + "?wells=w1,w9", headers=narrow)
+            assert hidden.status_code == 404, "a well outside the token's claim is as unknown as a missing one"
+            too_many = await client.get(base + "?wells=w1,w2,w9,w00", headers=headers)
+            assert too_many.status_code == 400
+            assert "1-3" in too_many.json()["error"]
+            malformed = await client.get(base + "?wells=w1,a:b", headers=headers)
+            assert malformed.status_code == 400
+            everything = await client.get(base, headers=headers)
+            assert everything.status_code == 400, "the test registry holds more wells than the cap"
+            assert "?wells=" in everything.json()["error"]
+            async with client.stream("GET", base, headers=narrow) as response:
+                assert response.status_code == 200, "without ?wells=, the token's own wells"
+                reader = SSEReader(response)
+                snapshots = [await reader.next_event("snapshot") for _ in range(2)]
+            assert sorted(s.json()["wellId"] for s in snapshots) == ["w1", "w2"]
+            post = await client.post(base, headers=headers)
+            assert post.status_code == 405
+            assert post.headers["allow"] == "GET, HEAD"
+
+
+async def test_a_stream_of_many_wells_counts_as_one_stream(redis_url: str, secret: str, token) -> None:
+    settings = make_settings(secret, redis_url=redis_url, auth={"limits": {"streams_per_subject": 1}})
+    headers = {"Authorization": f"Bearer {token('acme', wells=['w1', 'w2', 'w9'])}"}
+    with anyio.fail_after(30):
+        async with running_gateway(settings) as gateway, httpx.AsyncClient(timeout=10) as client:
+            base = f"{gateway.url}/tenants/acme/stream"
+            async with client.stream("GET", base, headers=headers) as response:
+                assert response.status_code == 200
+                await SSEReader(response).next_event("snapshot")
+                second = await client.get(f"{gateway.url}/tenants/acme/wells/w1/stream", headers=headers)
+                assert second.status_code == 429, "three wells, one stream: the subject's one place is taken"
