@@ -35,6 +35,9 @@ class StreamSettings(BaseModel):
     shutdown_retry_spread_ms: int = Field(5000, ge=0, description="on shutdown, retry is jittered over this window")
     queue_size: int = Field(1024, ge=8, description="frames queued per stream before it is ended as slow")
     send_timeout_s: float = Field(10, gt=0, description="a send stuck this long ends the stream")
+    stall_s: float = Field(
+        5, gt=0, description="a reading queued this long and not sent ends the stream (it resumes): never silent"
+    )
     shutdown_grace_s: float = Field(3, ge=0, description="time streams get to say goodbye on SIGTERM")
     max_age_s: float | None = Field(
         None, gt=0, description="end streams after 75-100 % of this (jittered) so load rebalances; None: never"

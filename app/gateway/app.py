@@ -103,6 +103,7 @@ def create_app(
                     stream.send_timeout_s,
                     settings.history.replay_page,
                     stream.max_age_s,
+                    stream.stall_s,
                 )
             )
             for tenant, wells in settings.wells.items():

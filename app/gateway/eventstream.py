@@ -29,6 +29,7 @@ from app.errors import BrokerError
 from app.gateway.hub import Hub
 from app.gateway.replay import HistoryMerge
 from app.gateway.sse import (
+    HEARTBEAT_EVENT,
     auth_expired_frame,
     goodbye_frame,
     heartbeat_frame,
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 SUBSCRIBE_TIMEOUT_S = 5.0
 GOODBYES = {
     "drain": "server shutting down",
+    "stalled": "stream stalled, resume (on any gateway)",
     "upstream-gap": "live feed interrupted, resume from history",
     "max-age": "stream reached its maximum age, resume (on any gateway)",
 }
@@ -81,6 +83,13 @@ class EventStream:
     _started: bool = field(default=False, init=False)
     _sub: Subscriber | None = field(default=None, init=False)
     _writer: asyncio.Task[None] | None = field(default=None, init=False)
+
+    @property
+    def _heartbeat(self) -> bytes:
+        # A stream of many wells says it is alive in an event a browser can see: its page tells a
+        # quiet field from a dead connection by it. Per-well streams keep the comment they always had.
+        wells = self.selection.wells
+        return heartbeat_frame() if wells is not None and len(wells) == 1 else HEARTBEAT_EVENT
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         opened = time.monotonic()
@@ -225,7 +234,7 @@ class EventStream:
             self.events_sent += len(chunks)
             stats.events_sent += len(chunks)
             if heartbeat and not chunks:
-                chunks = [heartbeat_frame()]
+                chunks = [self._heartbeat]
             if chunks:
                 body = b"".join(chunks)
                 stats.bytes_sent += len(body)

@@ -111,7 +111,7 @@ class Channel:
 
     def fan_out(self, event: StreamEvent) -> None:
         self.last_id = event.id
-        frame = Frame(event.id, reading_frame(event), event.ts)
+        frame = Frame(event.id, reading_frame(event), event.ts, time.monotonic())
         subs = self.by_well.get(event.well)
         if subs:
             self._offer(subs, frame, event.tag)
@@ -154,6 +154,7 @@ class Hub:
         queue_size: frames a subscriber may have queued before it is ended as slow.
         heartbeat_s: a stream that sent nothing for this long gets a heartbeat.
         send_timeout_s: a send stuck this long ends the stream (a peer that stopped reading).
+        stall_s: a reading queued this long without being sent ends the stream (see Subscriber.sweep).
         replay_page: history entries read per round trip when a gap is filled.
         max_age_s: streams end (with a goodbye and retry) after 75-100 % of this, so clients
             rebalance onto gateways added since; None keeps streams open for as long as they last.
@@ -167,12 +168,14 @@ class Hub:
         send_timeout_s: float = 10,
         replay_page: int = 500,
         max_age_s: float | None = None,
+        stall_s: float = 5,
     ):
         self._log = log
         self.max_age_s = max_age_s
         self.queue_size = queue_size
         self.heartbeat_s = heartbeat_s
         self.send_timeout_s = send_timeout_s
+        self.stall_s = stall_s
         self._channels: dict[str, Channel] = {}  # by tenant
         self._feed: LiveFeed | None = None
         self._stack = contextlib.AsyncExitStack()
@@ -326,9 +329,16 @@ class Hub:
             now, wall = loop.time(), time.time()
             for channel in list(self._channels.values()):
                 for sub in list(channel.members):
-                    reason = sub.sweep(now, wall, self.heartbeat_s, self.send_timeout_s)
+                    reason = sub.sweep(now, wall, self.heartbeat_s, self.send_timeout_s, self.stall_s)
                     if reason == "send-timeout":
                         self.stats.send_timeouts += 1
                         logger.warning("stream on %s ended: send stuck for %.1f s", sub.tenant, sub.stuck_for(now))
+                    elif reason == "stalled":
+                        self.stats.stalled += 1
+                        logger.error(
+                            "stream on %s ended: a reading waited %.1f s unsent (a silent stream; it resumes)",
+                            sub.tenant,
+                            sub.waiting_for(now),
+                        )
                     if reason is not None:
-                        sub.end(reason)
+                        sub.end(reason, now)

@@ -63,6 +63,11 @@ class GatewayCollector(Collector):
         yield counter("wellstream_resets", "Resumes older than history: reset + snapshot", stats.resets)
         yield counter("wellstream_slow_evictions", "Streams ended because their queue filled", stats.slow_disconnects)
         yield counter("wellstream_send_timeouts", "Streams ended because a send was stuck", stats.send_timeouts)
+        yield counter(
+            "wellstream_stalled_streams",
+            "Streams ended because a reading waited unsent past stream.stall_s (open but silent): should stay 0",
+            stats.stalled,
+        )
         yield counter("wellstream_redis_reconnects", "Live feed reconnects to Redis", hub.feed_reconnects)
         yield counter("wellstream_gap_fills", "Live feed gaps filled from history (fills completed)", stats.gap_fills)
         yield counter("wellstream_gap_events", "Events sent from history by gap fills", stats.gap_events)

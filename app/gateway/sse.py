@@ -24,6 +24,9 @@ def heartbeat_frame() -> bytes:
     return b": heartbeat\n\n"
 
 
+HEARTBEAT_EVENT = b"event: heartbeat\ndata: {}\n\n"  # on streams of many wells: visible to EventSource
+
+
 def snapshot_frame(snapshot: Snapshot) -> bytes:
     """`event: snapshot` with the newest entry id, so a resume after it neither gaps nor repeats."""
     readings = b",".join(single_line_json(snapshot.readings[tag]) for tag in sorted(snapshot.readings))

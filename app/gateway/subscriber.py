@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,12 +27,14 @@ class Frame(NamedTuple):
     id: StreamId
     data: bytes  # the SSE bytes
     device_ts: float  # the reading's device time, epoch seconds (0: unknown), for the latency histogram
+    queued_at: float  # loop time it was fanned out: a frame that waits too long means a silent stream
 
 
 class Subscriber:
     """One open stream's queue and bookkeeping. See the module docstring for who writes what."""
 
     __slots__ = (
+        "_ended_at",
         "_heartbeat_due",
         "_interrupt",
         "_last_send",
@@ -73,6 +76,7 @@ class Subscriber:
         self._heartbeat_due = False
         self._last_send = now
         self._sending_since = 0.0
+        self._ended_at = 0.0
 
     # The writer's side.
 
@@ -86,9 +90,9 @@ class Subscriber:
         skip = self._skip_through
         # Unpacked, not by field name: this runs once per event per stream.
         if skip is None:
-            chunks = [data for _, data, _ in frames]
+            chunks = [data for _, data, _, _ in frames]
         else:
-            chunks = [data for stream_id, data, _ in frames if stream_id > skip]
+            chunks = [data for stream_id, data, _, _ in frames if stream_id > skip]
             if chunks:
                 self._skip_through = None  # ids only grow: once one passes, all later ones do
         return chunks, frames[0][2], heartbeat
@@ -112,6 +116,7 @@ class Subscriber:
 
     def sent(self, now: float) -> None:
         self._sending_since = 0.0
+        self._ended_at = 0.0
         self._last_send = now
 
     @property
@@ -121,14 +126,25 @@ class Subscriber:
 
     # The hub's side.
 
-    def sweep(self, now: float, wall: float, heartbeat_s: float, send_timeout_s: float) -> str | None:
-        """The sweeper's look at this stream: the reason it must end now, if any; marks a heartbeat due."""
+    def sweep(self, now: float, wall: float, heartbeat_s: float, send_timeout_s: float, stall_s: float) -> str | None:
+        """The sweeper's look at this stream: the reason it must end now, if any; marks a heartbeat due.
+
+        The invariant it keeps: an open stream delivers every reading of its wells, or it is
+        ended (with a retry hint) within `stall_s` of the first reading it failed to send, and a
+        stream asked to end that has not finished within `send_timeout_s` is broken off.
+        """
+        if self.end_reason is not None:
+            if self._ended_at and now - self._ended_at > send_timeout_s:
+                self._break_off()
+            return None
         if self.expires_at is not None and wall >= self.expires_at:
             return "auth-expired"
         if now >= self.retire_at:
             return "max-age"
         if self._sending_since and now - self._sending_since > send_timeout_s:
             return "send-timeout"
+        if self.waiting_for(now) > stall_s:
+            return "stalled"
         if now - self._last_send >= heartbeat_s and not self._heartbeat_due:
             self._heartbeat_due = True
             self.wake()
@@ -137,15 +153,25 @@ class Subscriber:
     def stuck_for(self, now: float) -> float:
         return now - self._sending_since if self._sending_since else 0.0
 
-    def end(self, reason: str) -> None:
+    def waiting_for(self, now: float) -> float:
+        """How long the oldest reading queued for this stream has waited to be sent."""
+        frames = self.frames
+        return now - frames[0][3] if frames else 0.0
+
+    def end(self, reason: str, now: float = 0.0) -> None:
         """Ask the stream to end. 'drain' and 'max-age' end it cleanly, after the send in progress;
         anything else also interrupts a stuck send."""
         if self.end_reason is None:
             self.end_reason = reason
-        if reason not in GENTLE and self._sending_since and self._interrupt is not None:
+            self._ended_at = now or time.monotonic()
+        if reason not in GENTLE and self._sending_since:
+            self._break_off()
+        self.wake()
+
+    def _break_off(self) -> None:
+        if self._interrupt is not None:
             interrupt, self._interrupt = self._interrupt, None
             interrupt()
-        self.wake()
 
     def wake(self) -> None:
         waiter = self.waiter

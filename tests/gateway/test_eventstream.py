@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import pytest
 
@@ -10,6 +12,7 @@ from app.gateway.hub import Hub
 from app.models import Selection, StreamId, Topic
 from app.settings import HistorySettings, StreamSettings
 from app.streams.memory import memory_broker
+from tests.conftest import wait_until
 from tests.factories import history
 from tests.factories import make_reading as reading
 
@@ -74,4 +77,35 @@ async def test_live_frames_that_the_catch_up_already_sent_are_not_sent_again() -
             later = await broker.log.publish([reading(4.0, well="w2")])
             chunks, _, _ = sub.take()
             assert [chunk.split(b"\n")[0] for chunk in chunks] == [f"id: {later[0]}".encode()], "only what is new"
+            await hub.unsubscribe(sub)
+
+
+async def test_a_stream_that_stops_sending_while_its_well_publishes_is_ended_not_left_silent() -> None:
+    broker = memory_broker()
+    w1 = frozenset({"w1"})
+    with anyio.fail_after(10):
+        async with Hub(broker.log, heartbeat_s=0.4, stall_s=0.5) as hub:
+            silent = await hub.subscribe("acme", w1)  # nobody takes its frames: a writer that stopped
+            flowing = await hub.subscribe("acme", w1)
+            await broker.log.publish([reading(1.0)])
+            while silent.end_reason is None:
+                flowing.take()  # this one's writer keeps up
+                await broker.log.publish([reading(2.0)])
+                await asyncio.sleep(0.05)
+            assert silent.end_reason == "stalled"
+            assert flowing.end_reason is None, "a stream that keeps sending is left alone"
+            assert hub.stats.stalled == 1
+            await hub.unsubscribe(silent)
+            await hub.unsubscribe(flowing)
+
+
+async def test_a_stream_asked_to_end_that_does_not_is_broken_off_within_the_send_timeout() -> None:
+    broker = memory_broker()
+    broken: list[str] = []
+    with anyio.fail_after(10):
+        async with Hub(broker.log, heartbeat_s=0.2, send_timeout_s=0.3) as hub:
+            sub = await hub.subscribe("acme", frozenset({"w1"}), interrupt=lambda: broken.append("interrupted"))
+            sub.end("upstream-gap")  # its writer never reacts (stuck somewhere outside a send)
+            await wait_until(lambda: bool(broken))
+            assert broken == ["interrupted"]
             await hub.unsubscribe(sub)
