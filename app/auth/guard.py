@@ -24,9 +24,6 @@ from app.models import Principal
 from app.settings import AuthSettings
 from app.streams.seams import TicketStore, WellRegistry
 
-MAX_TICKET_WELLS = 100
-
-
 def client_address(request: Request, trusted: Sequence[str]) -> str:
     """The client's address; behind a trusted proxy, the last hop it appended to X-Forwarded-For.
 
@@ -90,21 +87,24 @@ class Guard:
             raise AuthError("unknown well", status=404)
         return principal
 
-    async def issue_ticket(self, principal: Principal, wells: Sequence[str]) -> str:
-        """A random single-use ticket for these wells, bound to the caller and its token's expiry."""
-        if not 1 <= len(wells) <= MAX_TICKET_WELLS:
-            raise AuthError(f"ask for 1 to {MAX_TICKET_WELLS} wells", status=400)
-        for well in wells:
-            if not (principal.may_see(well) and await self._registry.has_well(principal.tenant, well)):
+    async def issue_ticket(self, principal: Principal, wells: Sequence[str] | None) -> str:
+        """A random single-use ticket for these wells (None: every well the token may see, for a
+        stream of many wells), bound to the caller and its token's expiry."""
+        most = self._settings.limits.wells_per_stream
+        if wells is not None:
+            if not 1 <= len(wells) <= most:
+                raise AuthError(f"ask for 1 to {most} wells", status=400)
+            registered = set(await self._registry.wells(principal.tenant))
+            if not all(principal.may_see(well) and well in registered for well in wells):
                 raise AuthError("unknown well", status=404)
         # A ticket never outlives the token it came from.
         ttl_s = min(self._settings.ticket_ttl_s, int(principal.expires_at - time.time()))
         if ttl_s < 1:
             raise AuthError("token expired")
         ticket = secrets.token_urlsafe(32)
-        bound = principal.model_copy(update={"wells": frozenset(wells)})
+        bound = principal if wells is None else principal.model_copy(update={"wells": frozenset(wells)})
         await self._tickets.put(_ticket_key(ticket), bound.model_dump_json().encode(), ttl_s)
-        audit("ticket-issued", sub=principal.subject, tenant=principal.tenant, wells=sorted(wells))
+        audit("ticket-issued", sub=principal.subject, tenant=principal.tenant, wells=sorted(wells or ["*"]))
         return ticket
 
     async def redeem_ticket(self, ticket: str) -> Principal:

@@ -150,10 +150,15 @@ async def _json_body(request: Request) -> object:
         raise RequestError("body must be JSON", 400) from None
 
 
-def _wells_body(body: object) -> list[str]:
-    wells = body.get("wells") if isinstance(body, dict) else None
+def _wells_body(body: object) -> list[str] | None:
+    """{"wells": [ids]}, or {"wells": null} for every well the token may see (a stream of many wells)."""
+    if not isinstance(body, dict) or "wells" not in body:
+        raise RequestError('body must be {"wells": [well ids] or null}', 400)
+    wells = body["wells"]
+    if wells is None:
+        return None
     if not isinstance(wells, list) or not all(isinstance(w, str) and is_valid_id(w) for w in wells):
-        raise RequestError('body must be {"wells": [well ids]}', 400)
+        raise RequestError('body must be {"wells": [well ids] or null}', 400)
     return list(dict.fromkeys(wells))
 
 

@@ -223,3 +223,23 @@ async def test_a_stream_of_many_wells_counts_as_one_stream(redis_url: str, secre
                 await SSEReader(response).next_event("snapshot")
                 second = await client.get(f"{gateway.url}/tenants/acme/wells/w1/stream", headers=headers)
                 assert second.status_code == 429, "three wells, one stream: the subject's one place is taken"
+
+
+async def test_a_ticket_for_every_well_opens_one_stream_of_many_wells_once(redis_url: str, secret: str, token) -> None:
+    headers = {"Authorization": f"Bearer {token('acme', wells=['w1', 'w2'])}"}
+    with anyio.fail_after(30):
+        async with (
+            running_gateway(make_settings(secret, redis_url=redis_url)) as gateway,
+            httpx.AsyncClient() as client,
+        ):
+            issued = await client.post(
+                f"{gateway.url}/tenants/acme/stream-tickets", headers=headers, json={"wells": None}
+            )
+            assert issued.status_code == 200
+            url = f"{gateway.url}/tenants/acme/stream?ticket={issued.json()['ticket']}"
+            async with client.stream("GET", url) as response:
+                assert response.status_code == 200
+                reader = SSEReader(response)
+                snapshots = [await reader.next_event("snapshot") for _ in range(2)]
+            assert sorted(s.json()["wellId"] for s in snapshots) == ["w1", "w2"], "the token's wells, no more"
+            assert (await client.get(url)).status_code == 401, "single use"
