@@ -188,12 +188,14 @@ class Selection:
     """What one stream carries: wells of one tenant, and optionally only some tags.
 
     `wells` None: every well of the tenant, including wells registered while the stream is
-    open. A per-well stream is a selection of one well.
+    open. A per-well stream is a selection of one well. `max_rate` (updates per tag per
+    second) asks for the newest values only, conflated, instead of every reading.
     """
 
     tenant: str
     wells: frozenset[str] | None
     tags: frozenset[str] | None = None
+    max_rate: float | None = None
 
     def __str__(self) -> str:
         if self.wells is None:

@@ -24,6 +24,7 @@ from app.models import Principal
 from app.settings import AuthSettings
 from app.streams.seams import TicketStore, WellRegistry
 
+
 def client_address(request: Request, trusted: Sequence[str]) -> str:
     """The client's address; behind a trusted proxy, the last hop it appended to X-Forwarded-For.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -38,7 +39,7 @@ from app.gateway.sse import (
     retry_frame,
     snapshot_frame,
 )
-from app.gateway.subscriber import Subscriber
+from app.gateway.subscriber import Frame, Subscriber
 from app.models import Principal, Selection, Snapshot, StreamId, Topic
 from app.settings import HistorySettings, StreamSettings
 from app.streams.seams import StreamLog
@@ -171,7 +172,10 @@ class EventStream:
             await self._send(sub, send, await self._start(send, chunk))
         if first := await self._start(send, b""):  # catch-up ended before it sent anything
             await self._send(sub, send, first)
-        await self._live(sub, send)
+        if self.selection.max_rate is None:
+            await self._live(sub, send)
+        else:
+            await self._live_conflated(sub, send, 1 / self.selection.max_rate)
         await self._goodbye(sub, send)
 
     async def _start(self, send: Send, chunk: bytes) -> bytes:
@@ -187,7 +191,8 @@ class EventStream:
         stats = self.hub.stats
         selection = self.selection
         wells = sorted(selection.wells) if selection.wells is not None else None
-        if self.last_id is None:
+        # A conflated stream never resumes: it starts over from the newest values (the contract).
+        if self.last_id is None or selection.max_rate is not None:
             stats.snapshots += 1
             read = await self.log.read(selection.tenant, wells, None, 0)
             sub.caught_up(read.clock)
@@ -245,6 +250,33 @@ class EventStream:
                 if device_ts:
                     latency.observe(time.time() - device_ts)
 
+    async def _live_conflated(self, sub: Subscriber, send: Send, interval_s: float) -> None:
+        """The newest value per well and tag, at most once per `interval_s` each; the last value
+        of a burst is held back until its turn, never dropped (Lightstreamer's MERGE mode)."""
+        loop = asyncio.get_running_loop()
+        stats = self.hub.stats
+        pending: dict[tuple[str, str], Frame] = {}
+        sent_at: dict[tuple[str, str], float] = {}
+        while not sub.end_reason:
+            now = loop.time()
+            next_due = min((sent_at[key] + interval_s for key in pending), default=None)
+            await sub.wait(None if next_due is None else max(0.0, next_due - now))
+            if sub.end_reason:
+                break
+            frames, heartbeat = sub.take_frames()
+            for frame in frames:
+                pending[(frame.well, frame.tag)] = frame  # ids only grow: the newest wins
+            now = loop.time()
+            due = [key for key in pending if now - sent_at.get(key, -math.inf) >= interval_s]
+            chunks = [_without_id(pending.pop(key).data) for key in due]
+            sent_at.update(dict.fromkeys(due, now))
+            stats.events_sent += len(chunks)
+            self.events_sent += len(chunks)
+            if heartbeat and not chunks:
+                chunks = [self._heartbeat]
+            if chunks:
+                await self._send(sub, send, b"".join(chunks))
+
     async def _goodbye(self, sub: Subscriber, send: Send) -> None:
         reason = self.end_reason = sub.end_reason or "ended"
         if reason == "client-closed":
@@ -272,3 +304,8 @@ def audit_fields(selection: Selection) -> dict[str, object]:
     if wells is not None and len(wells) == 1:
         return {"tenant": selection.tenant, "well": next(iter(wells))}
     return {"tenant": selection.tenant, "wells": "*" if wells is None else len(wells)}
+
+
+def _without_id(frame: bytes) -> bytes:
+    """A reading frame without its `id:` line: a conflated stream's position is not resumable."""
+    return frame.partition(b"\n")[2]

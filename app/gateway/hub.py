@@ -111,7 +111,7 @@ class Channel:
 
     def fan_out(self, event: StreamEvent) -> None:
         self.last_id = event.id
-        frame = Frame(event.id, reading_frame(event), event.ts, time.monotonic())
+        frame = Frame(event.id, reading_frame(event), event.ts, time.monotonic(), event.well, event.tag)
         subs = self.by_well.get(event.well)
         if subs:
             self._offer(subs, frame, event.tag)

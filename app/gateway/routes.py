@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from ipaddress import ip_address
@@ -74,9 +75,10 @@ async def stream(request: Request) -> Response | EventStream:
     if principal.expires_at <= time.time():
         # Accepted within the clock leeway, but a stream would end at once: ask for a fresh token.
         raise AuthError("token expired")
-    selection = (
-        Selection(tenant, frozenset({well}), tags) if well else await _selection(request, principal, asked, tags)
-    )
+    if well:
+        selection = Selection(tenant, frozenset({well}), tags, _max_rate(request))
+    else:
+        selection = await _selection(request, principal, asked, tags)
     if gateway.hub.draining:
         return JSONResponse({"error": "server shutting down"}, status_code=503, headers={"Retry-After": "1"})
     if request.method == "HEAD":
@@ -87,6 +89,25 @@ async def stream(request: Request) -> Response | EventStream:
     return EventStream(
         gateway.hub, gateway.broker.log, selection, last_id, settings.stream, settings.history, principal, lease
     )
+
+
+MAX_RATE = 100.0
+
+
+def _max_rate(request: Request) -> float | None:
+    """`?mode=latest&maxRate=N`: the newest value per tag at most N times a second (conflated)."""
+    mode = request.query_params.get("mode", "all")
+    if mode == "all":
+        return None
+    if mode != "latest":
+        raise RequestError("mode must be all or latest", 400)
+    try:
+        rate = float(request.query_params.get("maxRate", "1"))
+    except ValueError:
+        rate = math.nan
+    if not 0 < rate <= MAX_RATE:
+        raise RequestError(f"maxRate must be a number of updates per second, above 0 and at most {MAX_RATE:g}", 400)
+    return rate
 
 
 def _well(request: Request) -> str | None:
@@ -119,14 +140,14 @@ async def _selection(
         unknown = sorted(well for well in asked if well not in registered or not principal.may_see(well))
         if unknown:
             raise RequestError(f"unknown wells: {', '.join(unknown[:20])}", 404)
-        return Selection(tenant, asked, tags)
+        return Selection(tenant, asked, tags, _max_rate(request))
     if principal.wells is not None:
-        return Selection(tenant, principal.wells, tags)
+        return Selection(tenant, principal.wells, tags, _max_rate(request))
     if len(registered) > most:
         raise RequestError(
             f"the tenant has {len(registered)} wells, more than one stream carries ({most}): ask for ?wells=", 400
         )
-    return Selection(tenant, None, tags)
+    return Selection(tenant, None, tags, _max_rate(request))
 
 
 async def stream_tickets(request: Request) -> Response:

@@ -28,6 +28,8 @@ class Frame(NamedTuple):
     data: bytes  # the SSE bytes
     device_ts: float  # the reading's device time, epoch seconds (0: unknown), for the latency histogram
     queued_at: float  # loop time it was fanned out: a frame that waits too long means a silent stream
+    well: str
+    tag: str
 
 
 class Subscriber:
@@ -90,22 +92,37 @@ class Subscriber:
         skip = self._skip_through
         # Unpacked, not by field name: this runs once per event per stream.
         if skip is None:
-            chunks = [data for _, data, _, _ in frames]
+            chunks = [frame[1] for frame in frames]
         else:
-            chunks = [data for stream_id, data, _, _ in frames if stream_id > skip]
+            chunks = [frame[1] for frame in frames if frame[0] > skip]
             if chunks:
                 self._skip_through = None  # ids only grow: once one passes, all later ones do
         return chunks, frames[0][2], heartbeat
 
-    async def wait(self) -> None:
-        """Until something is queued, a heartbeat is due, or the stream must end."""
+    def take_frames(self) -> tuple[list[Frame], bool]:
+        """Like `take`, but the frames themselves (a conflating writer keys them by well and tag)."""
+        frames, self.frames = self.frames, []
+        heartbeat, self._heartbeat_due = self._heartbeat_due, False
+        skip = self._skip_through
+        if skip is not None:
+            frames = [frame for frame in frames if frame.id > skip]
+            if frames:
+                self._skip_through = None
+        return frames, heartbeat
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        """Until something is queued, a heartbeat is due, the stream must end, or `timeout_s` passed."""
         if self.frames or self._heartbeat_due or self.end_reason:
             return
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = self.waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, _resolve, waiter) if timeout_s is not None else None
         try:
-            await self.waiter
+            await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def caught_up(self, cursor: StreamId) -> None:
         """The catch-up sent everything up to `cursor`: queued frames up to it are not sent again."""
@@ -177,3 +194,8 @@ class Subscriber:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import anyio
 import pytest
+from starlette.types import Message
 
 from app.gateway.eventstream import EventStream
 from app.gateway.hub import Hub
@@ -109,3 +111,34 @@ async def test_a_stream_asked_to_end_that_does_not_is_broken_off_within_the_send
             await wait_until(lambda: bool(broken))
             assert broken == ["interrupted"]
             await hub.unsubscribe(sub)
+
+
+async def test_a_conflated_stream_sends_each_tag_at_most_max_rate_times_a_second_and_its_last_value() -> None:
+    broker = memory_broker()
+    selection = Selection("acme", frozenset({"w1"}), max_rate=4)  # at most every 0.25 s per tag
+    sends: list[tuple[float, bytes]] = []
+    finished = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            body: bytes = message["body"]
+            sends.append((asyncio.get_running_loop().time(), body))
+            if b'"value":39.0' in body:
+                finished.set()
+
+    with anyio.fail_after(10):
+        async with Hub(broker.log) as hub:
+            stream = EventStream(hub, broker.log, selection, None, StreamSettings(), HistorySettings())
+            writer = asyncio.create_task(stream._write(send))
+            await wait_until(lambda: bool(sends))  # the snapshot is out
+            for n in range(40):  # 2 s at 20 readings/s of each of two tags
+                await broker.log.publish([reading(float(n), "p"), reading(float(n), "q")])
+                await asyncio.sleep(0.05)
+            await finished.wait()
+            writer.cancel()
+    readings = [(at, body) for at, body in sends if b"event: reading" in body]
+    for tag in (b'"tagName":"p"', b'"tagName":"q"'):
+        times = [at for at, body in readings if tag in body]
+        assert all(later - earlier >= 0.25 - 1e-3 for earlier, later in itertools.pairwise(times)), tag
+    assert b'"tagName":"q","value":39.0' in b"".join(body for _, body in readings), "the last value is never dropped"
+    assert all(b"id: " not in body for _, body in readings)

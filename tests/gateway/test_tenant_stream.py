@@ -243,3 +243,54 @@ async def test_a_ticket_for_every_well_opens_one_stream_of_many_wells_once(redis
                 snapshots = [await reader.next_event("snapshot") for _ in range(2)]
             assert sorted(s.json()["wellId"] for s in snapshots) == ["w1", "w2"], "the token's wells, no more"
             assert (await client.get(url)).status_code == 401, "single use"
+
+
+async def test_the_latest_mode_conflates_to_max_rate_and_always_delivers_the_last_value(
+    redis_url: str, secret: str, token
+) -> None:
+    headers = {"Authorization": f"Bearer {token('acme')}"}
+    url_tail = "/tenants/acme/stream?wells=w1,w2&mode=latest&maxRate=2"
+    received: list[tuple[float, str, str, float]] = []  # (arrival, well, tag, value)
+    with anyio.fail_after(30):
+        async with (
+            running_gateway(make_settings(secret, redis_url=redis_url)) as gateway,
+            connect_redis(redis_url) as broker,
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            loop = asyncio.get_running_loop()
+            async with client.stream("GET", gateway.url + url_tail, headers=headers) as response:
+                events = SSEReader(response)
+                first = [await events.next_event("snapshot"), await events.next_event("snapshot")]
+                for n in range(60):  # 3 s of bursts: 20 readings/s per tag
+                    await broker.log.publish([make_reading(float(n), "p"), make_reading(float(n), "q", well="w2")])
+                    await asyncio.sleep(0.05)
+                async for event in events:
+                    if event.event == "reading":
+                        assert event.id is None, "a conflated reading has no id: its stream is not resumable"
+                        data = event.json()
+                        received.append((loop.time(), data["wellId"], data["tagName"], data["value"]))
+                        if {(w, v) for _, w, _, v in received if v == 59.0} == {("w1", 59.0), ("w2", 59.0)}:
+                            break
+            async with client.stream(
+                "GET", gateway.url + url_tail, headers=headers | {"Last-Event-ID": first[0].id or ""}
+            ) as response:
+                resumed = await SSEReader(response).next_event()
+    for key in (("w1", "p"), ("w2", "q")):
+        values = [v for _, well, tag, v in received if (well, tag) == key]
+        assert values[-1] == 59.0, "the last value of the burst arrives"
+        assert len(values) < 20, "conflated: far fewer updates than the 60 readings published"
+        assert values == sorted(values), "newer values only"
+    assert resumed.event == "snapshot", "a conflated stream resumes with a fresh snapshot"
+
+
+async def test_the_latest_mode_refuses_bad_rates(redis_url: str, secret: str, token) -> None:
+    headers = {"Authorization": f"Bearer {token('acme')}"}
+    with anyio.fail_after(30):
+        async with (
+            running_gateway(make_settings(secret, redis_url=redis_url)) as gateway,
+            httpx.AsyncClient() as client,
+        ):
+            for query in ("mode=latest&maxRate=0", "mode=latest&maxRate=abc", "mode=latest&maxRate=1000", "mode=fast"):
+                response = await client.get(f"{gateway.url}/tenants/acme/stream?wells=w1&{query}", headers=headers)
+                assert response.status_code == 400, query
+                assert response.json()["error"]
