@@ -99,8 +99,9 @@ async def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     for n in range(args.first, args.first + args.streams):
         well = f"well-{n % args.wells + 1:03d}"
+        path = f"/tenants/{args.tenant}/stream" if args.tenant_stream else f"/tenants/{args.tenant}/wells/{well}/stream"
         request = (
-            f"GET /tenants/{args.tenant}/wells/{well}/stream HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             f"Authorization: Bearer {args.token}\r\nAccept: text/event-stream\r\n\r\n"
         ).encode()
         opened: asyncio.Future[bool] = loop.create_future()
@@ -163,6 +164,7 @@ def main() -> None:
     parser.add_argument("--token", required=True)
     parser.add_argument("--samples", required=True, help="file for latency samples (float64 seconds)")
     parser.add_argument("--open-timeout", type=float, default=60)
+    parser.add_argument("--tenant-stream", action="store_true", help="one stream of every well per connection")
     args = parser.parse_args()
     try:
         import uvloop

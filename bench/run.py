@@ -77,6 +77,8 @@ class Result:
     publisher_lag_ms: float
     silent: int = 0
     while_publishing: bool = False
+    wells: int = WELLS
+    multi: bool = False
 
 
 def clean_env() -> dict[str, str]:
@@ -132,7 +134,7 @@ def wait_healthy(port: int, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def gateway(system: str, redis_url: str, secret: str) -> Iterator[tuple[int, psutil.Process]]:
+def gateway(system: str, redis_url: str, secret: str, wells: int = WELLS) -> Iterator[tuple[int, psutil.Process]]:
     # "NAME@DIR": the same system run from another checkout (`python -m app` imports the app of its cwd),
     # so a change is measured against the code before it in one run.
     name, _, tree_dir = system.partition("@")
@@ -153,7 +155,7 @@ def gateway(system: str, redis_url: str, secret: str) -> Iterator[tuple[int, psu
         "WELLSTREAM_AUTH__LIMITS__CONNECTS_PER_S": "1000000",
         "WELLSTREAM_AUTH__LIMITS__CONNECT_BURST": "1000000",
         # Streams open before the first reading: the wells must be in the registry (else 404).
-        "WELLSTREAM_WELLS": json.dumps({TENANT: [f"well-{n:03d}" for n in range(1, WELLS + 1)]}),
+        "WELLSTREAM_WELLS": json.dumps({TENANT: [f"well-{n:03d}" for n in range(1, wells + 1)]}),
         **extra,
     }
     cmd = [sys.executable, *args, "--port", str(port)]
@@ -205,40 +207,52 @@ def start_profile(
     return subprocess.Popen(pinned(0, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def publisher(redis_url: str, rate: int, duration_s: float) -> list[str]:
+def publisher(redis_url: str, rate: int, duration_s: float, wells: int = WELLS) -> list[str]:
     return pinned(0, [sys.executable, "-m", "bench.publish", "--redis-url", redis_url, "--tenant", TENANT,
-                      "--wells", str(WELLS), "--rate", str(rate), "--duration", str(duration_s)])  # fmt: skip
+                      "--wells", str(wells), "--rate", str(rate), "--duration", str(duration_s)])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row: `streams` clients, `rate` readings/s over `wells` wells. `multi`: each client
+    opens one stream of every well (GET /tenants/{t}/stream) instead of one well's stream.
+    `while_publishing`: readings flow while the streams connect (as after a gateway restart
+    under load), so admission is measured against live traffic, not an idle gateway."""
+
+    streams: int
+    rate: int
+    wells: int = WELLS
+    multi: bool = False
+    while_publishing: bool = False
 
 
 def run_scenario(
     system: str,
-    streams: int,
-    rate: int,
+    scenario: Scenario,
     redis_url: str,
     secret: str,
     duration_s: float,
     workdir: Path,
     profile_dir: Path | None = None,
-    while_publishing: bool = False,
 ) -> Result:
-    """One row. `while_publishing`: readings flow while the streams connect (as after a gateway
-    restart under load), so admission is measured against live traffic, not an idle gateway."""
+    streams, rate, wells, while_publishing = scenario.streams, scenario.rate, scenario.wells, scenario.while_publishing
     token = mint_token(secret, TENANT, "bench", ttl_s=3600)
-    with gateway(system, redis_url, secret) as (port, server):
+    with gateway(system, redis_url, secret, wells) as (port, server):
         time.sleep(0.5)
         rss_before = rss(server)
         workers = []
         background = None
         if while_publishing:
             background = subprocess.Popen(
-                publisher(redis_url, rate, 3600), cwd=ROOT, stdout=subprocess.DEVNULL, text=True
+                publisher(redis_url, rate, 3600, wells), cwd=ROOT, stdout=subprocess.DEVNULL, text=True
             )
             time.sleep(1)  # readings flow before the first stream connects
         started = time.monotonic()
         for index, first in enumerate(range(0, streams, STREAMS_PER_WORKER)):
             count = min(STREAMS_PER_WORKER, streams - first)
             cmd = [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--streams", str(count)]
-            cmd += ["--first", str(first), "--wells", str(WELLS), "--tenant", TENANT, "--token", token]
+            cmd += ["--first", str(first), "--wells", str(wells), "--tenant", TENANT, "--token", token]
+            cmd += ["--tenant-stream"] if scenario.multi else []
             cmd += ["--samples", str(workdir / f"lat-{index}.bin")]
             workers.append(
                 subprocess.Popen(pinned(0, cmd), cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -260,7 +274,7 @@ def run_scenario(
         profiler = start_profile(profile_dir, system, streams, rate, server.pid, duration_s)
         if background is None:
             pub = subprocess.run(
-                publisher(redis_url, rate, duration_s), cwd=ROOT, capture_output=True, text=True, check=True,
+                publisher(redis_url, rate, duration_s, wells), cwd=ROOT, capture_output=True, text=True, check=True,
                 timeout=duration_s + 60,
             )  # fmt: skip
             published = json.loads(pub.stdout)
@@ -288,7 +302,7 @@ def run_scenario(
             latencies.frombytes(data.read())
     ordered = sorted(latencies)
     events = sum(r.get("events", 0) for r in reports)
-    expected = published["published"] * connected / WELLS
+    expected = published["published"] * connected / (1 if scenario.multi else wells)
     return Result(
         system=system,
         streams=streams,
@@ -309,6 +323,8 @@ def run_scenario(
         publisher_lag_ms=published["max_lag_ms"],
         silent=sum(r.get("silent", 0) for r in reports),
         while_publishing=while_publishing,
+        wells=wells,
+        multi=scenario.multi,
     )
 
 
@@ -318,6 +334,7 @@ COLUMNS = [
     ("dropped", "dropped"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
     ("rss_mib", "RSS MiB"), ("kib_per_stream", "KiB/stream"), ("cpu_pct", "CPU %"),
     ("loadgen_cpu_pct", "loadgen CPU %"), ("silent", "silent streams"), ("while_publishing", "opened while publishing"),
+    ("wells", "wells"), ("multi", "one stream of every well"),
 ]  # fmt: skip
 
 
@@ -337,6 +354,11 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, Python {platform.python_version()}"
 
 
+def triples(text: str | None) -> list[tuple[int, int, int]]:
+    """ "N:R:W,..." -> [(N, R, W), ...]; empty for None or ""."""
+    return [(int(n), int(r), int(w)) for n, r, w in (t.split(":") for t in text.split(",") if t)] if text else []
+
+
 def pairs(text: str | None) -> list[tuple[int, int]]:
     """ "N:R,N:R" -> [(N, R), ...]; empty for None or ""."""
     return [(int(n), int(r)) for n, r in (pair.split(":") for pair in text.split(",") if pair)] if text else []
@@ -347,6 +369,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--systems", default="baseline,wellstream-hypercorn,wellstream-uvicorn,wellstream-granian")
     parser.add_argument("--scenarios", default=None, help="N:R pairs, e.g. 1000:100,10000:1000")
     parser.add_argument("--quick", action="store_true", help="small scenarios only (a few minutes)")
+    parser.add_argument(
+        "--multi",
+        default=None,
+        help="N:R:W rows where each of N clients opens one stream of all W wells (R readings/s), e.g. 100:300:300",
+    )
     parser.add_argument(
         "--while-publishing",
         default=None,
@@ -379,14 +406,14 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}; `python -m bench {' '.join(argv or sys.argv[1:])}`"
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
-        runs = [(n, r, False) for n, r in scenarios] + [(n, r, True) for n, r in pairs(args.while_publishing)]
-        for streams, rate, during in runs:
+        runs = [Scenario(n, r) for n, r in scenarios]
+        runs += [Scenario(n, r, while_publishing=True) for n, r in pairs(args.while_publishing)]
+        runs += [Scenario(n, r, wells=w, multi=True) for n, r, w in triples(args.multi)]
+        for scenario in runs:
             for system in systems:
-                if system == "baseline" and streams > BASELINE_MAX_STREAMS:
+                if system == "baseline" and (scenario.streams > BASELINE_MAX_STREAMS or scenario.multi):
                     continue
-                result = run_scenario(
-                    system, streams, rate, redis_url, secret, args.duration, Path(tmp), args.profile, during
-                )
+                result = run_scenario(system, scenario, redis_url, secret, args.duration, Path(tmp), args.profile)
                 results.append(result)
                 print(json.dumps(asdict(result)), flush=True)
     output = header + "\n\n" + table(results) + "\n"
