@@ -1,266 +1,255 @@
-// One well's stream: an EventSource wrapped in an explicit state machine. The moves:
+// The page's one stream, GET /tenants/{tenant}/stream (every well the token may see), read with
+// fetch() and sse.js, in an explicit state machine. The moves:
 //
-//   idle, unavailable ─start()──▶ connecting   the requests before a stream: GET /latest on a fresh
-//                                               page, then a ticket, or a HEAD probe on a reconnect
-//   connecting ─passed──▶ opening               EventSource created, not yet open
-//              ─403, 404─▶ unavailable
-//              ─5xx, 429, no answer─▶ backoff   (a 401 signs the page out, which stops every connection)
-//   opening, retrying ─open──▶ live
-//   opening, live, retrying ─error──▶ retrying  cookie mode: the browser reconnects with Last-Event-ID
-//   opening, live, retrying ─error──▶ backoff   closed for good (a proxy's 502), or a used ticket
-//   live ─auth-expired──▶ connecting
+//   idle, unavailable ─start()──▶ connecting   a ticket first (ticket mode), then the GET, with
+//                                               Last-Event-ID once the page has a position
+//   connecting ─200──▶ live                     the body streams; every event goes to the page
+//              ─401──▶ (the page signs out, which stops this: idle)
+//              ─400, 403, 404──▶ unavailable    until start() again (the page's next look at its wells)
+//              ─429, 503, 5xx, no answer──▶ backoff
+//   live ─end of the body, a broken one──▶ backoff
+//   live ─auth-expired──▶ connecting            at once: a fresh ticket, or the cookie if it was renewed
+//   connecting, live ─silent, or the network went away──▶ backoff
 //   backoff ─timer, or back online──▶ connecting
-//   any ─stop()──▶ idle (signed out)             any ─close()──▶ closed (the well left the wall)
+//   any ─stop()──▶ idle                         signed out, or another tenant signed in
 //
-// Every move goes through #to(), which keeps two invariants: an EventSource exists exactly in
-// opening, live and retrying; a timer exactly in backoff.
+// Every move goes through #to(), which keeps the invariants: a request (its AbortController
+// and the silence watchdog) exists exactly in connecting and live; a timer exactly in backoff.
 
 import { Backoff, jitter } from "./backoff.js";
-import { countOwnReconnect, recordReceived } from "./diagnostics.js";
-import { advanceTo, applyLatest, applyReading, applyReset, applySnapshot, setLink } from "./model.js";
+import { SseParser } from "./sse.js";
 
-// The first reconnect after a live stream ended is spread over this window, like the server's
+// The first reconnect after a live stream broke is spread over this window, like the server's
 // jittered retry hint on shutdown: every dashboard on the wall comes back, but not at once.
 const RECONNECT_SPREAD_MS = 2500;
+// When a stream ended cleanly without a `retry:` of its own (a proxy ended it, say).
+const DEFAULT_RETRY_MS = 2000;
+// A stream of many wells sends `event: heartbeat` after this much silence (stream.heartbeat_s).
+export const HEARTBEAT_MS = 15000;
+// Nothing at all, not even a heartbeat, for this many heartbeat intervals: the stream is open but
+// dead (a proxy or a network path that stopped passing bytes). It is not live; reconnect.
+const SILENT_AFTER_HEARTBEATS = 2.5;
 
-/** @typedef {"idle" | "connecting" | "opening" | "live" | "retrying" | "backoff" | "unavailable" | "closed"} State */
+/** @typedef {"idle" | "connecting" | "live" | "backoff" | "unavailable"} State */
+
+/**
+ * Why the last attempt did not give a stream, for the page to show.
+ * @typedef {object} Refusal
+ * @property {number} status  the HTTP status; 0: no answer (the gateway or the network is down, or the stream fell silent)
+ * @property {string} reason  the server's JSON `error`, else the status text
+ * @property {number | null} retryAt  when the next attempt is due (ms since the epoch); null: not by itself
+ */
+
+/**
+ * What the connection needs from the page.
+ * @typedef {object} Context
+ * @property {import("./session.js").Session} session
+ * @property {() => string | null} position  the id to resume after (sent as Last-Event-ID); null: a fresh stream, which starts with snapshots
+ * @property {(event: import("./sse.js").SseEvent) => void} received  every event, in the order sent
+ * @property {(from: State, to: State, refusal: Refusal | null) => void} moved  every move, with the refusal that caused it
+ * @property {() => void} unauthorized  a 401: the page signs out, which stops the connection
+ */
 
 /** @type {Record<State, State[]>} the states each state may move to; any other move is a bug */
 const NEXT = {
-  idle: ["connecting", "idle", "closed"],
-  connecting: ["opening", "backoff", "unavailable", "idle", "closed"],
-  opening: ["live", "retrying", "backoff", "idle", "closed"],
-  live: ["connecting", "retrying", "backoff", "idle", "closed"],
-  retrying: ["live", "retrying", "backoff", "idle", "closed"],
-  backoff: ["connecting", "idle", "closed"],
-  unavailable: ["connecting", "idle", "closed"],
-  closed: [],
+  idle: ["connecting"],
+  connecting: ["live", "backoff", "unavailable", "idle"],
+  live: ["connecting", "backoff", "idle"],
+  backoff: ["connecting", "idle"],
+  unavailable: ["connecting", "idle"],
 };
-const WITH_SOURCE = new Set(["opening", "live", "retrying"]);
-
-/**
- * @typedef {import("./model.js").Model} Model
- * @typedef {import("./model.js").Well} Well
- * @typedef {import("./model.js").Tag} Tag
- * @typedef {import("./model.js").Link} Link
- * @typedef {object} Context  what a connection needs from the page
- * @property {Model} model
- * @property {import("./session.js").Session} session
- * @property {import("./diagnostics.js").Diagnostics} diagnostics
- * @property {(well: Well, tags: Tag[]) => void} changed  the model changed: show it
- * @property {() => void} unauthorized  a 401: the page signs out, which stops every connection
- */
-
-/**
- * The word a well's tile shows after a move, or null to keep the one it has: a first attempt
- * keeps "connecting", and a well stopped while signed out keeps its word until it connects again.
- * @param {State} from @param {State} to @param {Link} shown @returns {Link | null}
- */
-function linkAfter(from, to, shown) {
-  switch (to) {
-    case "live": return "live";
-    case "retrying": return "reconnecting";
-    case "unavailable": return "unavailable";
-    case "backoff": return shown === "offline" ? "offline" : "reconnecting";
-    case "connecting": return from === "live" ? "reconnecting" : null; // auth-expired
-    default: return null;
-  }
-}
-
-/** @param {string} text @returns {any} the JSON value, or undefined if it is not JSON */
-function parseJson(text) {
-  try { return JSON.parse(text); } catch { return undefined; }
-}
+const WITH_REQUEST = new Set(["connecting", "live"]);
+// Refusals the page cannot wait out: asking again only helps once something else changed.
+const FINAL = new Set([400, 403, 404]);
 
 export class Connection {
   /** @type {State} */
   state = "idle";
-  /** @type {Well} */
-  #well;
   /** @type {Context} */
   #context;
-  /** @type {EventSource | null} */
-  #source = null;
+  #silentAfterMs;
+  /** @type {AbortController | null} the request under way; a new one per attempt, so a stale attempt knows it is stale */
+  #request = null;
+  #watchdog = 0;
+  #heardAt = 0;
   #timer = 0;
   #backoff = new Backoff();
-  // Bumped by every connect: an attempt overtaken (stopped, or started again) gives up after its awaits.
-  #attempt = 0;
-  // EventSources opened so far: after the first, a HEAD probe comes before each, and each counts as our own reconnect.
-  #opened = 0;
 
-  /** @param {Well} well @param {Context} context */
-  constructor(well, context) {
-    this.#well = well;
+  /** @param {Context} context @param {{heartbeatMs?: number}} [options] */
+  constructor(context, { heartbeatMs = HEARTBEAT_MS } = {}) {
     this.#context = context;
+    this.#silentAfterMs = SILENT_AFTER_HEARTBEATS * heartbeatMs;
     Object.seal(this);
   }
 
-  /** Connect unless something is under way: a new well, signed in again, or another try after a 403/404. */
+  /** Connect unless something is under way: signed in, or another try after a 400/403/404. */
   start() {
     if (this.state === "idle" || this.state === "unavailable") this.#connect();
   }
 
-  /** Back on the network: a well waiting out a backoff tries now instead of at the end of it. */
+  /** Back on the network: a stream waiting out a backoff tries now instead of at the end of it. */
   resumeNow() {
     if (this.state !== "backoff") return;
     this.#backoff.reset();
     this.#connect();
   }
 
-  /** Signed out: no stream, nothing pending. start() resumes from the last id, with a fresh backoff. */
+  /** The browser lost the network: what is open will not last, so it is not shown as live. */
+  networkLost() {
+    if (WITH_REQUEST.has(this.state)) this.#retryAfter(jitter(this.#backoff.step()), null);
+  }
+
+  /** Signed out: no stream, nothing pending. start() resumes from the page's position, with a fresh backoff. */
   stop() {
-    if (this.state === "closed") return;
     this.#backoff.reset();
-    this.#to("idle");
+    if (this.state !== "idle") this.#to("idle");
   }
 
-  /** The well left the wall, for good. */
-  close() {
-    if (this.state !== "closed") this.#to("closed");
-  }
-
-  /** @param {State} next */
-  #to(next) {
+  /** @param {State} next @param {Refusal | null} [refusal] */
+  #to(next, refusal = null) {
     const from = this.state;
-    if (!NEXT[from].includes(next)) throw new Error(`well ${this.#well.name}: no move from ${from} to ${next}`);
+    if (!NEXT[from].includes(next)) throw new Error(`stream: no move from ${from} to ${next}`);
     this.state = next;
     clearTimeout(this.#timer);
     this.#timer = 0;
-    if (!WITH_SOURCE.has(next) && this.#source) {
-      this.#source.close();
-      this.#source = null;
-    }
-    const link = linkAfter(from, next, this.#well.link);
-    if (link) {
-      const shown = this.#well.link;
-      setLink(this.#well, link, Date.now());
-      if (link !== shown) this.#context.changed(this.#well, []);
-    }
+    if (next === "connecting" || !WITH_REQUEST.has(next)) this.#endRequest();
+    if (next === "connecting") this.#beginRequest();
+    this.#context.moved(from, next, refusal);
+  }
+
+  #beginRequest() {
+    this.#request = new AbortController();
+    this.#heardAt = performance.now();
+    const every = Math.min(Math.max(this.#silentAfterMs / 5, 200), 5000);
+    this.#watchdog = setInterval(() => this.#checkSilence(), every);
+  }
+
+  #endRequest() {
+    this.#request?.abort();
+    this.#request = null;
+    clearInterval(this.#watchdog);
+    this.#watchdog = 0;
+  }
+
+  #checkSilence() {
+    if (performance.now() - this.#heardAt <= this.#silentAfterMs) return;
+    // Aborting (in #to) breaks the read under way, which then finds itself overtaken.
+    const refusal = { status: 0, reason: "the stream fell silent", retryAt: null };
+    if (this.state === "live") this.#retryAfter(Math.random() * RECONNECT_SPREAD_MS, refusal);
+    else this.#retryAfter(jitter(this.#backoff.step()), refusal);
   }
 
   async #connect() {
     this.#to("connecting");
-    const attempt = ++this.#attempt;
-    const overtaken = () => this.#attempt !== attempt || this.state !== "connecting";
-    // Until a first snapshot or replay gave the well a position, so a failed backfill is tried again.
-    if (!this.#well.lastId) await this.#backfill(overtaken);
-    if (overtaken()) return;
-    const { session } = this.#context;
-    const path = session.streamPath(this.#well.name);
-    const params = new URLSearchParams();
-    if (this.#well.lastId) params.set("lastEventId", this.#well.lastId);
-    const { status, retryAfterS, ticket } = await this.#preflight(`${path}?${params}`);
-    if (overtaken()) return;
-    if (status === 401) this.#context.unauthorized();
-    else if (status === 403 || status === 404) this.#to("unavailable");
-    else if (status < 200 || status > 299) this.#backOff(retryAfterS, false);
-    else {
-      if (ticket) params.set("ticket", ticket);
-      this.#open(`${path}?${params}`);
+    const request = /** @type {AbortController} */ (this.#request);
+    const overtaken = () => this.#request !== request;
+    let response;
+    try {
+      response = await this.#open(request.signal);
+    } catch {
+      if (!overtaken()) this.#retryAfter(jitter(this.#backoff.step()), { status: 0, reason: "no answer", retryAt: null });
+      return;
     }
-  }
-
-  /** @param {() => boolean} overtaken */
-  async #backfill(overtaken) {
-    const latest = await this.#context.session.fetchLatest(this.#well.name);
-    if (!latest || overtaken()) return; // without it, the stream's snapshot will do
-    const { model, changed } = this.#context;
-    changed(this.#well, applyLatest(model, this.#well, latest, Date.now()));
+    if (overtaken()) return;
+    if (!isEventStream(response)) {
+      await this.#refused(response, overtaken);
+      return;
+    }
+    this.#backoff.reset();
+    this.#to("live");
+    try {
+      await this.#read(response, overtaken);
+    } catch {
+      // The body broke off (the gateway or a proxy died, the network went): soon, but spread out.
+      if (!overtaken()) this.#retryAfter(Math.random() * RECONNECT_SPREAD_MS, null);
+    }
   }
 
   /**
-   * What an EventSource would hide: why it is refused. Ticket mode buys the ticket; a cookie
-   * reconnect first asks HEAD on the stream (answered without streaming), which tells an expired
-   * session (401: sign in again) from a proxy's 502 (wait, retry). A first open just opens.
-   * @param {string} url  the stream, for the probe
-   * @returns {Promise<{status: number, retryAfterS: number, ticket: string | null}>}
+   * The stream's response: with a ticket bought first in ticket mode (a refused purchase is
+   * answered as the stream's refusal), resuming after the page's position if it has one.
+   * @param {AbortSignal} signal @returns {Promise<Response>}
    */
-  async #preflight(url) {
-    const { session } = this.#context;
-    try {
-      let response = null;
-      let ticket = null;
-      if (session.mode === "ticket") {
-        response = await session.buyTicket(this.#well.name);
-        if (response.ok) ticket = (await response.json()).ticket;
-      } else if (this.#opened > 0) {
-        response = await fetch(url, { method: "HEAD", credentials: "same-origin" });
+  async #open(signal) {
+    const { session, position } = this.#context;
+    let query = "";
+    if (session.mode === "ticket") {
+      const bought = await session.buyTicket(signal);
+      if (!bought.ok) return bought;
+      query = `?${new URLSearchParams({ ticket: (await bought.json()).ticket })}`;
+    }
+    /** @type {Record<string, string>} */
+    const headers = { Accept: "text/event-stream" };
+    const lastId = position();
+    if (lastId) headers["Last-Event-ID"] = lastId;
+    return fetch(session.streamPath() + query, { headers, signal, credentials: "same-origin", cache: "no-store" });
+  }
+
+  /**
+   * Reads events until the body ends; throws if it breaks. A clean end (the server's goodbye on
+   * shutdown, or its end at auth expiry) reconnects after the server's `retry:`.
+   * @param {Response} response @param {() => boolean} overtaken
+   */
+  async #read(response, overtaken) {
+    const body = /** @type {ReadableStream<BufferSource>} */ (response.body);
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    const parser = new SseParser();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (overtaken()) return;
+      if (done) break;
+      this.#heardAt = performance.now();
+      for (const event of parser.push(value)) {
+        this.#context.received(event);
+        // The token behind this stream expired: a fresh ticket (or the cookie, if renewed) resumes
+        // from the position; a 401 on the way means the operator has to sign in again.
+        if (event.type === "auth-expired") this.#connect();
+        if (overtaken()) return; // the event moved the page on (a new attempt, a sign-out)
       }
-      if (!response) return { status: 200, retryAfterS: 0, ticket };
-      return { status: response.status, retryAfterS: Number(response.headers.get("Retry-After")) || 0, ticket };
-    } catch {
-      return { status: 0, retryAfterS: 0, ticket: null }; // no answer: the gateway or the proxy is down
     }
+    this.#backoff.step(); // taken, so that failures right after this one wait longer
+    this.#retryAfter(parser.retryMs ?? DEFAULT_RETRY_MS, null);
   }
 
-  /** @param {number} retryAfterS  what the server asked for; never sooner @param {boolean} afterLive */
-  #backOff(retryAfterS, afterLive) {
-    const step = jitter(this.#backoff.step()); // taken either way, so the failures after this one wait longer
-    const wait = afterLive ? Math.random() * RECONNECT_SPREAD_MS : step;
-    this.#to("backoff");
-    this.#timer = setTimeout(() => this.#connect(), Math.max(retryAfterS * 1000, wait));
+  /** @param {Response} response @param {() => boolean} overtaken */
+  async #refused(response, overtaken) {
+    const { status } = response;
+    const wait = Math.max(retryAfterMs(response), jitter(this.#backoff.step()));
+    const reason = await reasonOf(response);
+    if (overtaken()) return;
+    if (status === 401) this.#context.unauthorized();
+    else if (FINAL.has(status)) this.#to("unavailable", { status, reason, retryAt: null });
+    else this.#retryAfter(wait, { status, reason, retryAt: null });
   }
 
-  /** @param {string} url */
-  #open(url) {
-    if (this.#opened > 0) countOwnReconnect(this.#context.diagnostics);
-    this.#opened += 1;
-    const source = new EventSource(url, { withCredentials: true });
-    this.#source = source;
-    this.#to("opening");
-    /** @param {string} type @param {(event: MessageEvent) => void} handle */
-    const on = (type, handle) => {
-      source.addEventListener(type, (event) => {
-        if (this.#source === source) handle(/** @type {MessageEvent} */ (event));
-      });
-    };
-    on("open", () => {
-      this.#backoff.reset();
-      this.#to("live");
-    });
-    on("snapshot", (event) => this.#onSnapshot(event));
-    on("reading", (event) => this.#onReading(event));
-    on("reset", (event) => this.#onReset(event));
-    // The token behind this stream expired: a fresh ticket (or the cookie, if renewed) resumes
-    // from the last id; a 401 on the way means the operator has to sign in again.
-    on("auth-expired", () => this.#connect());
-    on("error", () => this.#onError(source));
+  /** @param {number} waitMs @param {Refusal | null} refusal */
+  #retryAfter(waitMs, refusal) {
+    this.#to("backoff", refusal && { ...refusal, retryAt: Date.now() + waitMs });
+    this.#timer = setTimeout(() => this.#connect(), waitMs);
   }
+}
 
-  /** @param {EventSource} source */
-  #onError(source) {
-    if (this.#context.session.mode === "ticket" || source.readyState === EventSource.CLOSED) {
-      // A used ticket cannot reconnect, and a CLOSED EventSource (a 502/503 from a proxy, a 401)
-      // never retries: reconnect ourselves, from the last id we have.
-      this.#backOff(0, this.state === "live");
-    } else {
-      this.#to("retrying");
-    }
-  }
+/** @param {Response} response */
+function isEventStream(response) {
+  return response.status === 200 && (response.headers.get("Content-Type") ?? "").startsWith("text/event-stream");
+}
 
-  /** @param {MessageEvent} event */
-  #onSnapshot(event) {
-    recordReceived(this.#context.diagnostics, this.#well.name, "snapshot", event.lastEventId);
-    const data = parseJson(event.data);
-    if (data === undefined) return;
-    const { model, changed } = this.#context;
-    changed(this.#well, applySnapshot(model, this.#well, event.lastEventId, data, Date.now()));
-  }
+/** What the server asked for, in ms: never sooner. Seconds or an HTTP date. @param {Response} response */
+function retryAfterMs(response) {
+  const raw = response.headers.get("Retry-After");
+  if (!raw) return 0;
+  const seconds = Number(raw);
+  const ms = Number.isFinite(seconds) ? seconds * 1000 : Date.parse(raw) - Date.now();
+  return Number.isFinite(ms) ? Math.max(0, ms) : 0;
+}
 
-  /** @param {MessageEvent} event */
-  #onReading(event) {
-    recordReceived(this.#context.diagnostics, this.#well.name, "reading", event.lastEventId);
-    if (!advanceTo(this.#well, event.lastEventId)) return;
-    const reading = parseJson(event.data);
-    if (reading === undefined) return;
-    const { model, changed } = this.#context;
-    const tag = applyReading(model, this.#well, reading, Date.now());
-    if (tag) changed(this.#well, [tag]);
+/** The gateway's JSON `{"error": reason}`, else the status text. @param {Response} response @returns {Promise<string>} */
+async function reasonOf(response) {
+  try {
+    const body = await response.json();
+    if (body && typeof body.error === "string") return body.error;
+  } catch {
+    // not JSON: a proxy's page
   }
-
-  /** @param {MessageEvent} event */
-  #onReset(event) {
-    recordReceived(this.#context.diagnostics, this.#well.name, "reset", event.lastEventId);
-    applyReset(this.#well);
-  }
+  return response.statusText || `HTTP ${response.status}`;
 }

@@ -1,19 +1,26 @@
-// The wellstream operator dashboard: a tile per well, one EventSource per well, the DOM written
-// once per animation frame. ES modules served as they are by the gateway: no build step.
+// The wellstream operator dashboard: a tile per well, ONE stream for every well of the tenant
+// (GET /tenants/{tenant}/stream: one connection for 5 wells or 2,000, over HTTP/1.1 and HTTP/2
+// alike), the DOM written once per animation frame. ES modules served as they are by the
+// gateway: no build step.
 //
 //   main.js         this file: the app's state and the page's events, wired to the modules below
 //   session.js      who is signed in (cookie or ticket mode) and the requests that depend on it
-//   model.js        wells, tags, quality, STALE, counts: plain data, changed only by its functions
-//   connection.js   one per well: the stream's state machine (EventSource, backoff, probe, tickets)
-//   backoff.js      the one backoff, for the streams and the list of wells
-//   render.js       draws the model once per animation frame, only what changed
+//   model.js        wells, tags, quality, STALE, the stream's position and state: plain data, changed only by its functions
+//   connection.js   the stream's state machine: fetch(), tickets, backoff, the silence watchdog
+//   sse.js          the event-stream parser connection.js reads the body with
+//   feed.js         what the stream's events and moves do to the model
+//   backoff.js      the one backoff, for the stream and the list of wells
+//   render.js       draws the model once per animation frame, only what changed, in the view's order
+//   tile.js         one well's tile in the DOM
+//   toolbar.js      the view: filter by name, sort by name or state (worst first), compact tiles
 //   page.js         the sign-in form, the sign-out button, the notice
 //   keyboard.js     arrow keys, Home and End between the tiles
 //   diagnostics.js  window.wellstream, for the tests and the console
 
 import { Backoff, sleep } from "./backoff.js";
-import { Connection } from "./connection.js";
+import { Connection, HEARTBEAT_MS } from "./connection.js";
 import { createDiagnostics } from "./diagnostics.js";
+import { Feed } from "./feed.js";
 import { enableTileNavigation } from "./keyboard.js";
 import { addWell, advanceClock, createModel, resetWells } from "./model.js";
 import {
@@ -22,13 +29,12 @@ import {
 } from "./page.js";
 import { Renderer } from "./render.js";
 import { Session } from "./session.js";
+import { createView, enableToolbar } from "./toolbar.js";
 
-// Wells registered later (a new site, ingestion publishing for a new well) get a tile without a reload.
+// Wells registered without a reading yet get a tile without a reload (a reading brings its well by itself).
 const WELLS_REFRESH_MS = 60000;
-// Ages and STALE move with the clock, not only with readings.
+// Ages, STALE and the order by state move with the clock, not only with readings.
 const CLOCK_MS = 1000;
-const HTTP1_NOTICE = "This page came over HTTP/1.1, where a browser keeps at most 6 connections per server: only " +
-  "about 5 wells can stream at once. Serve the dashboard over HTTPS with HTTP/2 to see them all live.";
 
 const dom = findElements(document);
 /** The one state the page has; this module owns it, the others get what they need from it. */
@@ -38,20 +44,28 @@ window.wellstream = app.diagnostics;
 function createApp() {
   const session = new Session();
   const model = createModel(navigator.onLine);
-  const diagnostics = createDiagnostics(() => session.mode, navigationProtocol, dom.indicator.dataset.state ?? "");
-  const renderer = new Renderer(model, dom, diagnostics);
-  /** @type {import("./connection.js").Context} */
-  const context = {
-    model, session, diagnostics,
-    changed: (well, tags) => renderer.changed(well, tags),
+  const view = createView();
+  const diagnostics = createDiagnostics(model, () => session.mode, navigationProtocol,
+    dom.indicator.dataset.state ?? "");
+  const renderer = new Renderer(model, view, dom, diagnostics);
+  const feed = new Feed(model, diagnostics, renderer);
+  const connection = new Connection({
+    session,
+    position: () => feed.position(),
+    received: (event) => feed.received(event),
+    moved: (from, to, refusal) => feed.moved(from, to, refusal),
     unauthorized: () => signOut("Your session has ended. Sign in again."),
-  };
-  return Object.seal({
-    session, model, diagnostics, renderer, context,
-    /** @type {Map<string, Connection>} by well name, as model.wells */
-    connections: new Map(),
-    wellsTimer: 0,
-  });
+  }, { heartbeatMs: heartbeatMs() });
+  return Object.seal({ session, model, view, diagnostics, renderer, connection, wellsTimer: 0 });
+}
+
+/**
+ * The gateway's heartbeat interval, when it is not the default 15 s (stream.heartbeat_s):
+ * `?heartbeatS=` on the page's address. The stream counts as silent after 2.5 of them.
+ */
+function heartbeatMs() {
+  const seconds = Number(new URLSearchParams(location.search).get("heartbeatS"));
+  return seconds > 0 ? seconds * 1000 : HEARTBEAT_MS;
 }
 
 // ---- signing in and out ----
@@ -60,20 +74,20 @@ function createApp() {
 function signOut(reason) {
   app.model.signedOut = true;
   app.session.forget();
-  for (const connection of app.connections.values()) connection.stop();
+  app.connection.stop();
   showSignIn(dom, reason);
   app.renderer.schedule();
 }
 
 /**
- * Nothing of the wells shown so far stays (another tenant, or signed out on purpose). Their tiles
- * go with the next frame; this asks for none, because in start() a frame drawn before the list
- * of wells has answered would say Connecting before the header can say whether it came.
+ * Nothing of the wells shown so far stays (another tenant, or signed out on purpose), nor the
+ * stream's position. Their tiles go with the next frame; this asks for none, because in start()
+ * a frame drawn before the list of wells has answered would say Connecting before the header can
+ * say whether it came.
  * @param {string | null} tenant
  */
 function clearWall(tenant) {
-  for (const connection of app.connections.values()) connection.close();
-  app.connections.clear();
+  app.connection.stop();
   resetWells(app.model, tenant);
 }
 
@@ -83,9 +97,9 @@ async function start() {
   showSignedIn(dom, app.session.tenant);
   const names = await loadWells();
   if (!names) return;
-  if (!names.length) showNotice(dom, "This token may not see any well of this tenant.");
-  else if (names.length > 5 && navigationProtocol() === "http/1.1") showNotice(dom, HTTP1_NOTICE);
+  showNotice(dom, names.length ? "" : "This token may not see any well of this tenant.");
   addWells(names);
+  app.connection.start();
   clearInterval(app.wellsTimer);
   app.wellsTimer = setInterval(refreshWells, WELLS_REFRESH_MS);
 }
@@ -109,15 +123,17 @@ async function loadWells() {
 async function refreshWells() {
   if (app.model.signedOut) return;
   const { names } = await app.session.fetchWells();
-  if (names && !app.model.signedOut) addWells(names);
+  if (!names || app.model.signedOut) return;
+  addWells(names);
+  app.connection.start(); // a stream refused for good (400, 403, 404) tries again now
 }
 
-/** New wells get a tile and a connection; every well not streaming (new, stopped, unavailable) connects. @param {string[]} names */
+/** New wells get a tile; the one stream already carries them. @param {string[]} names */
 function addWells(names) {
+  const now = Date.now();
   for (const name of names) {
-    if (!app.model.wells.has(name)) app.connections.set(name, new Connection(addWell(app.model, name), app.context));
+    if (!app.model.wells.has(name)) addWell(app.model, name, now);
   }
-  for (const connection of app.connections.values()) connection.start();
   app.renderer.schedule();
 }
 
@@ -139,6 +155,8 @@ dom.signOut.addEventListener("click", async () => {
   clearWall(null); // signed out on purpose: nothing of this tenant stays on the screen
 });
 
+enableToolbar(dom, app.view, () => app.renderer.viewChanged());
+
 // ---- the clock and the network ----
 
 setInterval(() => {
@@ -150,12 +168,13 @@ setInterval(() => {
 
 window.addEventListener("offline", () => {
   app.model.online = navigator.onLine;
+  app.connection.networkLost();
   app.renderer.schedule();
 });
 
 window.addEventListener("online", () => {
   app.model.online = navigator.onLine;
-  for (const connection of app.connections.values()) connection.resumeNow();
+  app.connection.resumeNow();
   app.renderer.schedule();
 });
 

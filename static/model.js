@@ -1,11 +1,14 @@
-// The dashboard's data: wells, their tags, quality and STALE, each tile's stream word and the
-// header's counts. Plain objects created whole by the factories below and sealed, so a field
-// that was never declared fails loudly instead of appearing later. Wells and tags change only
-// through the functions below (the page's own flags, signedOut, online and wellsRefused, are set
-// by main.js); nothing here touches the DOM. Functions take `now` (ms) instead of reading the
-// clock, so one event or one tick sees one time.
+// The dashboard's data: wells, their tags, quality and STALE, each well's stream word, the
+// stream's position and state, and the header's counts. Plain objects created whole by the
+// factories below and sealed, so a field that was never declared fails loudly instead of
+// appearing later. Wells, tags and the stream's fields change only through the functions below
+// (the page's own flags, signedOut, online and wellsRefused, are set by main.js); nothing here
+// touches the DOM. Functions take `now` (ms) instead of reading the clock, so one event or one
+// tick sees one time.
 
-// The sparkline's span; also how far back a fresh page asks the stream to replay.
+// The sparkline's span. A fresh page starts from the stream's snapshots (the latest value of
+// each tag), so lines fill as readings arrive: replaying 5 minutes of a whole field costs far
+// more than it shows.
 export const SPARK_WINDOW_MS = 5 * 60 * 1000;
 // STALE: the API gives no expected interval per tag, so it is learnt from the tag's own cadence
 // (source timestamps): stale when the age exceeds STALE_FACTOR x the median of the last
@@ -18,11 +21,16 @@ const CADENCE_SAMPLES = 15;
 const OFFLINE_AFTER_MS = 15000;
 const QUALITIES = new Set(["GOOD", "UNCERTAIN", "BAD"]);
 const RANK = Object.freeze({ GOOD: 0, UNCERTAIN: 1, STALE: 2, BAD: 3 });
+// Worst first: a well the page knows nothing about (no data, or not live) ranks below BAD only.
+const TILE_RANK = Object.freeze({ "": 0, GOOD: 1, UNCERTAIN: 2, STALE: 3, NODATA: 4, NOTLIVE: 4, BAD: 5 });
 
 /** @typedef {"GOOD" | "UNCERTAIN" | "BAD"} Quality */
 /** @typedef {"connecting" | "live" | "reconnecting" | "offline" | "unavailable"} Link  what a tile says of its stream */
+/** @typedef {Quality | "STALE" | "NODATA" | "NOTLIVE"} TileState  a tile's word: NOTLIVE whenever its well is not live, so it never looks GOOD then */
 /** @typedef {{BAD: number, STALE: number, UNCERTAIN: number}} Counts  tags in each state that needs an eye */
 /** @typedef {"Signed out" | "Offline" | "Live" | "Reconnecting" | "Connecting"} PageState */
+/** @typedef {import("./connection.js").State} StreamState */
+/** @typedef {import("./connection.js").Refusal} Refusal */
 
 /**
  * @typedef {object} Tag
@@ -41,18 +49,24 @@ const RANK = Object.freeze({ GOOD: 0, UNCERTAIN: 1, STALE: 2, BAD: 3 });
  * @typedef {object} Well
  * @property {string} name
  * @property {Map<string, Tag>} tags
- * @property {string | null} lastId  the newest stream id applied: where a reconnect resumes
+ * @property {string | null} lastId  the id of the newest event applied to this well
+ * @property {number} readings  reading events applied (snapshots not counted)
  * @property {Link} link
- * @property {number | null} failingSince  since when its stream has not been live; null while live or first connecting
- * @property {Quality | "STALE" | ""} worst  its tile's state: the worst of its tags
+ * @property {number | null} failingSince  since when its stream has failed; null while live or first connecting
+ * @property {number} downSince  since when it has not been live (since it was added, if never): the age its tile shows
+ * @property {Quality | "STALE" | ""} worst  the worst of its tags; "" without any
  * @property {Counts} counts
  */
 
 /**
  * @typedef {object} Model
  * @property {string | null} tenant  whose wells these are
- * @property {Map<string, Well>} wells  in the order they were added: the order of the tiles
+ * @property {Map<string, Well>} wells  in the order they were added
  * @property {number} wellsVersion  bumped when wells are added or removed
+ * @property {string | null} lastId  the newest stream id applied: where a reconnect resumes (one id for every well)
+ * @property {StreamState} stream  the stream's state (connection.js)
+ * @property {boolean} awaitingSnapshots  a fresh stream is live, its snapshots not all in: a well is live once its own came
+ * @property {Refusal | null} refusal  why the stream is not live, while that lasts
  * @property {boolean} signedOut
  * @property {boolean} online  the browser's network
  * @property {number | null} wellsRefused  while the list of wells does not load: its HTTP status (0: no answer)
@@ -67,14 +81,16 @@ function noCounts() {
 /** @param {boolean} online @returns {Model} */
 export function createModel(online) {
   return Object.seal({
-    tenant: null, wells: new Map(), wellsVersion: 0, signedOut: false, online, wellsRefused: null, counts: noCounts(),
+    tenant: null, wells: new Map(), wellsVersion: 0, lastId: null, stream: "idle", awaitingSnapshots: false,
+    refusal: null, signedOut: false, online, wellsRefused: null, counts: noCounts(),
   });
 }
 
-/** @param {string} name @returns {Well} */
-function createWell(name) {
+/** @param {string} name @param {Link} link @param {number} now @returns {Well} */
+function createWell(name, link, now) {
   return Object.seal({
-    name, tags: new Map(), lastId: null, link: "connecting", failingSince: null, worst: "", counts: noCounts(),
+    name, tags: new Map(), lastId: null, readings: 0, link, failingSince: null, downSince: now, worst: "",
+    counts: noCounts(),
   });
 }
 
@@ -85,20 +101,36 @@ function createTag(name) {
   });
 }
 
-/** Forget every well (signed out, or another tenant signed in). @param {Model} model @param {string | null} tenant */
+/**
+ * Forget every well and the stream's position (signed out, or another tenant signed in): the
+ * next stream starts fresh, with snapshots.
+ * @param {Model} model @param {string | null} tenant
+ */
 export function resetWells(model, tenant) {
   model.wells.clear();
   model.wellsVersion += 1;
+  model.lastId = null;
+  model.awaitingSnapshots = false;
   Object.assign(model.counts, noCounts());
   model.tenant = tenant;
 }
 
-/** @param {Model} model @param {string} name @returns {Well} */
-export function addWell(model, name) {
-  const well = createWell(name);
+/**
+ * A well joins the wall. The stream carries every well the token may see, including wells
+ * registered after it opened: once its snapshots are in, a new well is live at once.
+ * @param {Model} model @param {string} name @param {number} now @returns {Well}
+ */
+export function addWell(model, name, now) {
+  const covered = model.stream === "live" && !model.awaitingSnapshots;
+  const well = createWell(name, covered ? "live" : "connecting", now);
   model.wells.set(name, well);
   model.wellsVersion += 1;
   return well;
+}
+
+/** The well an event names, added if the page did not know it yet. @param {Model} model @param {string} name @param {number} now */
+export function wellNamed(model, name, now) {
+  return model.wells.get(name) ?? addWell(model, name, now);
 }
 
 // ---- stream ids: "<ms>-<seq>", compared numerically ----
@@ -119,14 +151,12 @@ function compareIds(a, b) {
 // ---- readings ----
 
 /**
- * One reading into its tag. `seed` readings (from GET /latest, before the stream's replay) give
- * a tag a value and an age at once, but no sparkline point: the replay that follows brings the
- * points in order.
+ * One reading into its tag.
  * @param {Model} model @param {Well} well @param {any} reading  as parsed from the wire
- * @param {number} now @param {boolean} [seed]
+ * @param {number} now
  * @returns {Tag | null} the tag it changed; null for what is not a reading
  */
-export function applyReading(model, well, reading, now, seed = false) {
+export function applyReading(model, well, reading, now) {
   if (!reading || typeof reading.tagName !== "string") return null;
   let tag = well.tags.get(reading.tagName);
   if (!tag) {
@@ -140,7 +170,7 @@ export function applyReading(model, well, reading, now, seed = false) {
   const ts = Date.parse(reading.timestamp);
   if (Number.isFinite(ts)) {
     if (!(ts <= tag.ts)) tag.ts = ts;
-    if (!seed) addPoint(tag, ts, now);
+    addPoint(tag, ts, now);
   }
   tag.stale = isStale(tag, now);
   if (tag.quality !== quality || tag.stale !== stale) summarize(model, well);
@@ -173,52 +203,41 @@ export function firstVisiblePoint(points, start) {
 }
 
 /**
- * Whether a reading with this id is news, and if so the well's position moves to it. Defensive:
- * never show a reading twice, whatever the server sends.
- * @param {Well} well @param {string} id @returns {boolean}
+ * Whether a reading with this id is news; if so, the stream's position and the well's move to
+ * it. A tenant's ids are totally ordered, so one position covers every well. Defensive: never
+ * show a reading twice, whatever the server sends.
+ * @param {Model} model @param {Well} well @param {string} id @returns {boolean}
  */
-export function advanceTo(well, id) {
-  if (well.lastId && id && compareIds(id, well.lastId) <= 0) return false;
-  if (id) well.lastId = id;
+export function advanceTo(model, well, id) {
+  if (model.lastId && id && compareIds(id, model.lastId) <= 0) return false;
+  if (id) model.lastId = well.lastId = id;
+  well.readings += 1;
   return true;
 }
 
 /**
- * A snapshot: the latest reading of every tag, and where the stream now stands.
+ * A snapshot: the latest reading of every tag, and where the stream now stands. The snapshots
+ * of one stream all carry the same id (the tenant's clock when they were read).
  * @param {Model} model @param {Well} well @param {string} id @param {any} data @param {number} now
  * @returns {Tag[]}
  */
 export function applySnapshot(model, well, id, data, now) {
-  well.lastId = id || data.lastEventId || well.lastId;
-  return applyAll(model, well, data.readings || [], now, false);
-}
-
-/**
- * GET /latest on a fresh page: every tag's value at once, and a position SPARK_WINDOW_MS before
- * the newest entry (the server's clock: its id), so the stream replays a full sparkline.
- * Where history does not reach back that far, the stream answers reset + snapshot.
- * @param {Model} model @param {Well} well @param {any} latest @param {number} now @returns {Tag[]}
- */
-export function applyLatest(model, well, latest, now) {
-  const tags = applyAll(model, well, latest.readings || [], now, true);
-  const [newest] = parseId(latest.lastEventId || "0-0");
-  if (newest > SPARK_WINDOW_MS) well.lastId = `${newest - SPARK_WINDOW_MS}-0`;
-  return tags;
-}
-
-/** @param {Model} model @param {Well} well @param {Iterable<any>} readings @param {number} now @param {boolean} seed */
-function applyAll(model, well, readings, now, seed) {
+  const at = id || data.lastEventId;
+  if (at) {
+    well.lastId = at;
+    if (!model.lastId || compareIds(at, model.lastId) > 0) model.lastId = at;
+  }
   const tags = [];
-  for (const reading of readings) {
-    const tag = applyReading(model, well, reading, now, seed);
+  for (const reading of data.readings || []) {
+    const tag = applyReading(model, well, reading, now);
     if (tag) tags.push(tag);
   }
   return tags;
 }
 
 /**
- * History no longer reaches back to the well's position; a snapshot follows. Each sparkline gets
- * a gap; a gap at the end draws nothing, so it is drawn with the next point.
+ * History no longer reaches back to the stream's position for this well; its snapshot follows.
+ * Each sparkline gets a gap; a gap at the end draws nothing, so it is drawn with the next point.
  * @param {Well} well
  */
 export function applyReset(well) {
@@ -271,6 +290,21 @@ function summarize(model, well) {
 }
 
 /**
+ * What a tile says: the worst of its tags while its well is live, else NOTLIVE. A value the
+ * page cannot vouch for is never shown as GOOD.
+ * @param {Well} well @returns {TileState}
+ */
+export function tileState(well) {
+  if (well.link !== "live") return "NOTLIVE";
+  return well.worst || "NODATA";
+}
+
+/** For sorting worst first: higher is worse. @param {Well} well @returns {number} */
+export function tileRank(well) {
+  return TILE_RANK[tileState(well)];
+}
+
+/**
  * What time alone changes: tags turn STALE (or stop being), and a well reconnecting for
  * OFFLINE_AFTER_MS says offline.
  * @param {Model} model @param {number} now
@@ -290,46 +324,104 @@ export function advanceClock(model, now) {
   }
 }
 
-// ---- connection ----
+// ---- the stream ----
 
 /**
- * What the well's tile says about its stream. Failing starts with the first word that is not
+ * What a well's tile says about its stream. Failing starts with the first word that is not
  * live (a first connection is not failing yet) and ends when it is live again.
  * @param {Well} well @param {Link} link @param {number} now
+ * @returns {boolean} whether the word changed
  */
-export function setLink(well, link, now) {
+function setLink(well, link, now) {
+  if (link === well.link) return false;
   if (link === "live") well.failingSince = null;
   else if (well.failingSince === null && link !== "connecting") well.failingSince = now;
+  if (well.link === "live") well.downSince = now;
   well.link = link;
+  return true;
 }
 
 /**
- * The page's connection, as the header shows it: Live when every well that may stream does.
- * Wells that are not available (403, 404) do not count.
+ * Every well's word after the stream moved; returns the wells whose word changed.
+ * A fresh stream (the page has no position) is live for a well once that well's snapshot came;
+ * a resumed one is live for every well at once: its replay brings each up to date, in order.
+ * @param {Model} model @param {StreamState} to @param {Refusal | null} refusal @param {number} now
+ * @returns {Well[]}
+ */
+export function streamMoved(model, to, refusal, now) {
+  model.stream = to;
+  if (to === "live" || to === "idle") model.refusal = null;
+  else if (to !== "connecting") model.refusal = refusal; // a retry keeps the last refusal shown until it is answered
+  model.awaitingSnapshots = to === "live" && model.lastId === null;
+  const link = linkFor(model, to);
+  if (!link) return [];
+  return [...model.wells.values()].filter((well) => setLink(well, linkOf(well, link), now));
+}
+
+/**
+ * @param {Model} model @param {StreamState} to @returns {Link | "keep" | null}
+ * the word for every well; "keep": each keeps its own unless live; null: no change at all
+ */
+function linkFor(model, to) {
+  switch (to) {
+    case "live": return model.awaitingSnapshots ? null : "live";
+    case "connecting": return "keep"; // a first attempt keeps "connecting"; after auth-expired, live wells are not
+    case "backoff": return model.online ? "reconnecting" : "offline";
+    case "unavailable": return "unavailable";
+    default: return null; // idle (signed out): each keeps its word until it connects again
+  }
+}
+
+/** @param {Well} well @param {Link | "keep"} link @returns {Link} */
+function linkOf(well, link) {
+  if (link === "keep") return well.link === "live" ? "reconnecting" : well.link;
+  if (link === "reconnecting" && well.link === "offline") return "offline"; // offline stays until live again
+  return link;
+}
+
+/**
+ * An event about this well came on a live stream: the well is live, if it was not.
+ * @param {Model} model @param {Well} well @param {number} now @returns {boolean} whether its word changed
+ */
+export function wellHeard(model, well, now) {
+  return model.stream === "live" && setLink(well, "live", now);
+}
+
+/**
+ * A fresh stream sent something that is not a snapshot: its snapshots are all in, and every
+ * well it carries is live (a well registered later comes with its readings).
+ * @param {Model} model @param {number} now @returns {Well[]} the wells whose word changed
+ */
+export function snapshotsDone(model, now) {
+  if (!model.awaitingSnapshots) return [];
+  model.awaitingSnapshots = false;
+  return [...model.wells.values()].filter((well) => setLink(well, "live", now));
+}
+
+/**
+ * The page's connection, as the header shows it: Live when every well is.
  * @param {Model} model @param {number} now
  * @returns {{state: PageState, live: number, total: number}}
  */
 export function pageState(model, now) {
   let live = 0;
-  let total = 0;
   let failing = 0;
   let failingSince = Infinity;
   for (const well of model.wells.values()) {
-    if (well.link === "unavailable") continue;
-    total += 1;
     if (well.link === "live") live += 1;
     else if (well.failingSince !== null) {
       failing += 1;
       failingSince = Math.min(failingSince, well.failingSince);
     }
   }
+  const total = model.wells.size;
   /** @type {PageState} */
   let state;
   if (model.signedOut) state = "Signed out";
   else if (!model.online) state = "Offline"; // the browser has no network: what is open will not last
-  else if (model.wellsRefused !== null) state = "Offline"; // not even the list of wells came
+  else if (model.wellsRefused !== null || model.stream === "unavailable") state = "Offline"; // refused for good
   else if (total && live === total) state = "Live";
   else if (live === 0 && now - failingSince > OFFLINE_AFTER_MS) state = "Offline";
-  else state = failing ? "Reconnecting" : "Connecting"; // Connecting: first connections still on their way
+  else state = failing ? "Reconnecting" : "Connecting"; // Connecting: the first connection still on its way
   return { state, live, total };
 }

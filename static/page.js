@@ -1,4 +1,5 @@
-// The page around the wells: its elements, the sign-in form, the sign-out button and the notice.
+// The page around the wells: its elements, the sign-in form, the sign-out button, the toolbar
+// and the notice.
 // Written directly when the session changes (rare, and the operator is waiting for it), unlike
 // the wells and the header, which render.js draws once per frame.
 
@@ -8,6 +9,11 @@
  * @property {HTMLElement} summary
  * @property {HTMLElement} indicator
  * @property {HTMLElement} notice
+ * @property {HTMLElement} streamStatus  why the stream is not live (render.js writes it)
+ * @property {HTMLElement} toolbar
+ * @property {HTMLInputElement} filter
+ * @property {HTMLSelectElement} sort
+ * @property {HTMLInputElement} compact
  * @property {HTMLFormElement} signIn
  * @property {HTMLElement} signInReason
  * @property {HTMLTextAreaElement} signInToken
@@ -23,6 +29,11 @@ export function findElements(document) {
     summary: byId("summary"),
     indicator: byId("indicator"),
     notice: byId("notice"),
+    streamStatus: byId("stream-status"),
+    toolbar: byId("toolbar"),
+    filter: byId("filter"),
+    sort: byId("sort"),
+    compact: byId("compact"),
     signIn: byId("sign-in"),
     signInReason: byId("sign-in-reason"),
     signInToken: byId("sign-in-token"),
@@ -34,6 +45,7 @@ export function findElements(document) {
 /** Signed out: the form, with why. @param {Elements} dom @param {string} reason */
 export function showSignIn(dom, reason) {
   dom.signOut.hidden = true;
+  dom.toolbar.hidden = true;
   dom.signInReason.textContent = reason;
   dom.signIn.hidden = false;
 }
@@ -43,6 +55,7 @@ export function showSignedIn(dom, tenant) {
   dom.signIn.hidden = true;
   dom.tenant.textContent = tenant;
   dom.signOut.hidden = false;
+  dom.toolbar.hidden = false;
 }
 
 /** Why the token in the form was not taken; the form stays. @param {Elements} dom @param {string} reason */

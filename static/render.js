@@ -1,76 +1,60 @@
 // Draws the model. Events only change the model and ask for a frame; once per animation frame
-// this writes what changed since the last one, so a hundred wells at several events a second
-// cost one layout per frame, not one per event. It reads the model and never changes it: what
-// it has to remember (the elements, what each one shows) lives in its own view objects.
+// this writes what changed since the last one, so a thousand wells at several events a second
+// cost one layout per frame, not one per event. It reads the model and the view and never
+// changes them: what it has to remember (the tiles, what each one shows) lives in its own view
+// objects (tile.js). Sparklines are drawn only for tiles on screen; tiles are put in order at
+// most once a second (and when the view changes), so a wall sorted by state does not jitter.
 
 import { recordFlush, recordIndicator } from "./diagnostics.js";
-import { SPARK_WINDOW_MS, firstVisiblePoint, pageState } from "./model.js";
+import { pageState, tileRank } from "./model.js";
+import { buildTile, formatAge, renderTag, renderWell, setText } from "./tile.js";
+import { shows } from "./toolbar.js";
 
-const SPARK_WIDTH = 480; // canvas pixels; CSS scales it to the tile, so drawing never reads layout
-const SPARK_HEIGHT = 44;
-const LINK_WORDS = {
-  live: "", connecting: "connecting", reconnecting: "reconnecting", offline: "offline", unavailable: "not available",
-};
-const numberFormat = new Intl.NumberFormat(undefined, { maximumSignificantDigits: 5 });
-const smallFormat = new Intl.NumberFormat(undefined, { maximumFractionDigits: 2 });
+const byName = new Intl.Collator(undefined, { numeric: true }).compare; // w2 before w10
 
 /**
  * @typedef {import("./model.js").Model} Model
  * @typedef {import("./model.js").Well} Well
  * @typedef {import("./model.js").Tag} Tag
+ * @typedef {import("./tile.js").Tile} Tile
  * @typedef {import("./page.js").Elements} Elements
+ * @typedef {import("./toolbar.js").View} View
  * @typedef {import("./diagnostics.js").Diagnostics} Diagnostics
- */
-
-/**
- * A well's tile, and what it shows.
- * @typedef {object} Tile
- * @property {HTMLElement} element
- * @property {HTMLElement} conn
- * @property {HTMLElement} state
- * @property {HTMLElement} list
- * @property {Map<string, Row>} rows  by tag name
- * @property {string} link
- * @property {string} worst
- */
-
-/**
- * A tag's row, and what it shows.
- * @typedef {object} Row
- * @property {HTMLElement} element
- * @property {HTMLElement} number
- * @property {HTMLElement} unit
- * @property {HTMLElement} quality
- * @property {HTMLElement} ago
- * @property {HTMLElement} stale
- * @property {HTMLCanvasElement} canvas
- * @property {boolean | null} staleShown  null until first shown
- * @property {number} drawn  the tag's pointsVersion the sparkline shows
  */
 
 export class Renderer {
   /** @type {Model} */
   #model;
+  /** @type {View} */
+  #view;
   /** @type {Elements} */
   #dom;
   /** @type {Diagnostics} */
   #diagnostics;
   #frame = 0;
-  /** @type {Map<Well, Tile>} in the model's order */
+  /** @type {Map<Well, Tile>} */
   #tiles = new Map();
+  /** @type {WeakMap<Element, [Well, Tile]>} for the visibility observer */
+  #byElement = new WeakMap();
   #wellsVersion = -1; // of the model, when the tiles last matched its wells
   /** @type {Map<Tag, Well>} */
   #dirtyTags = new Map();
   /** @type {Set<Well>} */
   #dirtyWells = new Set();
   #everything = false;
-  #sparkColour = "";
+  #viewChanged = true;
+  #orderDue = true;
+  /** @type {IntersectionObserver} */
+  #visibility;
 
-  /** @param {Model} model @param {Elements} dom @param {Diagnostics} diagnostics */
-  constructor(model, dom, diagnostics) {
+  /** @param {Model} model @param {View} view @param {Elements} dom @param {Diagnostics} diagnostics */
+  constructor(model, view, dom, diagnostics) {
     this.#model = model;
+    this.#view = view;
     this.#dom = dom;
     this.#diagnostics = diagnostics;
+    // A margin, so a tile scrolled into view already has its sparklines.
+    this.#visibility = new IntersectionObserver((entries) => this.#seen(entries), { rootMargin: "300px 0px" });
   }
 
   /**
@@ -83,9 +67,16 @@ export class Renderer {
     this.schedule();
   }
 
-  /** The clock moved: every age changes, and whatever STALE and offline did with it. */
+  /** The clock moved: every age changes, and whatever STALE and offline did with it; tiles sorted by state move. */
   everythingChanged() {
     this.#everything = true;
+    if (this.#view.sort === "state") this.#orderDue = true;
+    this.schedule();
+  }
+
+  /** The filter, the order or the tile size changed. */
+  viewChanged() {
+    this.#viewChanged = true;
     this.schedule();
   }
 
@@ -99,117 +90,106 @@ export class Renderer {
     const began = performance.now();
     const now = Date.now();
     if (this.#wellsVersion !== this.#model.wellsVersion) this.#syncTiles();
+    if (this.#viewChanged) this.#applyView();
     if (this.#everything) this.#markEverything();
-    for (const [tag, well] of this.#dirtyTags) {
-      const tile = this.#tiles.get(well);
-      if (tile) this.#renderTag(tile, tag, now);
-    }
+    this.#renderDirty(now);
+    if (this.#orderDue) this.#order();
+    this.#renderHeader(now);
+    this.#renderStreamStatus(now);
+    recordFlush(this.#diagnostics, performance.now() - began);
+  }
+
+  /** @param {number} now */
+  #renderDirty(now) {
     for (const well of this.#dirtyWells) {
       const tile = this.#tiles.get(well);
-      if (tile) this.#renderWell(tile, well);
+      // Live or not changes how every row shows its quality.
+      if (tile && renderWell(tile, well, now)) for (const tag of well.tags.values()) this.#dirtyTags.set(tag, well);
+    }
+    const sparks = !this.#view.compact;
+    for (const [tag, well] of this.#dirtyTags) {
+      const tile = this.#tiles.get(well);
+      if (tile) renderTag(tile, well, tag, now, sparks && tile.visible);
     }
     this.#dirtyTags.clear();
     this.#dirtyWells.clear();
     this.#everything = false;
-    this.#renderHeader(now);
-    recordFlush(this.#diagnostics, performance.now() - began);
   }
 
+  // Every tile's word and age; the rows (ages, STALE, sparklines) of the tiles on screen. A tile
+  // scrolled into view gets its rows then (#seen): a thousand wells cost what a screenful does.
   #markEverything() {
-    for (const well of this.#model.wells.values()) {
-      for (const tag of well.tags.values()) this.#dirtyTags.set(tag, well);
-      this.#dirtyWells.add(well);
+    for (const [well, tile] of this.#tiles) {
+      if (tile.visible) this.#markWell(well);
+      else this.#dirtyWells.add(well);
     }
+  }
+
+  /** @param {Well} well */
+  #markWell(well) {
+    for (const tag of well.tags.values()) this.#dirtyTags.set(tag, well);
+    this.#dirtyWells.add(well);
   }
 
   #syncTiles() {
     this.#wellsVersion = this.#model.wellsVersion;
     for (const [well, tile] of this.#tiles) {
       if (this.#model.wells.get(well.name) === well) continue;
+      this.#visibility.unobserve(tile.element);
       tile.element.remove();
       this.#tiles.delete(well);
     }
-    // New wells come last in the model's order, so appending keeps the tiles in that order.
     for (const well of this.#model.wells.values()) {
       if (this.#tiles.has(well)) continue;
       const tile = buildTile(well.name);
-      this.#dom.wells.append(tile.element);
+      tile.element.hidden = !shows(this.#view, well.name);
+      this.#dom.wells.append(tile.element); // #order() puts it in its place
       this.#tiles.set(well, tile);
-      this.#dirtyWells.add(well);
-      for (const tag of well.tags.values()) this.#dirtyTags.set(tag, well);
+      this.#byElement.set(tile.element, [well, tile]);
+      this.#visibility.observe(tile.element);
+      this.#markWell(well);
     }
+    this.#orderDue = true;
   }
 
-  /** @param {Tile} tile @param {Tag} tag @param {number} now */
-  #renderTag(tile, tag, now) {
-    const row = rowOf(tile, tag.name);
-    setText(row.number, formatValue(tag.value));
-    setText(row.unit, tag.unit);
-    setText(row.quality, tag.quality);
-    setClass(row.quality, `quality badge ${tag.quality}`);
-    setData(row.element, "quality", tag.quality);
-    const age = now - tag.ts;
-    setText(row.ago, Number.isFinite(age) ? formatAge(age) : "");
-    if (row.staleShown !== tag.stale) {
-      row.staleShown = tag.stale;
-      row.stale.hidden = !tag.stale;
-      setData(row.element, "stale", String(tag.stale));
-    }
-    if (row.drawn !== tag.pointsVersion) {
-      row.drawn = tag.pointsVersion;
-      this.#drawSpark(row.canvas, tag.points, now);
-    }
+  #applyView() {
+    this.#viewChanged = false;
+    const view = this.#view;
+    this.#dom.wells.classList.toggle("compact", view.compact);
+    for (const tile of this.#tiles.values()) tile.element.hidden = !shows(view, tile.name);
+    // Leaving the compact size: sparklines not drawn meanwhile are due now.
+    if (!view.compact) this.#markEverything();
+    this.#orderDue = true;
   }
 
-  /** @param {HTMLCanvasElement} canvas @param {Array<[number, number | null]>} allPoints @param {number} now */
-  #drawSpark(canvas, allPoints, now) {
-    const start = now - SPARK_WINDOW_MS;
-    const points = allPoints.slice(firstVisiblePoint(allPoints, start));
-    const ctx = /** @type {CanvasRenderingContext2D} */ (canvas.getContext("2d"));
-    ctx.clearRect(0, 0, SPARK_WIDTH, SPARK_HEIGHT);
-    const values = points.map((p) => p[1]).filter((v) => v !== null);
-    if (!values.length) return;
-    let low = Math.min(...values);
-    let high = Math.max(...values);
-    if (high - low < 1e-9) { high += 1; low -= 1; }
-    // Until the window has filled, the line spans what there is rather than a sliver at the right.
-    const first = Math.max(start, points[0][0]);
-    const end = Math.max(now, points[points.length - 1][0], first + 1000);
-    const x = (/** @type {number} */ t) => ((t - first) / (end - first)) * (SPARK_WIDTH - 4) + 2;
-    const y = (/** @type {number} */ v) => SPARK_HEIGHT - 3 - ((v - low) / (high - low)) * (SPARK_HEIGHT - 6);
-    ctx.lineWidth = 3;
-    ctx.strokeStyle = this.#sparkColourOnce();
-    ctx.beginPath();
-    let pen = false;
-    for (const [t, v] of points) {
-      if (v === null) { pen = false; continue; } // a BAD reading is a gap in the line, not a zero
-      if (pen) ctx.lineTo(x(t), y(v)); else ctx.moveTo(x(t), y(v));
-      pen = true;
+  /** @param {IntersectionObserverEntry[]} entries */
+  #seen(entries) {
+    for (const entry of entries) {
+      const found = this.#byElement.get(entry.target);
+      if (!found) continue;
+      const [well, tile] = found;
+      tile.visible = entry.isIntersecting;
+      if (tile.visible) this.#markWell(well);
     }
-    ctx.stroke();
+    this.schedule();
   }
 
-  // Read once: getComputedStyle in every draw would cost a style recalculation each time.
-  #sparkColourOnce() {
-    if (!this.#sparkColour) {
-      this.#sparkColour = getComputedStyle(document.documentElement).getPropertyValue("--spark").trim() || "#6cb6ff";
+  /** The tiles in the view's order; only the ones out of place are moved. */
+  #order() {
+    this.#orderDue = false;
+    const byState = this.#view.sort === "state";
+    const ranks = new Map([...this.#tiles].map(([well, tile]) => [tile, byState ? tileRank(well) : 0]));
+    const sorted = [...ranks.keys()].sort((a, b) => /** @type {number} */ (ranks.get(b)) -
+      /** @type {number} */ (ranks.get(a)) || byName(a.name, b.name));
+    const wells = this.#dom.wells;
+    const focused = document.activeElement;
+    let cursor = wells.firstElementChild;
+    for (const tile of sorted) {
+      if (tile.element === cursor) cursor = cursor.nextElementSibling;
+      else wells.insertBefore(tile.element, cursor);
     }
-    return this.#sparkColour;
-  }
-
-  /** @param {Tile} tile @param {Well} well */
-  #renderWell(tile, well) {
-    if (tile.worst !== well.worst) {
-      tile.worst = well.worst;
-      setData(tile.element, "state", well.worst);
-      setClass(tile.state, `state badge ${well.worst}`);
-      setText(tile.state, well.worst);
-    }
-    if (tile.link !== well.link) {
-      tile.link = well.link;
-      setData(tile.element, "conn", well.link);
-      setText(tile.conn, LINK_WORDS[well.link]);
-    }
+    // Moving a focused tile takes the focus away from it; keyboard users keep their place.
+    if (focused instanceof HTMLElement && focused !== document.activeElement) focused.focus({ preventScroll: true });
   }
 
   /** @param {number} now */
@@ -223,107 +203,37 @@ export class Renderer {
     }
     let text = state === "Live" || !total ? state : `${state} (${live}/${total} live)`;
     if (state === "Offline" && model.wellsRefused) text = `Offline (${model.wellsRefused})`;
+    else if (state === "Offline" && model.stream === "unavailable" && model.refusal) {
+      text = `Offline (${model.refusal.status})`;
+    }
     setText(indicator, text);
+    setText(summary, this.#summary());
+  }
+
+  #summary() {
+    const model = this.#model;
+    const all = model.wells.size;
+    let wells = `${all} wells`;
+    if (this.#view.filter) {
+      const shown = [...this.#tiles.values()].filter((tile) => !tile.element.hidden).length;
+      wells = `${shown} of ${all} wells`;
+    }
     const problems = Object.entries(model.counts).filter(([, n]) => n).map(([word, n]) => `${n} ${word}`);
-    setText(summary, `${model.wells.size} wells${problems.length ? " \u00b7 " + problems.join(" \u00b7 ") : ""}`);
+    return [wells, ...problems].join(" \u00b7 ");
   }
-}
 
-// ---- elements ----
-
-/**
- * @param {string} tag @param {string} [className] @param {...Node} children
- * @returns {HTMLElement}
- */
-function node(tag, className, ...children) {
-  const element = document.createElement(tag);
-  if (className) element.className = className;
-  element.append(...children);
-  return element;
-}
-
-/** @param {string} name @returns {Tile} */
-function buildTile(name) {
-  const title = node("h2");
-  title.textContent = name;
-  title.id = `well-${name}`;
-  const conn = node("span", "conn");
-  conn.id = `well-${name}-conn`;
-  const state = node("span", "state badge");
-  state.id = `well-${name}-state`;
-  const list = node("ul", "tags");
-  const element = node("article", "well", node("header", "", title, conn, state), list);
-  element.tabIndex = 0;
-  element.dataset.well = name;
-  element.dataset.conn = "connecting";
-  // Focusing a tile reads its name, its worst state and whether it is streaming.
-  element.setAttribute("aria-labelledby", title.id);
-  element.setAttribute("aria-describedby", `${state.id} ${conn.id}`);
-  return { element, conn, state, list, rows: new Map(), link: "connecting", worst: "" };
-}
-
-/** @param {Tile} tile @param {string} name @returns {Row} */
-function rowOf(tile, name) {
-  let row = tile.rows.get(name);
-  if (!row) {
-    row = buildRow(name);
-    // Rows stay in tag-name order, whatever order the tags first arrive in.
-    const next = [...tile.list.children].find((other) => (/** @type {HTMLElement} */ (other).dataset.tag ?? "") > name);
-    tile.list.insertBefore(row.element, next || null);
-    tile.rows.set(name, row);
+  /** Why the stream is not live, while it is not: the server's own reason, and when the page tries again. @param {number} now */
+  #renderStreamStatus(now) {
+    const { refusal, stream } = this.#model;
+    const element = this.#dom.streamStatus;
+    const shown = Boolean(refusal) && stream !== "live" && stream !== "idle";
+    if (element.hidden !== !shown) element.hidden = !shown;
+    if (!refusal || !shown) return;
+    const cause = refusal.status ? `The gateway refused the stream (${refusal.status}): ${refusal.reason}.`
+      : `No stream: ${refusal.reason}.`;
+    let next = "";
+    if (stream === "connecting") next = " Trying again.";
+    else if (refusal.retryAt !== null) next = ` Next try in ${formatAge(Math.max(0, refusal.retryAt - now))}.`;
+    setText(element, cause + next);
   }
-  return row;
-}
-
-/** @param {string} name @returns {Row} */
-function buildRow(name) {
-  const label = node("span", "name");
-  label.textContent = name;
-  label.title = name;
-  const number = node("span", "number");
-  const unit = node("span", "unit");
-  const quality = node("span", "quality badge");
-  const canvas = /** @type {HTMLCanvasElement} */ (node("canvas", "spark"));
-  canvas.setAttribute("aria-hidden", "true");
-  canvas.width = SPARK_WIDTH;
-  canvas.height = SPARK_HEIGHT;
-  const ago = node("span", "ago");
-  const stale = node("span", "stale badge STALE");
-  stale.textContent = "STALE";
-  stale.hidden = true;
-  const element = node("li", "tag", label, node("span", "value", number, unit), quality, canvas,
-    node("span", "age", ago, stale));
-  element.dataset.tag = name;
-  return { element, number, unit, quality, ago, stale, canvas, staleShown: null, drawn: -1 };
-}
-
-// ---- writes that skip what is already shown ----
-
-/** @param {HTMLElement} node @param {string} text */
-function setText(node, text) {
-  if (node.textContent !== text) node.textContent = text;
-}
-
-/** @param {HTMLElement} node @param {string} key @param {string} value */
-function setData(node, key, value) {
-  if (node.dataset[key] !== value) node.dataset[key] = value;
-}
-
-/** @param {HTMLElement} node @param {string} className */
-function setClass(node, className) {
-  if (node.className !== className) node.className = className;
-}
-
-/** @param {number | null} value */
-function formatValue(value) {
-  if (value === null) return "\u2014";
-  return Math.abs(value) >= 1000 ? smallFormat.format(value) : numberFormat.format(value);
-}
-
-/** @param {number} ms */
-function formatAge(ms) {
-  const s = Math.max(0, Math.round(ms / 1000));
-  if (s < 60) return `${s} s`;
-  if (s < 3600) return `${Math.floor(s / 60)} min`;
-  return `${Math.floor(s / 3600)} h`;
 }

@@ -1,8 +1,8 @@
 // Who the page is signed in as, and the requests whose credentials depend on it.
 //
-// mode "cookie": the HttpOnly session cookie authenticates everything; an EventSource reconnects
-// by itself with Last-Event-ID after a clean end. mode "ticket": a Bearer token held in memory
-// (never stored) buys a single-use ticket for every (re)connect, so every reconnect is the page's.
+// mode "cookie": the HttpOnly session cookie authenticates everything, the stream included.
+// mode "ticket": a Bearer token held in memory (never stored) authenticates the page's requests
+// and buys a single-use ticket for every (re)connect of the stream, so no token is in its URL.
 
 const TENANT_KEY = "wellstream.tenant";
 
@@ -77,9 +77,9 @@ export class Session {
     return `/tenants/${encodeURIComponent(this.#tenant ?? "")}${suffix}`;
   }
 
-  /** @param {string} well @returns {string} */
-  streamPath(well) {
-    return this.path(`/wells/${encodeURIComponent(well)}/stream`);
+  /** The one stream of every well the token may see. @returns {string} */
+  streamPath() {
+    return this.path("/stream");
   }
 
   /** @param {Record<string, string>} [extra] @returns {Record<string, string>} */
@@ -100,23 +100,14 @@ export class Session {
     }
   }
 
-  /** The latest value of each of a well's tags, or null if they cannot be had. @param {string} well */
-  async fetchLatest(well) {
-    try {
-      const response = await fetch(this.path(`/wells/${encodeURIComponent(well)}/latest`), {
-        credentials: "same-origin", headers: this.headers(),
-      });
-      return response.ok ? await response.json() : null;
-    } catch {
-      return null;
-    }
-  }
-
-  /** A single-use ticket for one well's stream (ticket mode). @param {string} well @returns {Promise<Response>} */
-  buyTicket(well) {
+  /**
+   * A single-use ticket for a stream of every well the token may see (ticket mode).
+   * @param {AbortSignal} signal @returns {Promise<Response>}
+   */
+  buyTicket(signal) {
     return fetch(this.path("/stream-tickets"), {
       method: "POST", credentials: "same-origin", headers: this.headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ wells: [well] }),
+      body: JSON.stringify({ wells: null }), signal,
     });
   }
 }

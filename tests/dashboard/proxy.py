@@ -2,6 +2,8 @@
 
 That is what nginx or Caddy do during a gateway restart, and a 502 closes an EventSource for
 good (docs: ../shared webstack notes, §5), so the page's own reconnect must bring it back.
+It can also go silent (`freeze()`): connections stay open and pass nothing more, as a stuck
+middlebox or a dead network path does, until `thaw()` lets new connections through again.
 One request per connection (`Connection: close` both ways) keeps it simple and honest.
 """
 
@@ -25,6 +27,17 @@ class Proxy:
         self.bad_gateways: list[bytes] = []  # the request lines answered with 502
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
+        self.frozen = False
+        self._held: set[asyncio.StreamWriter] = set()  # connections that passed nothing since a freeze, for good
+        self._never = asyncio.Event()
+
+    def freeze(self) -> None:
+        """From now on no connection passes a byte more to its client, and new ones pass none at all."""
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """New connections pass again; those held by the freeze stay silent until their client leaves."""
+        self.frozen = False
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Proxy]:
@@ -50,6 +63,7 @@ class Proxy:
             pass  # either side went away: nothing to answer
         finally:
             self._clients.discard(client_w)
+            self._held.discard(client_w)
             client_w.close()
 
     async def _proxy(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
@@ -81,12 +95,18 @@ class Proxy:
         finally:
             up_w.close()
 
-    @staticmethod
-    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         # The browser must not try to reuse a connection this proxy is about to close.
         status_line, *header_lines = (await source.readuntil(b"\r\n\r\n"))[:-4].split(b"\r\n")
         kept = [line for line in header_lines if line.split(b":", 1)[0].strip().lower() not in HOP_BY_HOP]
-        sink.write(b"\r\n".join([status_line, *kept, b"Connection: close", b"", b""]))
+        await self._pass(sink, b"\r\n".join([status_line, *kept, b"Connection: close", b"", b""]))
         while chunk := await source.read(65536):
-            sink.write(chunk)
-            await sink.drain()
+            await self._pass(sink, chunk)
+
+    async def _pass(self, sink: asyncio.StreamWriter, data: bytes) -> None:
+        if self.frozen:
+            self._held.add(sink)
+        if sink in self._held:
+            await self._never.wait()  # silent, open, until the client hangs up
+        sink.write(data)
+        await sink.drain()

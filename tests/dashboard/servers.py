@@ -1,4 +1,5 @@
-"""A gateway subprocess that can be stopped and started again on the same port, optionally over TLS."""
+"""A gateway subprocess that can be stopped and started again on the same port, optionally over TLS
+(config/hypercorn.toml, HTTP/2)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import trustme
-
+from app.gateway.devcert import write_dev_cert
 from tests.conftest import ROOT, free_port, gateway_env, wait_for_status
+from tests.deploy.processes import CONFIG, render
 
 # Short retry hints keep the restart tests quick; the shutdown still says goodbye first.
 FAST_RECONNECTS = {
@@ -22,26 +23,37 @@ FAST_RECONNECTS = {
 
 
 def tls_config(directory: Path, port: int) -> Path:
-    """A Hypercorn TOML serving TLS on `port` (so Chromium speaks HTTP/2), certificate from a throwaway CA."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    key, chain = directory / "server.key", directory / "server.pem"
-    cert.private_key_pem.write_to_path(str(key))
-    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    """config/hypercorn.toml as committed, with its ports and a `wellstream dev-cert` certificate
+    swapped in: h2 and HTTP/1.1 over TLS on `port` (so Chromium speaks HTTP/2)."""
+    cert = write_dev_cert(directory / "certs", ["127.0.0.1", "localhost"])
+    replacements = {
+        "127.0.0.1:8443": f"127.0.0.1:{port}",
+        "127.0.0.1:8000": f"127.0.0.1:{free_port()}",
+        '"certs/server.pem"': json.dumps(str(cert.cert)),
+        '"certs/server.key"': json.dumps(str(cert.key)),
+    }
     toml = directory / "hypercorn.toml"
-    # A hundred EventSources share one connection: above Hypercorn's default of 100 streams.
-    toml.write_text(
-        f'bind = ["127.0.0.1:{port}"]\ncertfile = "{chain}"\nkeyfile = "{key}"\n'
-        'alpn_protocols = ["h2", "http/1.1"]\nh2_max_concurrent_streams = 256\n'
-    )
+    toml.write_text(render(CONFIG / "hypercorn.toml", replacements))
     return toml
 
 
 class Gateway:
-    """`python -m app serve` on a fixed port; `stop()` is a SIGTERM (streams get their goodbye)."""
+    """`python -m app serve` on a fixed port; `stop()` is a SIGTERM (streams get their goodbye).
+
+    With `tls_dir`, `serve --hypercorn-config` with config/hypercorn.toml (see tls_config). The
+    tests' roomy limits apply unless `roomy_limits` is false (then the gateway's defaults do);
+    `env` adds or overrides settings.
+    """
 
     def __init__(
-        self, secret: str, redis_url: str, registry: dict[str, list[str]], tls_dir: Path | None = None
+        self,
+        secret: str,
+        redis_url: str,
+        registry: dict[str, list[str]],
+        tls_dir: Path | None = None,
+        *,
+        roomy_limits: bool = True,
+        **env: str,
     ) -> None:
         self.port = free_port()
         self.args = ["--port", str(self.port)]
@@ -49,6 +61,9 @@ class Gateway:
         if tls_dir is not None:
             self.args = ["--hypercorn-config", str(tls_config(tls_dir, self.port))]
         self.env = gateway_env(secret, redis_url, WELLSTREAM_WELLS=json.dumps(registry), **FAST_RECONNECTS)
+        if not roomy_limits:
+            self.env = {key: value for key, value in self.env.items() if "__LIMITS__" not in key}
+        self.env |= env
         self.process: asyncio.subprocess.Process | None = None
 
     @property

@@ -6,52 +6,29 @@ are about content (values, states, words) and order (the ids of the readings rec
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import pytest
-from playwright.async_api import Browser, Locator, Page, expect
+from playwright.async_api import Browser, expect
 
-from app.models import StreamId
 from app.streams.redis import connect_redis
-from app.streams.seams import Broker
 from tests.conftest import wait_until
-from tests.dashboard.conftest import open_page, reading
+from tests.dashboard.conftest import (
+    WAIT_MS,
+    assert_no_gap_no_duplicate,
+    indicator_states,
+    open_page,
+    paced_publisher,
+    reading,
+    row,
+    stream_requests,
+    tile,
+)
 from tests.dashboard.proxy import Proxy
 from tests.dashboard.servers import Gateway
 
 pytestmark = pytest.mark.anyio
-
-WAIT_MS = 10_000  # generous bound for "values within a second": the machine is shared
-
-
-def tile(page: Page, well: str) -> Locator:
-    return page.locator(f'.well[data-well="{well}"]')
-
-
-def row(page: Page, well: str, tag: str) -> Locator:
-    return page.locator(f'.well[data-well="{well}"] .tag[data-tag="{tag}"]')
-
-
-def assert_no_gap_no_duplicate(events: list[dict[str, str]], published: list[str]) -> None:
-    """One well's events as the page received them: a backfill replay from before the first
-    publish (or, failing that, a snapshot), then every published id after it, once, in order."""
-    kinds = [e["event"] for e in events]
-    assert "reset" not in kinds, kinds
-    assert "snapshot" not in kinds[1:], kinds
-    after = StreamId.parse(events[0]["id"]) if kinds[:1] == ["snapshot"] else None
-    readings = [e["id"] for e in events if e["event"] == "reading"]
-    expected = [i for i in published if after is None or StreamId.parse(i) > after]
-    assert readings == expected, f"received {len(readings)} ids, published {len(expected)}"
-
-
-async def indicator_states(page: Page) -> list[str]:
-    states: list[str] = await page.evaluate("wellstream.indicator.map((t) => t.state)")
-    return states
 
 
 async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
@@ -107,12 +84,12 @@ async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
                 "3 wells \u00b7 1 BAD \u00b7 1 STALE \u00b7 1 UNCERTAIN"
             )
 
-            # Keyboard: Tab reaches the first tile (after Sign out), arrows and Home/End move along.
+            # Keyboard: Tab reaches the first tile (after Sign out and the view's controls), arrows
+            # and Home/End move along.
             focused = "document.activeElement.dataset.well || document.activeElement.id"
-            await page.keyboard.press("Tab")
-            assert await page.evaluate(focused) == "sign-out"
-            await page.keyboard.press("Tab")
-            assert await page.evaluate(focused) == "w1"
+            for expected in ("sign-out", "filter", "sort", "compact", "w1"):
+                await page.keyboard.press("Tab")
+                assert await page.evaluate(focused) == expected
             await page.keyboard.press("ArrowRight")
             assert await page.evaluate(focused) == "w2"
             await page.keyboard.press("End")
@@ -131,30 +108,6 @@ async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
             for well in registry["acme"]:
                 await expect(row(page, well, "p").locator(".number")).to_have_text("13.75", timeout=WAIT_MS)
             assert page.errors == []  # type: ignore[attr-defined]
-
-
-@contextlib.asynccontextmanager
-async def paced_publisher(redis_url: str, wells: list[str], every_s: float) -> AsyncIterator[dict[str, list[str]]]:
-    """Publishes one reading per well every `every_s` until the block ends; yields the ids per well."""
-    published: dict[str, list[str]] = {well: [] for well in wells}
-
-    async def run(broker: Broker) -> None:
-        n = 0
-        while True:
-            n += 1
-            ids = await broker.log.publish([reading(well, "p", float(n)) for well in wells])
-            for well, stream_id in zip(wells, ids, strict=True):
-                published[well].append(str(stream_id))
-            await asyncio.sleep(every_s)
-
-    async with connect_redis(redis_url) as broker:
-        task = asyncio.create_task(run(broker))
-        try:
-            yield published
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 @pytest.mark.parametrize("mode", ["cookie", "ticket"])
@@ -203,46 +156,16 @@ async def test_gateway_restart_behind_a_proxy_answering_502_resumes_without_gap_
         received: list[dict[str, str]] = await page.evaluate("wellstream.received")
         for well in wells:
             events = [r for r in received if r["well"] == well]
-            # All of it was in history: the page's backfill replayed every reading from the first.
-            assert events[0]["event"] == "reading"
+            # A fresh page starts from the stream's snapshot; every reading after it comes once.
+            assert events[0]["event"] == "snapshot"
             assert_no_gap_no_duplicate(events, published[well])
-        assert await page.evaluate("wellstream.ownReconnects") >= len(wells)
+        # One stream for both wells, reopened by the page itself after the restart (in ticket mode
+        # some attempts ended at the refused ticket and never asked for a stream).
+        assert await page.evaluate("wellstream.ownReconnects") >= 1
+        streams = stream_requests(page)
+        assert all("/tenants/acme/stream" in url for url in streams), streams
+        assert 2 <= len(streams) <= await page.evaluate("wellstream.connects")
         assert page.errors == []  # type: ignore[attr-defined]
-
-
-async def test_a_hundred_wells_over_http2_all_render_and_keep_updating(
-    browser: Browser, redis_url: str, secret: str, token, tmp_path: Path
-) -> None:
-    wells = [f"w{n:03d}" for n in range(100)]
-    with anyio.fail_after(50):
-        async with (
-            Gateway(secret, redis_url, {"acme": wells}, tls_dir=tmp_path).running() as gateway,
-            connect_redis(redis_url) as publisher,
-        ):
-            await publisher.log.publish([reading(well, tag, n + 0.5) for n, well in enumerate(wells) for tag in "pqt"])
-            page = await open_page(browser)
-            await page.goto(f"{gateway.url}/#token={token('acme')}")
-            all_show = """([round]) => {
-                const tiles = document.querySelectorAll('.well');
-                return tiles.length === 100 && [...tiles].every((tile, n) =>
-                    [...tile.querySelectorAll('.number')].map((e) => e.textContent).join() ===
-                    Array(3).fill(String(n + round)).join());
-            }"""
-            await page.wait_for_function(all_show, arg=[0.5], timeout=20_000)
-            assert await page.evaluate("wellstream.protocol") == "h2"
-            await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
-
-            for round_ in (0.25, 0.75):
-                await publisher.log.publish(
-                    [reading(well, tag, n + round_) for n, well in enumerate(wells) for tag in "pqt"]
-                )
-                await page.wait_for_function(all_show, arg=[round_], timeout=20_000)
-            events = [e["event"] for e in await page.evaluate("wellstream.received")]
-            assert events == ["reading"] * 3 * 300  # the backfill replays the first round, then live
-            received = len(events)
-            # Batched: hundreds of events went to the DOM in far fewer flushes.
-            assert await page.evaluate("wellstream.flushes") < received
-            assert page.errors == []  # type: ignore[attr-defined]
 
 
 async def test_sign_in_form_then_auth_expired_asks_again_and_resumes_without_gap(
@@ -299,7 +222,7 @@ async def test_a_session_that_expired_during_a_gateway_restart_brings_every_well
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
 
             await gateway.stop()
-            await wait_until(lambda: time.time() > expires_at + 1 and len(proxy.bad_gateways) >= len(wells))
+            await wait_until(lambda: time.time() > expires_at + 1 and len(proxy.bad_gateways) >= 1)
             await gateway.start()
             await expect(page.locator("#sign-in")).to_be_visible(timeout=40_000)
 
@@ -364,17 +287,3 @@ async def test_history_trimmed_while_away_gives_a_reset_then_a_fresh_snapshot(
             events = [e["event"] for e in await page.evaluate("wellstream.received")]
             assert events[events.index("reset") + 1] == "snapshot", events
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live")
-
-
-async def test_over_http1_with_more_than_five_wells_the_page_says_to_use_http2(
-    browser: Browser, redis_url: str, secret: str, token
-) -> None:
-    wells = [f"w{n}" for n in range(8)]
-    with anyio.fail_after(30):
-        async with Gateway(secret, redis_url, {"acme": wells}).running() as gateway:
-            page = await open_page(browser)
-            await page.goto(f"{gateway.url}/#token={token('acme')}")
-            await expect(page.locator(".well")).to_have_count(8, timeout=WAIT_MS)
-            await expect(page.locator("#notice")).to_be_visible()
-            await expect(page.locator("#notice")).to_contain_text("HTTP/2")
-            assert await page.evaluate("wellstream.protocol") == "http/1.1"
