@@ -34,6 +34,8 @@ from app.streams.seams import LiveFeed, StreamLog
 
 logger = logging.getLogger(__name__)
 
+MAX_QUEUE_WELLS = 64
+
 
 def _retrieve(task: asyncio.Task[None]) -> None:
     # Every subscriber may have left before the upstream subscribe failed: nobody else reads it.
@@ -250,7 +252,7 @@ class Hub:
         now = asyncio.get_running_loop().time()
         # Jittered so streams opened together (after a restart) do not all retire together.
         retire_at = now + self.max_age_s * random.uniform(0.75, 1.0) if self.max_age_s else math.inf
-        sub = Subscriber(tenant, wells, tags, self.queue_size, now, expires_at, retire_at, interrupt)
+        sub = Subscriber(tenant, wells, tags, self.queue_for(wells), now, expires_at, retire_at, interrupt)
         self._idle.clear()
         channel = self._channels.get(tenant)
         if channel is None:
@@ -265,6 +267,14 @@ class Hub:
             await self.unsubscribe(sub)
             raise
         return sub
+
+    def queue_for(self, wells: frozenset[str] | None) -> int:
+        """Frames a stream may have queued: `queue_size` per well it carries, up to 64 wells' worth.
+
+        A burst across a whole field (every well's readings in one batch) is not a slow client;
+        the queue holds references to shared frames, so a longer one costs 8 bytes a frame.
+        """
+        return self.queue_size * min(MAX_QUEUE_WELLS, len(wells) if wells is not None else MAX_QUEUE_WELLS)
 
     async def _upstream(self, channel: Channel) -> None:
         assert self._feed is not None

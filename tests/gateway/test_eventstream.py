@@ -142,3 +142,18 @@ async def test_a_conflated_stream_sends_each_tag_at_most_max_rate_times_a_second
         assert all(later - earlier >= 0.25 - 1e-3 for earlier, later in itertools.pairwise(times)), tag
     assert b'"tagName":"q","value":39.0' in b"".join(body for _, body in readings), "the last value is never dropped"
     assert all(b"id: " not in body for _, body in readings)
+
+
+async def test_a_burst_across_a_field_is_not_taken_for_a_slow_client() -> None:
+    broker = memory_broker()
+    with anyio.fail_after(5):
+        async with Hub(broker.log, queue_size=8) as hub:
+            field = await hub.subscribe("acme", None)
+            one = await hub.subscribe("acme", frozenset({"w0"}))
+            await broker.log.publish([reading(float(n), well=f"w{n % 10}") for n in range(100)])
+            assert field.end_reason is None, "100 readings of 10 wells fit a stream of every well"
+            assert len(field.frames) == 100
+            await broker.log.publish([reading(float(n), well="w0") for n in range(10)])
+            assert one.end_reason == "slow", "a per-well stream keeps its own queue size"
+            await hub.unsubscribe(field)
+            await hub.unsubscribe(one)
