@@ -9,6 +9,10 @@ a 503 that would close a browser's EventSource for good), then tells every strea
 Every listening socket gets TCP keepalive and TCP_USER_TIMEOUT (ServerSettings), which Linux
 copies to each accepted connection, so a peer that vanished without a FIN is dropped by the kernel
 instead of holding a stream open for the ~15 minutes of default retransmissions.
+
+Hypercorn's HTTP/2 connections run as StreamingH2Protocol (below), which survives the hundreds of
+long-lived streams a dashboard opens from Chromium; stock Hypercorn 0.18 freezes such a connection
+past about 100 streams.
 """
 
 from __future__ import annotations
@@ -23,8 +27,18 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
+import h2.errors
+import h2.events
+import h2.exceptions
+import hypercorn.protocol
 from hypercorn.asyncio import serve
 from hypercorn.config import Config, Sockets
+from hypercorn.events import Closed as ConnectionClosed
+from hypercorn.events import Event, RawData
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
+from priority.priority import MissingStreamError
 
 from app.gateway.app import GatewayApp
 from app.settings import ServerSettings, Settings
@@ -71,6 +85,94 @@ class TunedConfig(Config):
         return sockets
 
 
+# Hypercorn's priority tree (the `priority` package) refuses a 1,000th stream, and Hypercorn does
+# not catch that: keep the streams a connection may hold (plus a few ending) below it.
+MAX_H2_STREAMS = 900
+
+
+class StreamingH2Protocol(H2Protocol):
+    """Hypercorn's HTTP/2 connection, changed where it breaks under many long-lived streams.
+
+    Found with Chromium and 300 EventSources on one connection (tests/deploy/test_h2_chromium.py):
+    Chromium sends RFC 7540 priorities in which every request depends exclusively on the one before
+    it, so N open streams form a dependency chain N deep. Hypercorn feeds each into its
+    `priority.PriorityTree`, whose loop guard refuses to reprioritise under a parent more than 100
+    deep (PriorityLoop); Hypercorn does not catch it, the error leaves the connection's read loop,
+    and its task group cancels the connection's tasks. A request still waiting for its response
+    then waits, in cleanup, for a send task that was just cancelled, so the task group never
+    finishes: the TCP connection stays open with nothing reading or writing it (the browser's
+    streams hang with the gateway idle), and a SIGTERM never completes (Hypercorn waits for it).
+
+    Each override leans on Hypercorn 0.18 internals (`_priority_updated`, `send_task`,
+    `stream_buffers`, `_flush`, and `hypercorn.protocol.H2Protocol` as the class its
+    ProtocolWrapper builds); tests/deploy/test_http2.py checks them, so an upgrade that changes
+    them fails there rather than in production.
+    """
+
+    async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
+        # RFC 7540 priorities are ignored: every stream stays a sibling with the default weight.
+        # RFC 9113 (5.3.2) deprecated that scheme and lets a server ignore it, and SSE streams,
+        # each a trickle, should share the connection equally anyway. It also keeps the tree
+        # flat, where Chromium's chains made every send walk (recursively) down to the newest.
+        return
+
+    async def send_task(self) -> None:
+        try:
+            await super().send_task()
+        finally:
+            # The stream buffers' only reader is gone (connection closed, or this task cancelled):
+            # release whoever waits on one (drain() at the end of a response, push() at the
+            # high-water mark), or they wait forever and keep the connection's task group open.
+            for buffer in list(self.stream_buffers.values()):
+                await buffer.close()
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed):
+            await self._reset_unfinished(event.stream_id)
+        await super().stream_send(event)
+
+    async def _reset_unfinished(self, stream_id: int) -> None:
+        # An app that returns without ending its response (a stream whose stuck send was broken
+        # off) leaves Hypercorn's h2 stream open and silent: the browser keeps waiting on it, and
+        # says live. Over HTTP/1.1 Hypercorn closes the connection; here the stream gets a
+        # RST_STREAM (CANCEL), so the client sees the end at once and resumes.
+        stream = self.connection.streams.get(stream_id)
+        if stream is None or stream.closed:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError):
+            self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        buffer = self.stream_buffers.pop(stream_id, None)
+        if buffer is not None:
+            await buffer.close()
+        with contextlib.suppress(MissingStreamError):
+            self.priority.remove_stream(stream_id)
+        await self._flush()
+
+    async def handle(self, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await super().handle(event)
+            return
+        try:
+            await super().handle(event)
+        except Exception:
+            # Whatever else a frame trips inside Hypercorn, h2 or priority: end this connection
+            # the way Hypercorn ends one on an HTTP/2 protocol error (GOAWAY, close; every stream
+            # then gets http.disconnect and the client reconnects) instead of letting the error
+            # cancel the connection's tasks, which is what used to leave it open and dead.
+            logger.exception("HTTP/2 connection from %s failed; closing it", self.client)
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.connection.close_connection(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            await self._flush()
+            await self.send(ConnectionClosed())
+
+
+def use_streaming_h2() -> None:
+    """Every HTTP/2 connection Hypercorn accepts in this process (ALPN h2, h2c by prior knowledge
+    or Upgrade) becomes a StreamingH2Protocol: Hypercorn's ProtocolWrapper builds them from the
+    module attribute `hypercorn.protocol.H2Protocol`, and offers no setting to choose the class."""
+    hypercorn.protocol.H2Protocol = StreamingH2Protocol  # type: ignore[attr-defined]
+
+
 def hypercorn_config(settings: Settings, host: str, port: int, toml: Path | None = None) -> TunedConfig:
     """Our Hypercorn config: from `toml` (binds, TLS, h2 limits) if given, else one cleartext bind
     on host:port. The settings streaming depends on are forced whatever the file says."""
@@ -84,6 +186,11 @@ def hypercorn_config(settings: Settings, host: str, port: int, toml: Path | None
     config.read_timeout = None  # any read timeout kills live streams: clients send nothing while reading
     config.accesslog = None
     config.backlog = max(config.backlog, 4096)  # a reconnect storm must not overflow the accept queue
+    # Past this many requests on one connection Hypercorn sends GOAWAY, after which h2 refuses to
+    # send anything more on it: every stream still open there freezes (and still counts as live
+    # here). A dashboard's reconnects (max stream age, auth-expired) reach the default 1,000.
+    config.keep_alive_max_requests = 2**62
+    config.h2_max_concurrent_streams = min(config.h2_max_concurrent_streams, MAX_H2_STREAMS)
     config.errorlog = logging.getLogger("hypercorn.error")  # our JSON handler, not a second plain one
     return config
 
@@ -232,6 +339,7 @@ async def serve_until(
     graceful_timeout for the open connections, which the drained streams end.
     """
     config = hypercorn_config(settings, host, port, hypercorn_toml)
+    use_streaming_h2()
     shutdown: list[asyncio.Task[None]] = []
 
     async def shutdown_trigger() -> None:
