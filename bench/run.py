@@ -236,6 +236,8 @@ def run_scenario(
     profile_dir: Path | None = None,
 ) -> Result:
     streams, rate, wells, while_publishing = scenario.streams, scenario.rate, scenario.wells, scenario.while_publishing
+    # The readings come from the system's own checkout too: the Redis layout may differ between them.
+    tree = system.partition("@")[2] or ROOT
     token = mint_token(secret, TENANT, "bench", ttl_s=3600)
     with gateway(system, redis_url, secret, wells) as (port, server):
         time.sleep(0.5)
@@ -244,7 +246,7 @@ def run_scenario(
         background = None
         if while_publishing:
             background = subprocess.Popen(
-                publisher(redis_url, rate, 3600, wells), cwd=ROOT, stdout=subprocess.DEVNULL, text=True
+                publisher(redis_url, rate, 3600, wells), cwd=tree, stdout=subprocess.DEVNULL, text=True
             )
             time.sleep(1)  # readings flow before the first stream connects
         started = time.monotonic()
@@ -274,7 +276,7 @@ def run_scenario(
         profiler = start_profile(profile_dir, system, streams, rate, server.pid, duration_s)
         if background is None:
             pub = subprocess.run(
-                publisher(redis_url, rate, duration_s, wells), cwd=ROOT, capture_output=True, text=True, check=True,
+                publisher(redis_url, rate, duration_s, wells), cwd=tree, capture_output=True, text=True, check=True,
                 timeout=duration_s + 60,
             )  # fmt: skip
             published = json.loads(pub.stdout)
