@@ -53,13 +53,18 @@ def _last_event_id(request: Request) -> StreamId | None:
 
 
 def _tags(request: Request) -> frozenset[str] | None:
-    raw = request.query_params.get("tags")
+    return _ids(request, "tags", MAX_TAGS)
+
+
+def _ids(request: Request, name: str, most: int) -> frozenset[str] | None:
+    """A query parameter holding 1 to `most` comma-separated ids (`?tags=`, `?wells=`), or None."""
+    raw = request.query_params.get(name)
     if raw is None:
         return None
-    tags = frozenset(tag.strip() for tag in raw.split(",") if tag.strip())
-    if not tags or len(tags) > MAX_TAGS or not all(is_valid_id(tag) for tag in tags):
-        raise RequestError(f"tags must be 1-{MAX_TAGS} comma-separated tag ids", 400)
-    return tags
+    ids = frozenset(part.strip() for part in raw.split(",") if part.strip())
+    if not ids or len(ids) > most or not all(is_valid_id(part) for part in ids):
+        raise RequestError(f"{name} must be 1-{most} comma-separated {name.removesuffix('s')} ids", 400)
+    return ids
 
 
 async def stream(request: Request) -> Response | EventStream:
@@ -69,7 +74,7 @@ async def stream(request: Request) -> Response | EventStream:
     gateway.limits.check_attempt(client)
     tenant, well = _tenant(request), _well(request)
     last_id, tags = _last_event_id(request), _tags(request)
-    asked = _wells_param(request, gateway.settings.auth.limits.wells_per_stream) if well is None else None
+    asked = _ids(request, "wells", gateway.settings.auth.limits.wells_per_stream) if well is None else None
     # HEAD answers headers only: it must not use up a single-use ticket.
     principal = await gateway.guard.authorize(request, tenant, well, tickets=request.method == "GET")
     if principal.expires_at <= time.time():
@@ -115,16 +120,6 @@ def _well(request: Request) -> str | None:
     if well is not None and not is_valid_id(well):
         raise RequestError("unknown tenant or well", 404)
     return well
-
-
-def _wells_param(request: Request, most: int) -> frozenset[str] | None:
-    raw = request.query_params.get("wells")
-    if raw is None:
-        return None
-    wells = frozenset(well.strip() for well in raw.split(",") if well.strip())
-    if not wells or len(wells) > most or not all(is_valid_id(well) for well in wells):
-        raise RequestError(f"wells must be 1-{most} comma-separated well ids", 400)
-    return wells
 
 
 async def _selection(
