@@ -39,7 +39,7 @@ def create_app(redis_url: str) -> Starlette:
                 stream_id, _, data = message["data"].partition(b" ")
                 yield ServerSentEvent(id=stream_id.decode(), event="reading", data=data.decode())
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
     async def stream(request: Request) -> EventSourceResponse:
         return EventSourceResponse(events(request.path_params["tenant"], request.path_params["well"]), ping=15)

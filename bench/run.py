@@ -53,6 +53,11 @@ for _name in ("hypercorn", "uvicorn", "granian"):
 # and wellstream's capacity at twice the goal rate.
 FULL = [(1000, 100), (1000, 1000), (2000, 1000), (3000, 1000), (5000, 1000), (10000, 500), (10000, 1000), (10000, 2000)]
 QUICK = [(1000, 100), (1000, 1000), (2000, 1000)]
+# Streams of many wells (N clients x R readings/s x W wells each), and streams opened while readings flow
+# (admission under load, as after a gateway restart): run by default unless --multi/--while-publishing say otherwise.
+FULL_MULTI = [(100, 300, 300), (1000, 1000, 100)]
+QUICK_MULTI = [(100, 300, 300)]
+FULL_WHILE_PUBLISHING = [(5000, 500)]
 BASELINE_MAX_STREAMS = 5000  # it cannot open more within the ramp limit (docs/performance.md); skip the rest
 
 
@@ -374,12 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--multi",
         default=None,
-        help="N:R:W rows where each of N clients opens one stream of all W wells (R readings/s), e.g. 100:300:300",
+        help="N:R:W rows where each of N clients opens one stream of all W wells (R readings/s), e.g. 100:300:300; "
+        "'' for none (default without --scenarios: 100:300:300,1000:1000:100; --quick: 100:300:300)",
     )
     parser.add_argument(
         "--while-publishing",
         default=None,
-        help="N:R pairs opened while R readings/s already flow (admission under load), e.g. 10000:500",
+        help="N:R pairs opened while R readings/s already flow (admission under load), e.g. 10000:500; "
+        "'' for none (default without --scenarios or --quick: 5000:500)",
     )
     parser.add_argument("--duration", type=float, default=15, help="seconds of publishing per scenario")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
@@ -409,8 +416,20 @@ def main(argv: list[str] | None = None) -> None:
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
         runs = [Scenario(n, r) for n, r in scenarios]
-        runs += [Scenario(n, r, while_publishing=True) for n, r in pairs(args.while_publishing)]
-        runs += [Scenario(n, r, wells=w, multi=True) for n, r, w in triples(args.multi)]
+        # Named scenarios mean "just these"; otherwise the default set includes the other kinds of row.
+        chosen = args.scenarios is not None
+        while_publishing = (
+            pairs(args.while_publishing)
+            if args.while_publishing is not None
+            else ([] if args.quick or chosen else FULL_WHILE_PUBLISHING)
+        )
+        multi = (
+            triples(args.multi)
+            if args.multi is not None
+            else ([] if chosen else QUICK_MULTI if args.quick else FULL_MULTI)
+        )
+        runs += [Scenario(n, r, while_publishing=True) for n, r in while_publishing]
+        runs += [Scenario(n, r, wells=w, multi=True) for n, r, w in multi]
         for scenario in runs:
             for system in systems:
                 if system == "baseline" and (scenario.streams > BASELINE_MAX_STREAMS or scenario.multi):

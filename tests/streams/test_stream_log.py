@@ -193,7 +193,7 @@ async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
             assert await client.smembers("scada:{acme}:wells") == {b"w1"}
             assert await client.get("scada:{acme}:clock") == str(stream_id).encode()
             assert channel_name("acme") == "scada:{acme}:live"
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
             await client.aclose()
 
 
