@@ -26,11 +26,22 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+# Libraries whose chatter drowns ours: asyncua logs each connect, session and subscription step
+# at INFO, pymodbus each connect and frame at DEBUG; their lines were 807 of the 1,046 of one
+# ingest log. Our adapters log each connect and each loss once, in their own words.
+_QUIET_LIBRARIES = ("asyncua", "pymodbus")
+
+
 def configure(level: str = "INFO") -> None:
-    """Called once, by the CLI; library code never configures logging."""
+    """Called once, by the CLI; library code never configures logging.
+
+    `level` is ours. asyncua and pymodbus stay at WARNING whatever it is, DEBUG included: a
+    DEBUG run is for our own events, and theirs would bury them. hypercorn's error log too.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("hypercorn.error").setLevel("WARNING")
+    for name in ("hypercorn.error", *_QUIET_LIBRARIES):
+        logging.getLogger(name).setLevel("WARNING")

@@ -27,6 +27,9 @@ _UNIT_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,32}$")
 
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 Quality = Literal["GOOD", "BAD", "UNCERTAIN"]
+# Why a reading is not plainly GOOD (or, for `override`, GOOD with a caveat); the README's contract says each one.
+Reason = Literal["comm_failure", "device_error", "out_of_range", "override", "retained", "stale"]
+_STATUS_CODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 SourceProtocol = Literal["opcua", "modbus", "mqtt", "simulator"]
 
 
@@ -82,6 +85,8 @@ class Reading(BaseModel):
     connection_id: Identifier
     unit: str | None = None
     ingested_at: str | None = None
+    reason: Reason | None = None
+    status_code: str | None = None  # the source's own status name (OPC-UA's, e.g. GoodLocalOverride)
 
     @model_validator(mode="before")
     @classmethod
@@ -107,6 +112,13 @@ class Reading(BaseModel):
     @classmethod
     def _timestamp(cls, value: object) -> str | None:
         return None if value is None else _normalize_timestamp(value)
+
+    @field_validator("status_code")
+    @classmethod
+    def _status_code(cls, value: str | None) -> str | None:
+        if value is not None and not _STATUS_CODE_RE.fullmatch(value):
+            raise ValueError("status_code must be a status name such as GoodLocalOverride")
+        return value
 
     @field_validator("unit")
     @classmethod

@@ -200,3 +200,63 @@ def test_demo_serves_the_curl_example_it_prints(
     except subprocess.TimeoutExpired:
         pytest.fail("demo did not exit within 10 s of SIGTERM")
     assert code == 0, (tmp_path / "demo.stderr").read_text()
+
+
+CHECKED_SITE = """
+[tenants.acme]
+wells = ["well-01"]
+
+[[connections]]
+protocol = "modbus"
+id = "pad-7-plc"
+tenant = "acme"
+host = "127.0.0.1"
+
+[[connections.groups]]
+interval_s = 1.0
+points = [
+  { table = "holding", address = 0, well = "well-01", tag = "casing_pressure" },
+  { table = "holding", address = ADDRESS, well = "well-01", tag = "tubing_pressure" },
+]
+
+[[connections]]
+protocol = "mqtt"
+id = "field-mqtt"
+tenant = "acme"
+host = "127.0.0.1"
+tags = [{ topic = "pads/7/flow", well = "well-01", tag = "flow", deadband = DEADBAND }]
+"""
+
+
+def test_check_config_names_the_connection_and_the_point_of_each_problem(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(CHECKED_SITE.replace("ADDRESS", "65536").replace("DEADBAND", "-1"))
+
+    result = run_cli("check-config", str(path), env=clean_env())
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"wellstream: {path}: connection 'pad-7-plc' (modbus), point well-01/tubing_pressure: address: "
+        "Input should be less than 65536",
+        f"{path}: connection 'field-mqtt' (mqtt), tag well-01/flow: deadband: "
+        "Input should be greater than or equal to 0",
+    ]
+
+
+def test_check_config_refuses_a_modicon_address_until_the_connection_sets_address_offset(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    modicon = CHECKED_SITE.replace("ADDRESS", "40002").replace("DEADBAND", "0")
+    path.write_text(modicon)
+
+    refused = run_cli("check-config", str(path), env=clean_env())
+    path.write_text(modicon.replace('host = "127.0.0.1"\n', 'host = "127.0.0.1"\naddress_offset = 0\n', 1))
+    accepted = run_cli("check-config", str(path), env=clean_env())
+
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        f"wellstream: {path}: connection 'pad-7-plc' (modbus): point well-01/tubing_pressure: address 40002 looks like"
+        " Modicon notation (40002 = holding register 1): write the zero-based address 1, or set address_offset"
+    )
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout == f"{path}: ok: 1 tenants, 1 wells, 2 connections\n"

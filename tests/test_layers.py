@@ -224,9 +224,10 @@ def test_every_lua_script_sits_next_to_the_code_that_loads_it() -> None:
     for path in MODULES:
         for node in ast.walk(parse(path)):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "script" and len(node.args) == 2:
-                argument = node.args[1]
-                if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
-                    loaded.add((path.parent, argument.value))
+                names = [node.args[1]] + [e for k in node.keywords if k.arg == "after" for e in ast.walk(k.value)]
+                for argument in names:
+                    if isinstance(argument, ast.Constant) and isinstance(argument.value, str):
+                        loaded.add((path.parent, argument.value))
 
     assert scripts, "the Redis scripts are .lua files"
     assert {name for _, name in loaded} == scripts

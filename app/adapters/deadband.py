@@ -1,13 +1,11 @@
 """Report by exception: one filter for every adapter that would otherwise repeat itself.
 
-A sample is reported when it is the first for its key, when its quality changed, when its
-value moved past the deadband since the value last reported (not the last sample: a slow
-drift is reported once it adds up), or when `refresh_s` has passed since the last report,
-so a steady value still shows it is alive. A missing value (BAD) differs from any number.
-
-Percent is a percent of the last reported value, as the Modbus site files have always meant
-it. It reacts to nothing around zero and too much near full scale; a later issue makes it a
-percent of the point's engineering span, which needs a span in the config first.
+A sample is reported when it is the first for its key, when its quality (or its reason)
+changed, when its value moved past the deadband since the value last reported (not the last
+sample: a slow drift is reported once it adds up), or when `refresh_s` has passed since the
+last report, so a steady value still shows it is alive. A missing value (BAD) differs from
+any number. A percent deadband is turned into an amount by the point (a percent of its
+engineering span: app/adapters/base.py), so it means the same near zero as near full scale.
 """
 
 from __future__ import annotations
@@ -15,27 +13,25 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from app.models import Quality
+from app.models import Quality, Reason
 
 
 @dataclass(frozen=True, slots=True)
 class Deadband:
-    """How far a value must move to be reported: `amount` in the value's unit, or, with
-    `percent`, in percent of the last reported value. An amount of 0 still drops a value
-    that did not change at all."""
+    """How far a value must move to be reported, in the value's unit. An amount of 0 still drops
+    a value that did not change at all."""
 
     amount: float = 0.0
-    percent: bool = False
 
     def exceeded(self, last: float, value: float) -> bool:
-        threshold = self.amount * abs(last) / 100.0 if self.percent else self.amount
-        return abs(value - last) > threshold
+        return abs(value - last) > self.amount
 
 
 @dataclass(frozen=True, slots=True)
 class _Reported:
     value: float | None
     quality: Quality
+    reason: Reason | None
     at: float
 
 
@@ -52,16 +48,34 @@ class ReportByException:
         self._refresh_s = refresh_s
         self._last: dict[Hashable, _Reported] = {}
 
-    def due(self, key: Hashable, value: float | None, quality: Quality, deadband: Deadband | None, now: float) -> bool:
+    def due(
+        self,
+        key: Hashable,
+        value: float | None,
+        quality: Quality,
+        deadband: Deadband | None,
+        now: float,
+        reason: Reason | None = None,
+    ) -> bool:
         """Whether to report this sample of `key` taken at `now` (any monotonic clock, in seconds).
 
         `deadband` None reports every sample: for sources that already report by exception.
         """
         last = self._last.get(key)
-        if deadband is None or last is None or self._stale(last, now) or _changed(last, value, quality, deadband):
-            self._last[key] = _Reported(value, quality, now)
+        if (
+            deadband is None
+            or last is None
+            or self._stale(last, now)
+            or _changed(last, value, quality, reason, deadband)
+        ):
+            self._last[key] = _Reported(value, quality, reason, now)
             return True
         return False
+
+    def reported(self, key: Hashable, value: float | None, quality: Quality, reason: Reason | None, now: float) -> None:
+        """Remember a report made without a sample (a device declared lost, a tag stale), so the
+        next real sample is news."""
+        self._last[key] = _Reported(value, quality, reason, now)
 
     def forget(self) -> None:
         """Report every key's next sample, whatever it is (after a reconnect, say)."""
@@ -71,8 +85,8 @@ class ReportByException:
         return self._refresh_s is not None and now - last.at >= self._refresh_s
 
 
-def _changed(last: _Reported, value: float | None, quality: Quality, deadband: Deadband) -> bool:
-    if quality != last.quality:
+def _changed(last: _Reported, value: float | None, quality: Quality, reason: Reason | None, deadband: Deadband) -> bool:
+    if quality != last.quality or reason != last.reason:
         return True
     if value is None or last.value is None:
         return value is not last.value

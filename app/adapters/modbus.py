@@ -2,12 +2,16 @@
 
 Each group of points is polled on its own interval over one shared connection. Values are
 decoded here from the raw 16-bit registers (struct), so every word and byte order a device
-may use is supported, including the byte-swapped ones pymodbus cannot decode. A value is
-reported by exception (app/adapters/deadband.py): when it moved past its deadband, when its
-quality changed, or when `refresh_s` has passed since it was last reported. A Modbus
-exception response (an illegal address, say) turns only the points it concerns BAD; losing
-the connection closes it and reconnects (app/adapters/reconnect.py) with a short backoff,
-0.1 s doubling to 2 s: a PLC is on the local network and back quickly. pymodbus never leaves
+may use is supported, including the byte-swapped ones pymodbus cannot decode. Each value is
+stamped when its own request is answered. A value is reported by exception
+(app/adapters/reporter.py): when it moved past its deadband, when its quality changed, or
+when `refresh_s` has passed since it was last reported. A Modbus exception response (an
+illegal address, say) turns only the points it concerns BAD (`device_error`); a refused or
+timed-out request loses the connection, which closes and reconnects
+(app/adapters/reconnect.py) with a short backoff, 0.1 s doubling to 2 s: a PLC is on the
+local network and back quickly. Once the device has not answered for `comm_timeout_s`,
+every tag is reported BAD `comm_failure`; a tag not polled for three of its group's
+intervals (an overrun scan) is reported stale. pymodbus never leaves
 this module: not its types, not its errors.
 """
 
@@ -22,15 +26,15 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 
 from app.adapters.base import PointTarget, ReadingSink
-from app.adapters.deadband import ReportByException
 from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop, describe
+from app.adapters.reporter import STALE_FACTOR, Reporter, Source
 from app.errors import ConnectionLost
-from app.models import Identifier, Quality, Reading, utc_now_iso
+from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +57,9 @@ class ModbusPoint(PointTarget):
 
     `type` is ignored for coils, which read as 0.0 or 1.0. `word_order` says which register
     holds the most significant word; `byte_order` which byte inside each register comes first.
-    The value reported is `raw * scale + offset`. A move of at most `deadband` (with
-    `deadband_percent`, that percent of the last reported value) is not reported.
+    The raw value becomes an engineering value by `scale`/`offset` or a raw/EU range (out of
+    range: BAD `out_of_range`). A move of at most `deadband` (with `deadband_percent`, that
+    percent of the EU span) is not reported.
     """
 
     polled = True
@@ -81,7 +86,13 @@ class ModbusGroup(BaseModel):
 
 
 class ModbusConnection(BaseModel):
-    """One Modbus TCP device (`unit_id` is its slave/device id) and the groups polled from it."""
+    """One Modbus TCP device (`unit_id` is its slave/device id) and the groups polled from it.
+
+    A point's `address` is the zero-based protocol address; `address_offset` is added to every
+    point's address before it is read (-1 for a device documented with one-based addresses).
+    An address that looks like Modicon notation (holding 40001-49999, input 30001-39999) is
+    refused unless the connection sets `address_offset`, even to 0: then the file says which it is.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -91,14 +102,67 @@ class ModbusConnection(BaseModel):
     host: str = Field(min_length=1)
     port: int = Field(502, ge=1, lt=65536)
     unit_id: int = Field(1, ge=0, le=255)
+    address_offset: int = 0
     timeout_s: float = Field(2.0, gt=0, le=60)
     refresh_s: float = Field(60.0, gt=0)
+    comm_timeout_s: float | None = Field(None, gt=0, le=3600)
     groups: list[ModbusGroup] = Field(min_length=1)
+
+    @property
+    def comm_timeout(self) -> float:
+        """`comm_timeout_s`, or three polls of the fastest group, and never less than one request's timeout."""
+        if self.comm_timeout_s is not None:
+            return self.comm_timeout_s
+        fastest = min(group.interval_s for group in self.groups)
+        return max(STALE_FACTOR * fastest, self.timeout_s + 1.0)
+
+    def stale_after(self, point: PointTarget) -> float | None:
+        """`stale_after_s`, or three polls of the point's group: a polled tag is heard at every poll."""
+        if point.stale_after_s is not None:
+            return point.stale_after_s
+        return min(STALE_FACTOR * g.interval_s for g in self.groups if point in g.points)
 
     @property
     def wells(self) -> list[str]:
         """Every well this connection feeds, in first-seen order."""
         return list(dict.fromkeys(point.well for group in self.groups for point in group.points))
+
+    @model_validator(mode="after")
+    def _addresses_are_zero_based_and_fit(self) -> ModbusConnection:
+        explicit_offset = "address_offset" in self.model_fields_set
+        problems = [
+            problem
+            for group in self.groups
+            for point in group.points
+            if (problem := self._address_problem(point, explicit_offset)) is not None
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))  # one per line, as the site file's errors are
+        return self
+
+    def _address_problem(self, point: ModbusPoint, explicit_offset: bool) -> str | None:
+        """Why `point` cannot be read at `address + address_offset`, or None."""
+        name = f"point {point.well}/{point.tag}"
+        modicon = {"holding": 40001, "input": 30001}.get(point.table)
+        if not explicit_offset and modicon is not None and modicon <= point.address < modicon + 9999:
+            register = point.address - modicon
+            return (
+                f"{name}: address {point.address} looks like Modicon notation ({point.address} = {point.table} "
+                f"register {register}): write the zero-based address {register}, or set address_offset on the "
+                f"connection if the device documents offset addresses (0 if {point.address} really is zero-based)"
+            )
+        first = point.address + self.address_offset
+        last = first + point.count - 1
+        if first >= 0 and last <= 65535:
+            return None
+        unit = "coil" if point.table == "coil" else "register"
+        span = f"{unit} {first}" if first == last else f"{unit}s {first}..{last}"
+        offset = f" + address_offset {self.address_offset}" if self.address_offset else ""
+        return f"{name}: {point.table} address {point.address}{offset} reads {span}, outside 0..65535"
+
+    def feeds(self) -> list[tuple[str, str]]:
+        """Every (well, tag) this connection's points feed, in the file's order: a tag fed twice is listed twice."""
+        return [(point.well, point.tag) for group in self.groups for point in group.points]
 
 
 def decode(registers: Sequence[int], point: ModbusPoint) -> float:
@@ -116,8 +180,10 @@ def decode(registers: Sequence[int], point: ModbusPoint) -> float:
 @dataclass(frozen=True, slots=True)
 class _Sample:
     point: ModbusPoint
-    value: float | None
+    raw: float | None
     quality: Quality
+    timestamp: str  # when its request was answered: a slow scan does not make early tags look fresher
+    reason: Reason | None = None
 
 
 class ModbusAdapter(ReconnectingAdapter):
@@ -128,12 +194,16 @@ class ModbusAdapter(ReconnectingAdapter):
     """
 
     def __init__(self, connection: ModbusConnection) -> None:
-        super().__init__(ReconnectLoop("modbus", connection.id, first_s=0.1, cap_s=2.0, logger=logger))
+        points = [point for group in connection.groups for point in group.points]
+        reporter = Reporter(
+            Source(connection.tenant, "modbus", connection.id), points, connection.stale_after, connection.refresh_s
+        )
+        loop = ReconnectLoop("modbus", connection.id, first_s=0.1, cap_s=2.0, logger=logger)
+        super().__init__(loop, reporter, connection.comm_timeout)
         self._connection = connection
-        self._filter = ReportByException(connection.refresh_s)
 
     async def run(self, sink: ReadingSink) -> None:
-        await self._reconnect.run(self._session, lambda client: self._poll_groups(client, sink))
+        await self._run_watched(sink, self._session, lambda client: self._poll_groups(client, sink))
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncModbusTcpClient]:
@@ -172,8 +242,7 @@ class ModbusAdapter(ReconnectingAdapter):
         next_at = loop.time()
         while True:
             samples = [await self._sample(client, point) for point in group.points]
-            now = loop.time()
-            readings = [self._reading(sample) for sample in samples if self._due(sample, now)]
+            readings = [reading for sample in samples if (reading := self._report(sample)) is not None]
             if readings:
                 await sink.submit(readings)
             next_at += group.interval_s
@@ -181,47 +250,35 @@ class ModbusAdapter(ReconnectingAdapter):
                 next_at = loop.time()
             await asyncio.sleep(next_at - loop.time())
 
-    def _due(self, sample: _Sample, now: float) -> bool:
-        point = sample.point
-        return self._filter.due((point.well, point.tag), sample.value, sample.quality, point.report_deadband, now)
+    def _report(self, sample: _Sample) -> Reading | None:
+        return self._reporter.sample(sample.point, sample.raw, sample.quality, sample.timestamp, reason=sample.reason)
 
     async def _sample(self, client: AsyncModbusTcpClient, point: ModbusPoint) -> _Sample:
         response = await self._read(client, point)
+        self._reconnect.contact()
+        stamp = utc_now_iso()
         if response.isError():
             code = getattr(response, "exception_code", None)
             logger.debug("adapter %s: %s %d answered exception %s", self.name, point.table, point.address, code)
-            return _Sample(point, None, "BAD")
+            return _Sample(point, None, "BAD", stamp, "device_error")
         if point.table == "coil":
             raw = 1.0 if response.bits[0] else 0.0
         else:
             raw = decode(list(response.registers[: point.count]), point)
-        value = raw * point.scale + point.offset
-        if not math.isfinite(value):  # a NaN or infinite float register: the device has no value
-            return _Sample(point, None, "BAD")
-        return _Sample(point, value, "GOOD")
+        if not math.isfinite(raw):  # a NaN or infinite float register: the device has no value
+            return _Sample(point, None, "BAD", stamp, "device_error")
+        return _Sample(point, raw, "GOOD", stamp)
 
     async def _read(self, client: AsyncModbusTcpClient, point: ModbusPoint) -> ModbusPDU:
         if not client.connected:
             raise ConnectionLost(self.name, "connection dropped")
         unit, count = self._connection.unit_id, point.count
+        address = point.address + self._connection.address_offset
         try:
             if point.table == "coil":
-                return await client.read_coils(point.address, count=count, device_id=unit)
+                return await client.read_coils(address, count=count, device_id=unit)
             if point.table == "input":
-                return await client.read_input_registers(point.address, count=count, device_id=unit)
-            return await client.read_holding_registers(point.address, count=count, device_id=unit)
+                return await client.read_input_registers(address, count=count, device_id=unit)
+            return await client.read_holding_registers(address, count=count, device_id=unit)
         except Exception as exc:
             raise ConnectionLost(self.name, describe(exc)) from exc
-
-    def _reading(self, sample: _Sample) -> Reading:
-        return Reading(
-            tenant_id=self._connection.tenant,
-            well_id=sample.point.well,
-            tag_name=sample.point.tag,
-            value=sample.value,
-            quality=sample.quality,
-            timestamp=utc_now_iso(),
-            source_protocol="modbus",
-            connection_id=self.name,
-            unit=sample.point.unit,
-        )

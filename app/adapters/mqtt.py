@@ -30,10 +30,10 @@ import aiomqtt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.adapters.base import PointTarget, ReadingSink
-from app.adapters.deadband import ReportByException
 from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop
+from app.adapters.reporter import Reporter, Source
 from app.errors import ConnectionLost, PayloadError
-from app.models import Identifier, Quality, Reading, utc_now_iso
+from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,18 @@ class MqttConnection(BaseModel):
     quality_field: str = Field("quality", min_length=1)
     timestamp_field: str = Field("timestamp", min_length=1)
     refresh_s: float | None = Field(None, gt=0, description="with a deadband: report an unchanged value this often")
+    comm_timeout_s: float = Field(5.0, gt=0, le=3600)
+    status_topic: str | None = Field(None, min_length=1, max_length=1024)
+    offline_payload: str = Field("offline", min_length=1, max_length=256)
     tags: list[MqttTag] = Field(min_length=1)
+
+    @property
+    def comm_timeout(self) -> float:
+        return self.comm_timeout_s
+
+    def stale_after(self, tag: PointTarget) -> float | None:
+        """Only `stale_after_s`: many devices publish on change, so silence is not staleness by itself."""
+        return tag.stale_after_s
 
     @model_validator(mode="after")
     def _persistent_session_needs_a_client_id(self) -> MqttConnection:
@@ -95,6 +106,10 @@ class MqttConnection(BaseModel):
     def wells(self) -> list[str]:
         """Every well this connection feeds, in first-seen order."""
         return list(dict.fromkeys(tag.well for tag in self.tags))
+
+    def feeds(self) -> list[tuple[str, str]]:
+        """Every (well, tag) this connection's tags feed, in the file's order: a tag fed twice is listed twice."""
+        return [(tag.well, tag.tag) for tag in self.tags]
 
 
 class MqttAdapter(ReconnectingAdapter):
@@ -109,15 +124,22 @@ class MqttAdapter(ReconnectingAdapter):
         credentials: where `username_env` and `password_env` are looked up, at every connect.
     """
 
+    # The client's keepalive is the liveness check: while it holds, the broker is alive.
+    connected_is_alive = True
+
     def __init__(self, connection: MqttConnection, *, credentials: Mapping[str, str] | None = None) -> None:
         loop = ReconnectLoop("mqtt", connection.id, first_s=0.1, cap_s=5.0, logger=logger, credentials=credentials)
-        super().__init__(loop)
+        source = Source(connection.tenant, "mqtt", connection.id)
+        reporter = Reporter(source, connection.tags, connection.stale_after, connection.refresh_s)
+        super().__init__(loop, reporter, connection.comm_timeout)
         self._connection = connection
-        self._filters = list(dict.fromkeys(tag.topic for tag in connection.tags))
-        self._filter = ReportByException(connection.refresh_s)
+        topics = [tag.topic for tag in connection.tags]
+        if connection.status_topic is not None:
+            topics.append(connection.status_topic)
+        self._filters = list(dict.fromkeys(topics))
 
     async def run(self, sink: ReadingSink) -> None:
-        await self._reconnect.run(self._session, lambda client: self._serve(client, sink))
+        await self._run_watched(sink, self._session, lambda client: self._serve(client, sink))
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[aiomqtt.Client]:
@@ -126,14 +148,13 @@ class MqttAdapter(ReconnectingAdapter):
             async with self._client() as client:
                 await self._subscribe(client)
                 logger.info("mqtt %s subscribed to %d filters", self.name, len(self._filters))
-                self._filter.forget()  # the first message after a reconnect is news
                 yield client
         except aiomqtt.MqttError as exc:
             raise ConnectionLost(self.name, f"broker connection failed: {exc}") from exc
 
     async def _serve(self, client: aiomqtt.Client, sink: ReadingSink) -> None:
         async for message in client.messages:
-            await self._handle(message.topic, message.payload, sink)
+            await self._handle(message.topic, message.payload, sink, retained=message.retain)
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         for topic_filter in self._filters:
@@ -157,60 +178,66 @@ class MqttAdapter(ReconnectingAdapter):
             logger=logger,
         )
 
-    async def _handle(self, topic: aiomqtt.Topic, payload: object, sink: ReadingSink) -> None:
+    async def _handle(self, topic: aiomqtt.Topic, payload: object, sink: ReadingSink, retained: bool = False) -> None:
+        self._reconnect.contact()
+        if self._connection.status_topic is not None and topic.matches(self._connection.status_topic):
+            await self._status(payload, sink)
         tags = [tag for tag in self._connection.tags if topic.matches(tag.topic)]
         if not tags:
             return
         try:
-            readings = self.decode(tags, payload)
+            readings = self.decode(tags, payload, retained=retained)
         except PayloadError as exc:
             logger.warning("mqtt %s: skipped a message on %s: %s", self.name, topic.value, exc.detail)
             return
-        now = time.monotonic()
-        news = [
-            reading
-            for tag, reading in zip(tags, readings, strict=True)
-            if self._filter.due(tag, reading.value, reading.quality, tag.report_deadband, now)
-        ]
-        if news:
-            await sink.submit(news)
+        if readings:
+            await sink.submit(readings)
 
-    def decode(self, tags: Sequence[MqttTag], payload: object) -> list[Reading]:
-        """Readings for `tags` from one payload, one per tag in order; raises PayloadError if it is not usable."""
+    async def _status(self, payload: object, sink: ReadingSink) -> None:
+        """A device's own word (its last will, typically) that it is offline: every tag is BAD at once."""
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes | bytearray) else str(payload)
+        if text.strip() == self._connection.offline_payload:
+            readings = self._reporter.lost()
+            logger.warning("mqtt %s: the device says it is offline: %d tags reported BAD", self.name, len(readings))
+            if readings:
+                await sink.submit(readings)
+
+    def decode(self, tags: Sequence[MqttTag], payload: object, *, retained: bool = False) -> list[Reading]:
+        """The readings that are news for `tags` from one payload (within a deadband: none);
+        raises PayloadError if it is not usable.
+
+        A retained message is the broker's copy of an older one: it keeps its own timestamp, and
+        without one it is UNCERTAIN (reason `retained`) rather than stamped as if it were new.
+        """
         try:
-            return self._decode(tags, payload)
+            return self._decode(tags, payload, retained)
         except _Unusable as exc:
             raise PayloadError(self.name, str(exc)) from None
 
-    def _decode(self, tags: Sequence[MqttTag], payload: object) -> list[Reading]:
+    def _decode(self, tags: Sequence[MqttTag], payload: object, retained: bool) -> list[Reading]:
         if not isinstance(payload, bytes | bytearray | str):
             raise _Unusable(f"payload of type {type(payload).__name__}")
         value, quality, timestamp = _parse(
             bytes(payload) if not isinstance(payload, str) else payload, self._connection
         )
+        reason: Reason | None = None
+        if timestamp is None:
+            timestamp = utc_now_iso()
+            if retained and quality == "GOOD":
+                quality, reason = "UNCERTAIN", "retained"
+        now = time.monotonic()
         try:
-            return [self._reading(tag, value, quality, timestamp) for tag in tags]
+            readings = [self._reporter.sample(tag, value, quality, timestamp, reason=reason, now=now) for tag in tags]
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'reading'}: {e['msg']}" for e in exc.errors())
             raise _Unusable(problems) from None
-
-    def _reading(self, tag: MqttTag, value: float | None, quality: Quality, timestamp: str) -> Reading:
-        return Reading(
-            tenant_id=self._connection.tenant,
-            well_id=tag.well,
-            tag_name=tag.tag,
-            value=None if value is None else value * tag.scale + tag.offset,
-            quality=quality,
-            timestamp=timestamp,
-            source_protocol="mqtt",
-            connection_id=self._connection.id,
-            unit=tag.unit,
-        )
+        return [reading for reading in readings if reading is not None]
 
 
-def _parse(payload: bytes | str, c: MqttConnection) -> tuple[float | None, Quality, str]:
+def _parse(payload: bytes | str, c: MqttConnection) -> tuple[float | None, Quality, str | None]:
+    """Value, quality and the payload's own timestamp (None: it has none)."""
     try:
-        return float(payload), "GOOD", utc_now_iso()
+        return float(payload), "GOOD", None
     except ValueError:
         pass
     try:
@@ -247,9 +274,9 @@ def _quality(raw: object) -> Quality:
     return quality
 
 
-def _timestamp(raw: object) -> str:
+def _timestamp(raw: object) -> str | None:
     if raw is None:
-        return utc_now_iso()
+        return None
     if isinstance(raw, str):
         return raw  # Reading validates it: ISO-8601 with a zone
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):

@@ -1,13 +1,17 @@
 """OPC-UA: one subscription on one server, each monitored node feeding one tag of one well.
 
 Every data change becomes a Reading: the OPC-UA StatusCode maps to GOOD, UNCERTAIN or BAD
-(a Bad value arrives as null and is reported as None), the SourceTimestamp is kept (else the
-ServerTimestamp, else the time of arrival), then `scale`/`offset` are applied and a client-side
-absolute deadband (app/adapters/deadband.py) drops small moves (asyncua's own server compares
-consecutive samples, not the last reported value, so the deadband is not left to the server).
-Without a deadband every notification is reported: the server already reports by exception. A
-node the server refuses to monitor (an unknown NodeId, say) is logged and reported once as BAD;
-the others carry on.
+and its name is kept as `statusCode` (GoodLocalOverride stays GOOD with reason `override`;
+the Bad codes for a device the server cannot reach become `comm_failure`, BadOutOfRange
+`out_of_range`, other Bad codes `device_error`; a Bad value is reported as None). The
+SourceTimestamp is kept (else the ServerTimestamp, else the time of arrival), the value is
+converted to engineering units (app/adapters/base.py) and a client-side absolute deadband
+drops small moves (asyncua's own server compares consecutive samples, not the last reported
+value, so the deadband is not left to the server). Without a deadband every notification is
+reported: the server already reports by exception, so a steady value is silent and a node is
+only ever stale with a `stale_after_s`. A node the server refuses to monitor (an unknown
+NodeId, say) is logged and reported once as BAD; the others carry on. The server's state is
+read every 0.5 s: its answers are the signs of life behind `comm_timeout_s`.
 
 Reconnection is ours (app/adapters/reconnect.py), not asyncua's auto_reconnect: each attempt
 opens a fresh Client, subscribes again, watches the session (asyncua's watchdog reports a lost
@@ -29,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,14 +42,16 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.crypto import security_policies
+from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.adapters.base import PointTarget, ReadingSink
-from app.adapters.deadband import ReportByException
 from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop, describe
+from app.adapters.reporter import STALE_FACTOR, Reporter, Source
 from app.errors import ConnectionLost
-from app.models import Identifier, Quality, Reading, utc_now_iso
+from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +103,19 @@ class OpcuaConnection(BaseModel):
     certificate_file: Path | None = None
     private_key_file: Path | None = None
     server_certificate_file: Path | None = None
+    comm_timeout_s: float | None = Field(None, gt=0, le=3600)
     nodes: list[OpcuaNode] = Field(min_length=1)
+
+    @property
+    def comm_timeout(self) -> float:
+        """`comm_timeout_s`, or three publishing intervals, at least 5 s (a reconnect and resubscribe)."""
+        if self.comm_timeout_s is not None:
+            return self.comm_timeout_s
+        return max(5.0, STALE_FACTOR * self.publishing_interval_ms / 1000)
+
+    def stale_after(self, node: PointTarget) -> float | None:
+        """Only `stale_after_s`: a server reports by exception, so a steady value is silent, not stale."""
+        return node.stale_after_s
 
     @model_validator(mode="after")
     def _certificates_for_a_secure_policy(self) -> Self:
@@ -113,6 +130,10 @@ class OpcuaConnection(BaseModel):
     def wells(self) -> list[str]:
         """Every well this connection feeds, in first-seen order."""
         return list(dict.fromkeys(node.well for node in self.nodes))
+
+    def feeds(self) -> list[tuple[str, str]]:
+        """Every (well, tag) this connection's nodes feed, in the file's order: a tag fed twice is listed twice."""
+        return [(node.well, node.tag) for node in self.nodes]
 
 
 class _Handler:
@@ -157,14 +178,14 @@ class OpcuaAdapter(ReconnectingAdapter):
 
     def __init__(self, connection: OpcuaConnection, *, credentials: Mapping[str, str] | None = None) -> None:
         loop = ReconnectLoop("opcua", connection.id, first_s=0.1, cap_s=5.0, logger=logger, credentials=credentials)
-        super().__init__(loop)
+        reporter = Reporter(Source(connection.tenant, "opcua", connection.id), connection.nodes, connection.stale_after)
+        super().__init__(loop, reporter, connection.comm_timeout)
         self._connection = connection
         # Normalized NodeId strings, so notifications find their node however the config spelled it.
         self._nodes = {ua.NodeId.from_string(node.node_id).to_string(): node for node in connection.nodes}
-        self._filter = ReportByException()
 
     async def run(self, sink: ReadingSink) -> None:
-        await self._reconnect.run(lambda: self._session(sink), self._watch)
+        await self._run_watched(sink, lambda: self._session(sink), self._watch)
 
     @contextlib.asynccontextmanager
     async def _session(self, sink: ReadingSink) -> AsyncIterator[tuple[Client, _Handler]]:
@@ -175,7 +196,6 @@ class OpcuaAdapter(ReconnectingAdapter):
                 await client.connect()
             logger.info("opcua %s connected to %s", self.name, self._connection.endpoint)
             handler = _Handler(self, self._nodes, sink)
-            self._filter.forget()  # report every current value again after a reconnect
             with self._translated():
                 await self._subscribe(client, handler, sink)
             yield client, handler
@@ -228,14 +248,21 @@ class OpcuaAdapter(ReconnectingAdapter):
             if isinstance(result, ua.StatusCode):
                 config = self._nodes[node_id]
                 logger.warning("opcua %s: cannot monitor %s: %s", self.name, config.node_id, result.name)
-                refused.append(self._make(config, None, "BAD", utc_now_iso()))
+                reading = self._reporter.sample(config, None, "BAD", utc_now_iso(), reason="device_error")
+                refused.extend([reading] if reading is not None else [])
         logger.info("opcua %s monitoring %d of %d nodes", self.name, len(node_ids) - len(refused), len(node_ids))
         if refused:
             await sink.submit(refused)
 
     async def _watch(self, session: tuple[Client, _Handler]) -> None:
-        """Return never; raise ConnectionLost once the server is gone."""
+        """Return never; raise ConnectionLost once the server is gone.
+
+        Every `_CHECK_S` the server's state is read: an answer is a sign of life (a frozen
+        server stops giving them long before its session times out); a state other than
+        Running, or no answer within the request timeout, is a lost server.
+        """
         client, handler = session
+        state = client.get_node(ObjectIds.Server_ServerStatus_State)
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(handler.lost.wait(), _CHECK_S)
@@ -243,6 +270,10 @@ class OpcuaAdapter(ReconnectingAdapter):
                 raise ConnectionLost(self.name, "the server stopped answering")
             with self._translated():
                 await client.check_connection()  # raises ConnectionError once the client gave up
+                running = await asyncio.wait_for(state.read_value(), _TIMEOUT_S)
+            if running != ua.ServerState.Running:
+                raise ConnectionLost(self.name, f"the server is in state {getattr(running, 'name', running)}")
+            self._reconnect.contact()
 
     async def _disconnect(self, client: Client) -> None:
         try:
@@ -256,34 +287,43 @@ class OpcuaAdapter(ReconnectingAdapter):
 
     def reading(self, node: OpcuaNode, raw: object, data_value: ua.DataValue) -> Reading | None:
         """The Reading for one notification, or None if it is within the node's deadband."""
+        self._reconnect.contact()
         status = data_value.StatusCode if data_value.StatusCode is not None else ua.StatusCode()
-        quality: Quality = "GOOD" if status.is_good() else "UNCERTAIN" if status.is_uncertain() else "BAD"
+        quality, reason, name = _status(status)
         value = None if quality == "BAD" else _number(raw)
-        if value is None:
-            if quality != "BAD" and raw is not None:
-                logger.warning("opcua %s: %s has a non-numeric value", self.name, node.node_id)
-            quality = "BAD"
-        else:
-            value = value * node.scale + node.offset
-        if not self._due(node, value, quality):
-            return None
-        return self._make(node, value, quality, _timestamp(data_value))
+        if value is None and quality != "BAD" and raw is not None:
+            logger.warning("opcua %s: %s has a non-numeric value", self.name, node.node_id)
+        return self._reporter.sample(node, value, quality, _timestamp(data_value), reason=reason, status_code=name)
 
-    def _due(self, node: OpcuaNode, value: float | None, quality: Quality) -> bool:
-        return self._filter.due(node.node_id, value, quality, node.report_deadband, time.monotonic())
 
-    def _make(self, node: OpcuaNode, value: float | None, quality: Quality, timestamp: str) -> Reading:
-        return Reading(
-            tenant_id=self._connection.tenant,
-            well_id=node.well,
-            tag_name=node.tag,
-            value=value,
-            quality=quality,
-            timestamp=timestamp,
-            source_protocol="opcua",
-            connection_id=self._connection.id,
-            unit=node.unit,
-        )
+# Bad codes that say the server cannot reach the device: the same verdict as losing the server.
+_COMM_FAILURES = frozenset(
+    {
+        StatusCodes.BadCommunicationError,
+        StatusCodes.BadNoCommunication,
+        StatusCodes.BadNotConnected,
+        StatusCodes.BadServerNotConnected,
+        StatusCodes.UncertainNoCommunicationLastUsableValue,
+    }
+)
+_OUT_OF_RANGE = frozenset({StatusCodes.BadOutOfRange})
+
+
+def _status(status: ua.StatusCode) -> tuple[Quality, Reason | None, str | None]:
+    """Quality, reason and the status code's name (None for plain Good) of an OPC-UA status.
+
+    The low 16 bits are info bits (overflow, limits); the code itself is the high 16.
+    """
+    code = status.value & 0xFFFF0000
+    named = ua.StatusCode(ua.UInt32(code))
+    name = None if code == StatusCodes.Good else named.name
+    if named.is_good():
+        return "GOOD", "override" if code == StatusCodes.GoodLocalOverride else None, name
+    if code in _COMM_FAILURES:
+        return ("UNCERTAIN" if named.is_uncertain() else "BAD"), "comm_failure", name
+    if named.is_uncertain():
+        return "UNCERTAIN", None, name
+    return "BAD", "out_of_range" if code in _OUT_OF_RANGE else "device_error", name
 
 
 def _number(raw: object) -> float | None:

@@ -3,7 +3,7 @@
 The site file's `Connection` union, the names its error messages leave out, the wells a
 connection feeds and the worker's adapters all come from here, so nothing else lists protocols.
 A new protocol is a new file in app/adapters/ (a connection model with a `protocol` Literal,
-`id`, `tenant` and `wells`, and an adapter) and one line in `PROTOCOLS`.
+`id`, `tenant`, `wells` and `feeds()`, and an adapter) and one line in `PROTOCOLS`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ class ConnectionModel(Protocol):
     @property
     def wells(self) -> list[str]:
         """Every well the connection feeds, in first-seen order."""
+        ...
+
+    def feeds(self) -> list[tuple[str, str]]:
+        """Every (well, tag) the connection feeds, in the file's order: a tag fed by two points is listed twice."""
         ...
 
 

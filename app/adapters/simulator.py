@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.adapters.base import ReadingSink
-from app.models import Identifier, Quality, Reading, utc_now_iso
+from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
 
 
 class SimulatorConnection(BaseModel):
@@ -30,6 +30,10 @@ class SimulatorConnection(BaseModel):
     wells: list[Identifier] = Field(min_length=1)
     interval_s: float = Field(1.0, gt=0, le=3600)
     seed: int | None = Field(None, description="repeatable values (tests); unset: different every run")
+
+    def feeds(self) -> list[tuple[str, str]]:
+        """Every (well, tag) simulated: each tag of `PROFILES` for each well."""
+        return [(well, profile.name) for well in self.wells for profile in PROFILES]
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,9 @@ class SimulatorAdapter:
         value: float | None = signal.sample(self._rng)
         roll = self._rng.random()
         quality: Quality = "GOOD"
+        reason: Reason | None = None
         if roll < self._bad_ratio:
-            value, quality = None, "BAD"
+            value, quality, reason = None, "BAD", "device_error"
         elif roll < self._bad_ratio + self._uncertain_ratio:
             quality = "UNCERTAIN"
         return Reading(
@@ -119,7 +124,11 @@ class SimulatorAdapter:
             source_protocol="simulator",
             connection_id=self.name,
             unit=signal.profile.unit,
+            reason=reason,
         )
+
+    def current(self) -> list[Reading]:
+        return []  # every tag is sampled again within an interval anyway
 
     @classmethod
     def for_connection(cls, connection: SimulatorConnection) -> SimulatorAdapter:

@@ -24,6 +24,7 @@ from app.gateway.access import AccessLog
 from app.gateway.context import Gateway
 from app.gateway.errors import EXCEPTION_HANDLERS
 from app.gateway.hub import Hub
+from app.gateway.leasesweep import LeaseSweeper
 from app.gateway.metrics import gateway_registry
 from app.gateway.routes import ROUTES, STREAM_PATH, serve_stream
 from app.settings import Settings
@@ -110,7 +111,8 @@ def create_app(
                 await active.registry.register(tenant, wells)
             guard = Guard(verifier, active.registry, active.tickets, settings.auth)
             limits = await stack.enter_async_context(StreamLimits(settings.auth.limits, active.leases))
-            gateway_app.gateway = Gateway(settings, active, hub, guard, limits)
+            sweeper = await stack.enter_async_context(LeaseSweeper(active.workers, hub.tenant_names))
+            gateway_app.gateway = Gateway(settings, active, hub, guard, limits, sweeper)
             stack.callback(setattr, gateway_app, "gateway", None)
             await _start_background(stack, active, background or [])
             logger.info("gateway ready on the %s broker", "redis" if settings.redis_url else "memory")

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from app.auth.admission import StreamLimits
 from app.auth.guard import Guard, client_address
 from app.gateway.hub import Hub
+from app.gateway.leasesweep import LeaseSweeper
 from app.settings import Settings
 from app.streams.seams import Broker
 
@@ -20,6 +21,7 @@ class Gateway:
     hub: Hub
     guard: Guard
     limits: StreamLimits
+    sweeper: LeaseSweeper
 
 
 def gateway_of(request: Request) -> Gateway:

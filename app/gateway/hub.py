@@ -224,6 +224,10 @@ class Hub:
         """Tenants this gateway holds a live subscription for."""
         return len(self._channels)
 
+    def tenant_names(self) -> list[str]:
+        """Tenants this gateway holds a live subscription for."""
+        return list(self._channels)
+
     def streams_by_tenant(self) -> dict[str, int]:
         """For /metrics."""
         return {tenant: len(channel.members) for tenant, channel in self._channels.items()}

@@ -212,6 +212,7 @@ async def latest(request: Request) -> Response:
     topic = _topic(request)
     tags = _tags(request)
     await gateway.guard.authorize(request, topic.tenant, topic.well)
+    await gateway.sweeper.sweep(topic.tenant)  # nobody may be streaming this tenant: the verdict first
     read = await gateway.broker.log.read(topic.tenant, [topic.well], None, 0)
     latest = read.wells[topic.well].latest or {}
     readings = [single_line_json(data) for tag, data in sorted(latest.items()) if tags is None or tag in tags]

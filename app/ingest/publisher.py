@@ -12,7 +12,7 @@ from app.errors import BrokerError, SpoolError
 from app.ingest.counters import IngestCounters
 from app.ingest.drain import SpoolDrain
 from app.ingest.spool import Spool
-from app.models import Origin, Reading, StreamId
+from app.models import Origin, Reading, StreamId, utc_now_iso
 from app.streams.seams import StreamLog
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,11 @@ class Publisher:
         self._next_seq = 1
 
     @property
+    def producer(self) -> str:
+        """This publisher's producer id (see Origin): one per worker run."""
+        return self._producer
+
+    @property
     def rejected(self) -> int:
         """Readings Redis refused for good (a key of the wrong type): logged by the broker, never retried."""
         return self._log.rejected
@@ -83,7 +88,9 @@ class Publisher:
         while len(self._pending) >= self._max_pending:
             self._has_room.clear()
             await self._has_room.wait()
-        self._pending.extend(readings)
+        # Stamped once per submit: every reading says when wellstream took it, next to when the device read it.
+        ingested = {"ingested_at": utc_now_iso()}
+        self._pending.extend(r if r.ingested_at else r.model_copy(update=ingested) for r in readings)
         self.counters.count_accepted(len(readings))
         self._has_pending.set()
 

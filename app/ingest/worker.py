@@ -17,9 +17,12 @@ from app.ingest.sitefile import Site
 from app.ingest.spool import Spool
 from app.models import Reading
 from app.settings import SpoolSettings
-from app.streams.seams import Broker, WellRegistry
+from app.streams.seams import Broker, WellRegistry, WorkerLeases
 
 logger = logging.getLogger(__name__)
+
+LEASE_TTL_S = 2.0  # a worker silent this long is gone: its tags go stale at the next sweep
+LEASE_BEAT_S = 0.5
 
 
 def adapters_for(site: Site, credentials: Mapping[str, str]) -> list[Adapter]:
@@ -102,6 +105,7 @@ async def _run_adapters(
     publisher = Publisher(
         broker.log, spool=spool, publish_timeout_s=settings.publish_timeout_s, drain_on_exit_s=settings.drain_on_exit_s
     )
+    lease = WorkerLease(publisher.producer, site, adapters, broker.workers, publisher)
     async with publisher:
         health = [
             ConnectionHealth(adapter, publisher, connection.protocol)
@@ -111,6 +115,7 @@ async def _run_adapters(
         tasks = [asyncio.create_task(a.run(h), name=a.name) for a, h in zip(adapters, health, strict=True)]
         tasks.append(asyncio.create_task(_log_health(health, publisher, health_every_s), name="health"))
         tasks.append(asyncio.create_task(_register_wells(site, broker.registry), name="register-wells"))
+        tasks.append(asyncio.create_task(lease.keep(), name="worker-lease"))
         logger.info("ingesting from %d connections", len(adapters))
         try:
             await stop.wait()
@@ -120,11 +125,67 @@ async def _run_adapters(
             await asyncio.gather(*tasks, return_exceptions=True)
             if stop_metrics is not None:
                 await asyncio.to_thread(stop_metrics)
+    await lease.end()  # after the last readings are out: the sweep must not be overtaken by them
     logger.info(
         "ingest stopped after publishing %d readings",
         publisher.counters.published,
         extra={"fields": {"event": "ingest-stopped", **publisher.report()}},
     )
+
+
+class WorkerLease:
+    """This worker's lease on each tenant it feeds, so that gateways can tell when it is gone.
+
+    Renewed every LEASE_BEAT_S for LEASE_TTL_S; a worker that stops renewing (SIGKILL, its host
+    gone, a network split) has its tags marked stale by whichever gateway sweeps first (see
+    WorkerLeases). The first beat claims the tags; a beat that finds its lease gone (it ran
+    out, say, while Redis was away) claims them again and republishes what the adapters know,
+    so a verdict of stale on a worker that was only slow is undone at once. A clean stop ends
+    the leases, and the tags go stale at the next sweep: nothing updates them any more.
+    """
+
+    def __init__(
+        self, worker: str, site: Site, adapters: Sequence[Adapter], leases: WorkerLeases, sink: ReadingSink
+    ) -> None:
+        self._worker = worker
+        self._leases = leases
+        self._sink = sink
+        self._tags: dict[str, list[tuple[str, str]]] = {}
+        self._adapters: dict[str, list[Adapter]] = {}
+        for connection, adapter in zip(site.connections, adapters, strict=True):
+            self._tags.setdefault(connection.tenant, []).extend(connection.feeds())
+            self._adapters.setdefault(connection.tenant, []).append(adapter)
+
+    async def keep(self) -> None:
+        failing = False
+        while True:
+            try:
+                for tenant, tags in self._tags.items():
+                    if await self._leases.beat(self._worker, tenant, LEASE_TTL_S):
+                        await self._claim(tenant, tags)
+                if failing:
+                    logger.info("worker lease renewed again")
+                failing = False
+            except BrokerError as exc:
+                if not failing:
+                    logger.warning("cannot renew this worker's lease, its tags may be marked stale: %s", exc)
+                failing = True
+            await asyncio.sleep(LEASE_BEAT_S)
+
+    async def _claim(self, tenant: str, tags: list[tuple[str, str]]) -> None:
+        await self._leases.beat(self._worker, tenant, LEASE_TTL_S, tags)
+        known = [reading for adapter in self._adapters[tenant] for reading in adapter.current()]
+        if known:
+            await self._sink.submit([reading.model_copy(update={"ingested_at": None}) for reading in known])
+
+    async def end(self) -> None:
+        """End every lease now (bounded: an unreachable Redis must not hold the exit; the leases then run out)."""
+        try:
+            async with asyncio.timeout(LEASE_TTL_S):
+                for tenant in self._tags:
+                    await self._leases.beat(self._worker, tenant, 0)
+        except (BrokerError, TimeoutError) as exc:
+            logger.warning("could not end this worker's leases, they run out in %.0f s: %s", LEASE_TTL_S, exc)
 
 
 async def _register_wells(site: Site, registry: WellRegistry) -> None:

@@ -161,6 +161,11 @@ class MemoryStreamLog:
             reads[well] = WellRead(events, complete, truncated, dict(log.latest) if truncated else None)
         return TenantRead(clock, reads)
 
+    def latest(self, topic: Topic) -> dict[str, bytes]:
+        """Tag -> the latest reading's JSON, for the worker leases' stale verdict."""
+        log = self._logs.get(topic)
+        return dict(log.latest) if log is not None else {}
+
     async def range(self, topic: Topic, after: StreamId, upto: StreamId, limit: int) -> History:
         log = self._logs.get(topic) or _Log()
         events = log.after(after, upto, limit)
@@ -228,6 +233,44 @@ class MemoryLeases:
                 self._leases[key][member] = expiry
 
 
+class MemoryWorkerLeases:
+    """Worker leases in this process; the stale verdict is published into `log` like any reading."""
+
+    def __init__(self, log: MemoryStreamLog, clock: Clock = time.monotonic) -> None:
+        self._log = log
+        self._clock = clock
+        self._expiry: dict[str, dict[str, float]] = defaultdict(dict)  # tenant -> worker -> expiry
+        self._tags: dict[tuple[str, str], set[tuple[str, str]]] = {}  # (tenant, worker) -> its tags
+
+    async def beat(self, worker: str, tenant: str, ttl_s: float, tags: Sequence[tuple[str, str]] = ()) -> bool:
+        new = worker not in self._expiry[tenant]
+        self._expiry[tenant][worker] = self._clock() + ttl_s
+        if tags:
+            claimed = set(tags)
+            for other in self._expiry[tenant]:
+                if other != worker:
+                    self._tags.get((tenant, other), set()).difference_update(claimed)
+            self._tags[(tenant, worker)] = claimed
+        return new
+
+    async def sweep(self, tenant: str) -> int:
+        now = self._clock()
+        expired = [worker for worker, expiry in self._expiry[tenant].items() if expiry <= now]
+        stale: list[Reading] = []
+        for worker in expired:
+            del self._expiry[tenant][worker]
+            for well, tag in sorted(self._tags.pop((tenant, worker), set())):
+                latest = self._log.latest(Topic(tenant, well)).get(tag)
+                if latest is None:
+                    continue
+                reading = Reading.from_json(latest)
+                if reading.quality != "BAD" and reading.reason != "stale":
+                    update = {"quality": "UNCERTAIN", "reason": "stale", "status_code": None}
+                    stale.append(reading.model_copy(update=update))
+        await self._log.publish(stale)
+        return len(stale)
+
+
 class _AlwaysReady:
     async def ready(self) -> bool:
         return True
@@ -238,10 +281,12 @@ def memory_broker(
 ) -> Broker:
     """Every store in this process. `clock` (epoch ms) dates entries; `monotonic` expires tickets and leases."""
     registry = MemoryRegistry()
+    log = MemoryStreamLog(registry, max_len, max_age_s, clock)
     return Broker(
-        log=MemoryStreamLog(registry, max_len, max_age_s, clock),
+        log=log,
         registry=registry,
         tickets=MemoryTickets(monotonic),
         leases=MemoryLeases(monotonic),
+        workers=MemoryWorkerLeases(log, monotonic),
         health=_AlwaysReady(),
     )

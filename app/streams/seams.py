@@ -134,6 +134,27 @@ class LeaseStore(Protocol):
         """Keep (counter, member) pairs counting for another `ttl_s`."""
 
 
+class WorkerLeases(Protocol):
+    """Ingest workers' leases per tenant, and the verdict on the tags of a worker that stopped.
+
+    A worker beats for each tenant it feeds, well within `ttl_s`; its first beat claims the
+    (well, tag) pairs it feeds, taking them from any other worker. `sweep` finds a tenant's
+    workers whose lease ran out and reports each of their tags whose latest reading is neither
+    BAD nor already stale as UNCERTAIN, reason `stale` (last value and timestamp kept), in the
+    log like any reading; then forgets those workers, so it happens once, whoever sweeps.
+    """
+
+    async def beat(self, worker: str, tenant: str, ttl_s: float, tags: Sequence[tuple[str, str]] = ()) -> bool:
+        """Renew `worker`'s lease on `tenant` for `ttl_s` (0 ends it now); with `tags`, claim them.
+
+        True when the lease was not held before this beat (the first one, or it ran out and
+        may have been swept): the worker then claims its tags again and republishes what it knows.
+        """
+
+    async def sweep(self, tenant: str) -> int:
+        """Mark the tags of the tenant's expired workers stale; how many were marked."""
+
+
 class Health(Protocol):
     async def ready(self) -> bool:
         """True when the backing store answers."""
@@ -141,10 +162,11 @@ class Health(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Broker:
-    """The four stores of one backend, opened and closed together (app/streams/connect.py)."""
+    """The stores of one backend, opened and closed together (app/streams/connect.py)."""
 
     log: StreamLog
     registry: WellRegistry
     tickets: TicketStore
     leases: LeaseStore
+    workers: WorkerLeases
     health: Health

@@ -33,10 +33,16 @@ class CollectingSink:
         found = self.of(tag)
         return found[-1] if found else None
 
-    async def wait_for(self, tag: str, value: float | None, quality: str = "GOOD") -> Reading:
+    async def wait_for(
+        self, tag: str, value: float | None, quality: str = "GOOD", reason: str | None = None
+    ) -> Reading:
+        """The tag's latest reading once it has this value and quality (and `reason`, when given)."""
+
         def arrived() -> bool:
             latest = self.latest(tag)
-            return latest is not None and latest.value == value and latest.quality == quality
+            if latest is None or (reason is not None and latest.reason != reason):
+                return False
+            return latest.value == value and latest.quality == quality
 
         await wait_until(arrived)
         found = self.latest(tag)

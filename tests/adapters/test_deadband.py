@@ -36,13 +36,6 @@ def test_a_slow_drift_is_reported_once_it_adds_up() -> None:
     assert [round(value or 0, 1) for value, _, _ in reported(samples, Deadband(1.0))] == [10.0, 11.2]
 
 
-def test_a_percent_deadband_is_a_percent_of_the_last_reported_value() -> None:
-    samples = good(1000.0, 1010.0, 990.0, 1010.5, 1020.6, 1020.7)
-
-    # 1 % of 1000 is 10: 1010 and 990 are on the band; then 1 % of 1010.5 is 10.105
-    assert [value for value, _, _ in reported(samples, Deadband(1.0, percent=True))] == [1000.0, 1010.5, 1020.7]
-
-
 def test_a_quality_change_is_news_whatever_the_value() -> None:
     samples: list[Sample] = [(7.0, "GOOD", 0), (7.0, "UNCERTAIN", 1), (7.0, "UNCERTAIN", 2), (7.1, "GOOD", 3)]
 

@@ -210,7 +210,9 @@ async def test_unchanged_and_within_deadband_values_are_not_reported(device: Dev
             device,
             {"table": "holding", "address": 0, "tag": "moving"},
             {"table": "holding", "address": 1, "tag": "banded", "deadband": 5.0},
-            {"table": "holding", "address": 2, "tag": "percent", "deadband": 1.0, "deadband_percent": True},
+            # 0.2 % of a 0-5000 span: 10 units, near zero as near full scale
+            {"table": "holding", "address": 2, "tag": "percent", "deadband": 0.2, "deadband_percent": True}
+            | {"raw_min": 0, "raw_max": 5000, "eu_min": 0, "eu_max": 5000},
             refresh_s=60.0,
         )
         async with running(conn) as sink:
@@ -311,3 +313,26 @@ def test_connection_config_is_validated(change: dict[str, Any]) -> None:
     assert (parsed.port, parsed.unit_id, parsed.groups[0].points[0].type) == (502, 1, "uint16")
     with pytest.raises(ValidationError):
         ModbusConnection.model_validate(valid | change)
+
+
+async def test_a_broken_4_20_ma_loop_at_zero_counts_is_bad_out_of_range_and_recovers(device: Device) -> None:
+    with anyio.fail_after(15):
+        await device.write(0, [0])
+        loop = {"raw_min": 6400, "raw_max": 32000, "eu_min": 0, "eu_max": 3000, "fault_below": 6080}
+        async with running(connection(device, {"table": "holding", "address": 0, "tag": "p", **loop})) as sink:
+            broken = await sink.wait_for("p", None, "BAD", reason="out_of_range")
+            await device.write(0, [19200])
+            healed = await sink.wait_for("p", 1500.0)
+    assert broken.reason == "out_of_range"
+    assert healed.reason is None
+
+
+async def test_each_value_is_stamped_when_its_own_request_is_answered(device: Device) -> None:
+    with anyio.fail_after(15):
+        await device.write(0, [1, 2])
+        points = [{"table": "holding", "address": n, "tag": f"t{n}"} for n in (0, 1)]
+        async with running(connection(device, *points, interval_s=10)) as sink:
+            await wait_until(lambda: len(sink.batches) >= 1)
+        first, second = sink.batches[0]
+    # One scan, two requests: the second answer cannot be stamped before the first.
+    assert first.timestamp < second.timestamp

@@ -141,7 +141,9 @@ async def test_json_payloads_carry_value_quality_and_timestamp(broker: Mosquitto
     assert (first.source_protocol, first.connection_id) == ("mqtt", "mq1")
     assert (first.value, first.quality, first.timestamp) == (850.5, "UNCERTAIN", "2026-11-27T10:00:00.000000Z")
     assert (second.value, second.quality, second.timestamp) == (851.0, "GOOD", "2026-11-27T10:00:00.000000Z")
-    assert (third.value, third.quality, third.timestamp) == (852.0, "BAD", "2026-11-27T10:00:00.123000Z")
+    # A BAD reading never carries a value, whatever the payload held: BAD means "no usable value".
+    assert (third.value, third.quality, third.timestamp) == (None, "BAD", "2026-11-27T10:00:00.123000Z")
+    assert third.reason == "device_error"
     assert (fourth.value, fourth.quality) == (None, "BAD")
 
 
@@ -265,9 +267,9 @@ async def test_a_tag_with_a_deadband_reports_by_exception_and_refreshes(broker: 
     assert [(r.tag_name, r.value, r.quality) for r in sink.readings] == [
         ("p", 10.0, "GOOD"),
         ("p", 11.5, "GOOD"),
-        ("p", 11.5, "BAD"),
+        ("p", None, "BAD"),
         ("marker", 1.0, "GOOD"),
-        ("p", 11.5, "BAD"),
+        ("p", None, "BAD"),
         ("marker", 2.0, "GOOD"),
     ]
 
@@ -346,3 +348,39 @@ def test_connection_config_is_validated() -> None:
     for bad in bad_fields:
         with pytest.raises(ValidationError):
             MqttConnection.model_validate(base | bad)
+
+
+async def test_a_retained_message_keeps_its_own_timestamp_and_without_one_is_uncertain(
+    broker: MosquittoBroker,
+) -> None:
+    with anyio.fail_after(15):
+        async with aiomqtt.Client("127.0.0.1", broker.port) as device:
+            # Published (and retained by the broker) before the adapter ever connects.
+            await device.publish("site/w1/p", b'{"value": 7.5, "timestamp": "2026-11-27T10:00:00Z"}', retain=True)
+            await device.publish("site/w1/q", b"3.25", retain=True)
+        tags = [{"topic": "site/w1/p", "well": "w1", "tag": "p"}, {"topic": "site/w1/q", "well": "w1", "tag": "q"}]
+        async with running(connection(broker.port, tags), broker.port) as (sink, publisher):
+            await wait_until(lambda: {r.tag_name for r in sink.readings} >= {"p", "q"})
+            p = next(r for r in sink.readings if r.tag_name == "p")
+            q = next(r for r in sink.readings if r.tag_name == "q")
+            assert (p.value, p.quality, p.reason, p.timestamp) == (7.5, "GOOD", None, "2026-11-27T10:00:00.000000Z")
+            assert (q.value, q.quality, q.reason) == (3.25, "UNCERTAIN", "retained")
+            await publisher.publish("site/w1/q", b"3.5", qos=1)  # a live message: GOOD, stamped on arrival
+            await wait_until(lambda: any((r.tag_name, r.value, r.quality) == ("q", 3.5, "GOOD") for r in sink.readings))
+
+
+async def test_an_offline_message_on_the_status_topic_turns_every_tag_bad_at_once(broker: MosquittoBroker) -> None:
+    with anyio.fail_after(15):
+        tags = [{"topic": "edge/7/p", "well": "w1", "tag": "p"}, {"topic": "edge/7/t", "well": "w1", "tag": "t"}]
+        conn = connection(broker.port, tags, status_topic="edge/7/status", comm_timeout_s=3600)
+        async with running(conn, broker.port) as (sink, publisher):
+            await publisher.publish("edge/7/p", b"10", qos=1)
+            await wait_until(lambda: any(r.tag_name == "p" and r.value == 10 for r in sink.readings))
+            await publisher.publish("edge/7/status", b"online", qos=1)
+            await publisher.publish("edge/7/status", b"offline", qos=1)
+            expected = {("p", "comm_failure"), ("t", "comm_failure")}
+            await wait_until(lambda: {(r.tag_name, r.reason) for r in sink.readings} >= expected)
+            lost = [r for r in sink.readings if r.reason == "comm_failure"]
+            assert {(r.tag_name, r.value, r.quality) for r in lost} == {("p", None, "BAD"), ("t", None, "BAD")}
+            await publisher.publish("edge/7/p", b"11", qos=1)
+            await wait_until(lambda: sink.readings[-1].tag_name == "p" and sink.readings[-1].quality == "GOOD")

@@ -319,3 +319,24 @@ def test_a_secure_policy_names_the_missing_files() -> None:
         fields | {"private_key_file": "client.pem", "server_certificate_file": "server.der", "security_mode": "Sign"}
     )
     assert (parsed.security_mode, parsed.server_certificate_file) == ("Sign", Path("server.der"))
+
+
+async def test_status_codes_are_kept_and_an_override_stays_good_with_its_reason(plc: Plc) -> None:
+    with anyio.fail_after(20):
+        await plc.write("TubingPressure", 1500.0)
+        conn = connection(plc, {"node_id": plc.node_id("TubingPressure"), "tag": "tubing"})
+        async with running(conn) as sink:
+            plain = await sink.wait_for("tubing", 1500.0)
+            assert (plain.reason, plain.status_code) == (None, None)
+            await plc.write("TubingPressure", 1501.0, StatusCodes.GoodLocalOverride)
+            overridden = await sink.wait_for("tubing", 1501.0)
+            assert (overridden.reason, overridden.status_code) == ("override", "GoodLocalOverride")
+            await plc.write("TubingPressure", 1502.0, StatusCodes.BadSensorFailure)
+            failed = await sink.wait_for("tubing", None, "BAD")
+            assert (failed.reason, failed.status_code) == ("device_error", "BadSensorFailure")
+            await plc.write("TubingPressure", 1503.0, StatusCodes.BadNoCommunication)
+            unreachable = await sink.wait_for("tubing", None, "BAD", reason="comm_failure")
+            assert (unreachable.reason, unreachable.status_code) == ("comm_failure", "BadNoCommunication")
+            await plc.write("TubingPressure", 1504.0, StatusCodes.UncertainLastUsableValue)
+            uncertain = await sink.wait_for("tubing", 1504.0, "UNCERTAIN")
+            assert (uncertain.reason, uncertain.status_code) == (None, "UncertainLastUsableValue")

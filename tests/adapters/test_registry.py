@@ -72,6 +72,9 @@ class ModemConnection(BaseModel):
     tenant: str = "acme"
     wells: list[str] = ["w1"]
 
+    def feeds(self) -> list[tuple[str, str]]:
+        return [("w1", "t")]
+
 
 def test_building_an_adapter_for_an_unknown_protocol_names_the_connection() -> None:
     with pytest.raises(SiteError, match=r"connection pump-9: unknown protocol 'modem' \(known: simulator, modbus"):
@@ -89,6 +92,6 @@ def test_check_config_refuses_an_unknown_protocol_and_names_the_known_ones(tmp_p
     result = subprocess.run([sys.executable, "-m", "app", "check-config", str(path)], capture_output=True, text=True)
 
     assert result.returncode != 0
-    assert f"{path}: connections[1]: " in result.stderr
+    assert f"{path}: connection 'pump-9' (modem): " in result.stderr
     assert "'modem'" in result.stderr
     assert ", ".join(f"'{name}'" for name in PROTOCOLS) in result.stderr

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from app.streams.redis.client import open_client
 from app.streams.redis.log import RedisStreamLog
-from app.streams.redis.stores import RedisLeases, RedisRegistry, RedisTickets
+from app.streams.redis.stores import RedisLeases, RedisRegistry, RedisTickets, RedisWorkerLeases
 from app.streams.seams import Broker
 
 __all__ = ["RedisHealth", "RedisStreamLog", "connect_redis"]
@@ -54,6 +54,7 @@ async def connect_redis(
             registry=RedisRegistry(client),
             tickets=RedisTickets(client),
             leases=RedisLeases(client),
+            workers=RedisWorkerLeases(client, max_len, max_age_s),
             health=RedisHealth(client),
         )
     finally:

@@ -23,9 +23,13 @@ def redis_errors(action: str) -> Iterator[None]:
         raise BrokerError(action, str(exc)) from exc
 
 
-def script(client: Redis, name: str) -> AsyncScript:
-    """The Lua script `<name>.lua` next to this module, registered on `client` (EVALSHA, loaded on demand)."""
-    source = resources.files(__package__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+def script(client: Redis, name: str, *, after: tuple[str, ...] = ()) -> AsyncScript:
+    """The Lua script `<name>.lua` next to this module, registered on `client` (EVALSHA, loaded on demand).
+
+    `after`: scripts whose definitions it uses (clock.lua, say), placed before it in one source.
+    """
+    files = resources.files(__package__)
+    source = "\n".join(files.joinpath(f"{part}.lua").read_text(encoding="utf-8") for part in (*after, name))
     return client.register_script(source)
 
 

@@ -8,6 +8,8 @@ All of a tenant's keys share the hash tag `{tenant}`, so one script call reaches
                            MAXLEN ~ and by age (MINID ~);
 - `scada:{t}:latest:<well>`  Hash, tag -> latest reading JSON;
 - `scada:{t}:wells`        Set of the tenant's wells (configured, and what ingestion saw);
+- `scada:{t}:workers`      Sorted set of ingest workers feeding the tenant, scored by lease expiry (ms);
+- `scada:{t}:worker:<id>`  Set of the `well/tag` pairs that worker claimed (for the stale verdict);
 - channel `scada:{t}:live`  message `<stream id> <reading JSON>`, every well of the tenant;
 - `scada:ticket:<sha256 of a ticket>`  single-use stream ticket, with a TTL;
 - `scada:lease:<counter>`  sorted set of open streams scored by lease expiry;
@@ -38,6 +40,10 @@ def latest_key(topic: Topic) -> str:
 
 def wells_key(tenant: str) -> str:
     return f"{tenant_prefix(tenant)}wells"
+
+
+def workers_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}workers"
 
 
 def channel_name(tenant: str) -> str:

@@ -35,7 +35,7 @@ class RedisStreamLog:
         self._max_len = max_len
         self._max_age_ms = int(max_age_s * 1000)
         self._ping_interval_s = ping_interval_s
-        self._publish_script = script(client, "publish")
+        self._publish_script = script(client, "publish", after=("clock",))
         self._read_script = script(client, "read")
         self._range_script = script(client, "stream_state")
         self.feeds: set[RedisFeed] = set()

@@ -1,4 +1,4 @@
-"""The small shared stores on Redis: the well registry, stream tickets and stream leases."""
+"""The small shared stores on Redis: the well registry, stream tickets, stream leases and worker leases."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from redis.asyncio.client import Redis
 
 from app.streams.redis.client import redis_errors, script
-from app.streams.redis.keys import lease_key, ticket_key, wells_key
+from app.streams.redis.keys import channel_name, clock_key, lease_key, tenant_prefix, ticket_key, wells_key, workers_key
 
 RENEW_CHUNK = 500  # leases per renew script call: keeps one call short while thousands renew
 RELEASE_CHUNK = 1000  # ZREMs per pipeline
@@ -73,3 +73,28 @@ class RedisLeases:
                 await self._renew_script(
                     keys=[lease_key(key) for key, _ in chunk], args=[int(ttl_s * 1000), *(m for _, m in chunk)]
                 )
+
+
+class RedisWorkerLeases:
+    """Worker leases (beat.lua) and the stale verdict on an expired worker's tags (sweep.lua).
+
+    The sweep appends to the logs as publishing does, with the same clock and trimming.
+    """
+
+    def __init__(self, client: Redis, max_len: int, max_age_s: float) -> None:
+        self._client = client
+        self._max_len = max_len
+        self._max_age_ms = int(max_age_s * 1000)
+        self._beat_script = script(client, "beat")
+        self._sweep_script = script(client, "sweep", after=("clock",))
+
+    async def beat(self, worker: str, tenant: str, ttl_s: float, tags: Sequence[tuple[str, str]] = ()) -> bool:
+        args: list[str | int] = [tenant_prefix(tenant), worker, int(ttl_s * 1000)]
+        args += [f"{well}/{tag}" for well, tag in tags]
+        with redis_errors("renew worker lease"):
+            return bool(await self._beat_script(keys=[workers_key(tenant)], args=args))
+
+    async def sweep(self, tenant: str) -> int:
+        args: list[str | int] = [tenant_prefix(tenant), channel_name(tenant), self._max_len, self._max_age_ms]
+        with redis_errors("sweep worker leases"):
+            return int(await self._sweep_script(keys=[workers_key(tenant), clock_key(tenant)], args=args))
