@@ -111,7 +111,7 @@ def create_app(
                 await active.registry.register(tenant, wells)
             guard = Guard(verifier, active.registry, active.tickets, settings.auth)
             limits = await stack.enter_async_context(StreamLimits(settings.auth.limits, active.leases))
-            sweeper = await stack.enter_async_context(LeaseSweeper(active.workers, hub.tenant_names))
+            sweeper = await stack.enter_async_context(LeaseSweeper(active.workers, hub.tenant_names, hub.stats))
             gateway_app.gateway = Gateway(settings, active, hub, guard, limits, sweeper)
             stack.callback(setattr, gateway_app, "gateway", None)
             await _start_background(stack, active, background or [])

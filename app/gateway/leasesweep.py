@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 
 from app.errors import BrokerError
+from app.gateway.stats import HubStats
 from app.streams.seams import WorkerLeases
 
 logger = logging.getLogger(__name__)
@@ -26,16 +27,16 @@ SWEEP_S = 0.5
 class LeaseSweeper:
     """`async with LeaseSweeper(leases, tenants):` sweeps `tenants()` every SWEEP_S until exit."""
 
-    def __init__(self, leases: WorkerLeases, tenants: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, leases: WorkerLeases, tenants: Callable[[], Iterable[str]], stats: HubStats) -> None:
         self._leases = leases
         self._tenants = tenants
+        self._stats = stats  # counts the tags marked, for /metrics
         self._task: asyncio.Task[None] | None = None
-        self.marked = 0  # tags marked stale by this gateway's sweeps (for /metrics)
 
     async def sweep(self, tenant: str) -> None:
         marked = await self._leases.sweep(tenant)
         if marked:
-            self.marked += marked
+            self._stats.stale_marked += marked
             logger.warning("an ingest worker of %s stopped renewing its lease: %d tags marked stale", tenant, marked)
 
     async def _run(self) -> None:

@@ -68,6 +68,11 @@ class GatewayCollector(Collector):
             "Streams ended because a reading waited unsent past stream.stall_s (open but silent): should stay 0",
             stats.stalled,
         )
+        yield counter(
+            "wellstream_stale_marked",
+            "Tags this gateway marked stale because the ingest worker feeding them stopped renewing its lease",
+            stats.stale_marked,
+        )
         yield counter("wellstream_redis_reconnects", "Live feed reconnects to Redis", hub.feed_reconnects)
         yield counter("wellstream_gap_fills", "Live feed gaps filled from history (fills completed)", stats.gap_fills)
         yield counter("wellstream_gap_events", "Events sent from history by gap fills", stats.gap_events)

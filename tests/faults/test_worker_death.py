@@ -17,6 +17,7 @@ import pytest
 from app.gateway.leasesweep import SWEEP_S
 from app.ingest.worker import LEASE_TTL_S
 from tests.conftest import ROOT, ingest_command, ingest_env, make_settings, running_gateway
+from tests.prometheus import parse_samples, value
 from tests.sse_client import SSEReader
 
 pytestmark = pytest.mark.anyio
@@ -101,6 +102,8 @@ async def test_a_killed_worker_s_tags_turn_stale_on_the_gateway_and_come_back_wi
                 assert stale[tag] == reading, "the stream and /latest say the same"
                 # The last value with its own timestamp: as old as it was, not a new measurement.
                 assert reading == {**last[tag], "quality": "UNCERTAIN", "reason": "stale"}
+            metrics = parse_samples((await client.get(f"{gateway.url}/metrics")).text)
+            assert value(metrics, "wellstream_stale_marked_total") == len(stale), "counted once, by the one gateway"
 
             async with worker(site, redis_url, tmp_path / "spool2.sqlite3"):
                 await all_tags(lambda r: r.get("reason") != "stale")
