@@ -5,7 +5,8 @@
 //
 //   main.js         this file: the app's state and the page's events, wired to the modules below
 //   session.js      who is signed in (cookie or ticket mode) and the requests that depend on it
-//   model.js        wells, tags, quality, STALE, the stream's position and state: plain data, changed only by its functions
+//   model.js        wells, tags, quality and the server's reasons (STALE among them), the stream's position and
+//                   state: plain data, changed only by its functions
 //   connection.js   the stream's state machine: fetch(), tickets, backoff, the silence watchdog
 //   sse.js          the event-stream parser connection.js reads the body with
 //   feed.js         what the stream's events and moves do to the model
@@ -33,7 +34,8 @@ import { createView, enableToolbar } from "./toolbar.js";
 
 // Wells registered without a reading yet get a tile without a reload (a reading brings its well by itself).
 const WELLS_REFRESH_MS = 60000;
-// Ages, STALE and the order by state move with the clock, not only with readings.
+// Ages, a reconnecting well turning offline and the order by state move with the clock, not only with
+// events. STALE does not: it is the server's verdict, carried by a reading (model.js).
 const CLOCK_MS = 1000;
 
 const dom = findElements(document);

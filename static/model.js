@@ -1,4 +1,4 @@
-// The dashboard's data: wells, their tags, quality and STALE, each well's stream word, the
+// The dashboard's data: wells, their tags, quality, reason and STALE, each well's stream word, the
 // stream's position and state, and the header's counts. Plain objects created whole by the
 // factories below and sealed, so a field that was never declared fails loudly instead of
 // appearing later. Wells, tags and the stream's fields change only through the functions below
@@ -10,21 +10,23 @@
 // each tag), so lines fill as readings arrive: replaying 5 minutes of a whole field costs far
 // more than it shows.
 export const SPARK_WINDOW_MS = 5 * 60 * 1000;
-// STALE: the API gives no expected interval per tag, so it is learnt from the tag's own cadence
-// (source timestamps): stale when the age exceeds STALE_FACTOR x the median of the last
-// CADENCE_SAMPLES intervals, never less than STALE_FLOOR_MS; until two intervals are seen, STALE_DEFAULT_MS.
-const STALE_FACTOR = 3;
-const STALE_FLOOR_MS = 5000;
-const STALE_DEFAULT_MS = 60000;
-const CADENCE_SAMPLES = 15;
+// STALE is the server's verdict, never the page's guess: a tag is STALE exactly when its latest
+// reading is UNCERTAIN with reason "stale" (the server knows each tag's expected interval; the
+// page does not, and a deadbanded tag may rightly say nothing for hours). The clock moves only
+// the stream's words here (advanceClock), and the ages the tiles show.
 // A well reconnecting for this long is offline; the page is, when none has been live for this long.
 const OFFLINE_AFTER_MS = 15000;
 const QUALITIES = new Set(["GOOD", "UNCERTAIN", "BAD"]);
+// The contract's reasons are known words; a reason this page does not know yet is still shown, as
+// its own name, so a newer server is never silenced. Both are bounded: they reach the DOM.
+const REASON_RE = /^[a-z][a-z_]{0,31}$/;
+const STATUS_CODE_RE = /^[A-Za-z][A-Za-z0-9_]{0,63}$/;
 const RANK = Object.freeze({ GOOD: 0, UNCERTAIN: 1, STALE: 2, BAD: 3 });
 // Worst first: a well the page knows nothing about (no data, or not live) ranks below BAD only.
 const TILE_RANK = Object.freeze({ "": 0, GOOD: 1, UNCERTAIN: 2, STALE: 3, NODATA: 4, NOTLIVE: 4, BAD: 5 });
 
 /** @typedef {"GOOD" | "UNCERTAIN" | "BAD"} Quality */
+/** @typedef {Quality | "STALE"} TagState  a tag's quality, or STALE when the server said so */
 /** @typedef {"connecting" | "live" | "reconnecting" | "offline" | "unavailable"} Link  what a tile says of its stream */
 /** @typedef {Quality | "STALE" | "NODATA" | "NOTLIVE"} TileState  a tile's word: NOTLIVE whenever its well is not live, so it never looks GOOD then */
 /** @typedef {{BAD: number, STALE: number, UNCERTAIN: number}} Counts  tags in each state that needs an eye */
@@ -38,10 +40,11 @@ const TILE_RANK = Object.freeze({ "": 0, GOOD: 1, UNCERTAIN: 2, STALE: 3, NODATA
  * @property {number | null} value  null: no value (BAD)
  * @property {string} unit
  * @property {Quality | ""} quality  "" only until its first reading is applied
+ * @property {string} reason  why its reading is not plainly GOOD (comm_failure, override, stale...); "" when plainly so
+ * @property {string} statusCode  the source's own status name (e.g. BadSensorFailure); "" without one
  * @property {number} ts  source time of its newest reading (ms); NaN until one had a valid one
  * @property {Array<[number, number | null]>} points  the sparkline, [ts, value]; a null value is a gap
- * @property {number[]} intervals  the last CADENCE_SAMPLES intervals between points
- * @property {boolean} stale
+ * @property {boolean} stale  UNCERTAIN with reason "stale": the server says it missed its expected update
  * @property {number} pointsVersion  bumped when a point is added: the sparkline is redrawn only then
  */
 
@@ -54,7 +57,8 @@ const TILE_RANK = Object.freeze({ "": 0, GOOD: 1, UNCERTAIN: 2, STALE: 3, NODATA
  * @property {Link} link
  * @property {number | null} failingSince  since when its stream has failed; null while live or first connecting
  * @property {number} downSince  since when it has not been live (since it was added, if never): the age its tile shows
- * @property {Quality | "STALE" | ""} worst  the worst of its tags; "" without any
+ * @property {TagState | ""} worst  the worst of its tags; "" without any
+ * @property {string[]} reasons  the reasons of its tags in that worst state, sorted, "stale" left out (STALE says it)
  * @property {Counts} counts
  */
 
@@ -89,7 +93,7 @@ export function createModel(online) {
 /** @param {string} name @param {Link} link @param {number} now @returns {Well} */
 function createWell(name, link, now) {
   return Object.seal({
-    name, tags: new Map(), lastId: null, readings: 0, link, failingSince: null, downSince: now, worst: "",
+    name, tags: new Map(), lastId: null, readings: 0, link, failingSince: null, downSince: now, worst: "", reasons: [],
     counts: noCounts(),
   });
 }
@@ -97,7 +101,8 @@ function createWell(name, link, now) {
 /** @param {string} name @returns {Tag} */
 function createTag(name) {
   return Object.seal({
-    name, value: null, unit: "", quality: "", ts: NaN, points: [], intervals: [], stale: false, pointsVersion: 0,
+    name, value: null, unit: "", quality: "", reason: "", statusCode: "", ts: NaN, points: [], stale: false,
+    pointsVersion: 0,
   });
 }
 
@@ -163,28 +168,32 @@ export function applyReading(model, well, reading, now) {
     tag = createTag(reading.tagName);
     well.tags.set(tag.name, tag);
   }
-  const { quality, stale } = tag;
+  const { quality, reason } = tag;
   tag.value = typeof reading.value === "number" ? reading.value : null;
   tag.unit = reading.unit || "";
   tag.quality = QUALITIES.has(reading.quality) ? reading.quality : "BAD"; // what cannot be trusted is BAD
+  tag.reason = matching(reading.reason, REASON_RE);
+  tag.statusCode = matching(reading.statusCode, STATUS_CODE_RE);
+  tag.stale = tag.quality === "UNCERTAIN" && tag.reason === "stale";
   const ts = Date.parse(reading.timestamp);
   if (Number.isFinite(ts)) {
     if (!(ts <= tag.ts)) tag.ts = ts;
     addPoint(tag, ts, now);
   }
-  tag.stale = isStale(tag, now);
-  if (tag.quality !== quality || tag.stale !== stale) summarize(model, well);
+  if (tag.quality !== quality || tag.reason !== reason) summarize(model, well);
   return tag;
+}
+
+/** @param {unknown} value @param {RegExp} pattern @returns {string} the value if it is such a string, else "" */
+function matching(value, pattern) {
+  return typeof value === "string" && pattern.test(value) ? value : "";
 }
 
 /** @param {Tag} tag @param {number} ts @param {number} now */
 function addPoint(tag, ts, now) {
   const last = tag.points[tag.points.length - 1];
-  if (last && ts <= last[0]) return; // a late or repeated reading updates the value, not the line
-  if (last) {
-    tag.intervals.push(ts - last[0]);
-    if (tag.intervals.length > CADENCE_SAMPLES) tag.intervals.shift();
-  }
+  // A late or repeated reading (a STALE verdict repeats the last timestamp) updates the value, not the line.
+  if (last && ts <= last[0]) return;
   tag.points.push([ts, tag.value]);
   const drop = firstVisiblePoint(tag.points, now - SPARK_WINDOW_MS);
   if (drop) tag.points.splice(0, drop);
@@ -247,46 +256,40 @@ export function applyReset(well) {
   }
 }
 
-// ---- STALE and the tiles' states ----
+// ---- the tags' and the tiles' states ----
 
-/** @param {number[]} numbers */
-function median(numbers) {
-  const sorted = [...numbers].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+/**
+ * What a tag says: its quality, or STALE (which stands for its UNCERTAIN, so a STALE tag is
+ * counted once). An override is GOOD: marked on its row, never a problem for its tile.
+ * @param {Tag} tag @returns {TagState}
+ */
+export function tagState(tag) {
+  return tag.stale ? "STALE" : /** @type {Quality} */ (tag.quality);
 }
 
-/** @param {Tag} tag */
-function staleAfterMs(tag) {
-  if (tag.intervals.length < 2) return STALE_DEFAULT_MS;
-  return Math.max(STALE_FACTOR * median(tag.intervals), STALE_FLOOR_MS);
-}
-
-/** @param {Tag} tag @param {number} now */
-function isStale(tag, now) {
-  const age = now - tag.ts;
-  return Number.isFinite(age) && age > staleAfterMs(tag);
-}
-
-/** A well's worst state and counts, and the page's counts with them. @param {Model} model @param {Well} well */
+/** A well's worst state, its reasons and counts, and the page's counts with them. @param {Model} model @param {Well} well */
 function summarize(model, well) {
   /** @type {Well["worst"]} */
   let worst = "";
   const counts = noCounts();
+  /** @type {Set<string>} */
+  let reasons = new Set();
   for (const tag of well.tags.values()) {
     if (!tag.quality) continue;
-    /** @type {Array<keyof typeof RANK>} */
-    const states = tag.stale ? [tag.quality, "STALE"] : [tag.quality];
-    for (const state of states) {
-      if (state !== "GOOD") counts[state] += 1;
-      if (!worst || RANK[state] > RANK[worst]) worst = state;
+    const state = tagState(tag);
+    if (state !== "GOOD") counts[state] += 1;
+    if (!worst || RANK[state] > RANK[worst]) {
+      worst = state;
+      reasons = new Set();
     }
+    if (state === worst && tag.reason && tag.reason !== "stale") reasons.add(tag.reason);
   }
   for (const key of /** @type {Array<keyof Counts>} */ (Object.keys(counts))) {
     model.counts[key] += counts[key] - well.counts[key];
     well.counts[key] = counts[key];
   }
   well.worst = worst;
+  well.reasons = [...reasons].sort();
 }
 
 /**
@@ -305,19 +308,12 @@ export function tileRank(well) {
 }
 
 /**
- * What time alone changes: tags turn STALE (or stop being), and a well reconnecting for
- * OFFLINE_AFTER_MS says offline.
+ * What time alone changes in the model: a well reconnecting for OFFLINE_AFTER_MS says offline.
+ * Never a tag's state: STALE is the server's to say (see the top of this file).
  * @param {Model} model @param {number} now
  */
 export function advanceClock(model, now) {
   for (const well of model.wells.values()) {
-    let changed = false;
-    for (const tag of well.tags.values()) {
-      const stale = isStale(tag, now);
-      changed ||= stale !== tag.stale;
-      tag.stale = stale;
-    }
-    if (changed) summarize(model, well);
     if (well.link === "reconnecting" && well.failingSince !== null && now - well.failingSince > OFFLINE_AFTER_MS) {
       setLink(well, "offline", now);
     }

@@ -67,7 +67,7 @@ export class Renderer {
     this.schedule();
   }
 
-  /** The clock moved: every age changes, and whatever STALE and offline did with it; tiles sorted by state move. */
+  /** The clock moved: every age changes, and whatever offline did with it; tiles sorted by state move. */
   everythingChanged() {
     this.#everything = true;
     if (this.#view.sort === "state") this.#orderDue = true;
@@ -116,7 +116,7 @@ export class Renderer {
     this.#everything = false;
   }
 
-  // Every tile's word and age; the rows (ages, STALE, sparklines) of the tiles on screen. A tile
+  // Every tile's word and age; the rows (ages, sparklines) of the tiles on screen. A tile
   // scrolled into view gets its rows then (#seen): a thousand wells cost what a screenful does.
   #markEverything() {
     for (const [well, tile] of this.#tiles) {

@@ -2,7 +2,7 @@
 // the element already shows it. render.js decides when; this decides how. Reads the model, never
 // changes it.
 
-import { SPARK_WINDOW_MS, firstVisiblePoint, tileState } from "./model.js";
+import { SPARK_WINDOW_MS, firstVisiblePoint, tagState, tileState } from "./model.js";
 
 const SPARK_WIDTH = 480; // canvas pixels; CSS scales it to the tile, so drawing never reads layout
 const SPARK_HEIGHT = 44;
@@ -11,6 +11,11 @@ const LINK_WORDS = Object.freeze({
 });
 const STATE_WORDS = Object.freeze({
   GOOD: "GOOD", UNCERTAIN: "UNCERTAIN", STALE: "STALE", BAD: "BAD", NODATA: "NO DATA", NOTLIVE: "NOT LIVE",
+});
+// The server's reasons in words; a reason this page does not know is shown by its own name.
+const REASON_WORDS = Object.freeze({
+  comm_failure: "comm failure", device_error: "device error", out_of_range: "out of range", override: "override",
+  retained: "retained", stale: "stale",
 });
 const numberFormat = new Intl.NumberFormat(undefined, { maximumSignificantDigits: 5 });
 const smallFormat = new Intl.NumberFormat(undefined, { maximumFractionDigits: 2 });
@@ -27,6 +32,7 @@ let sparkColour = "";
  * @property {string} name
  * @property {HTMLElement} element
  * @property {HTMLElement} conn
+ * @property {HTMLElement} why  the reasons of its worst tags, in words
  * @property {HTMLElement} state
  * @property {HTMLElement} list
  * @property {Map<string, Row>} rows  by tag name
@@ -43,9 +49,7 @@ let sparkColour = "";
  * @property {HTMLElement} unit
  * @property {HTMLElement} quality
  * @property {HTMLElement} ago
- * @property {HTMLElement} stale
  * @property {HTMLCanvasElement} canvas  without pixels until first drawn: a thousand wells off screen cost no canvas memory
- * @property {boolean | null} staleShown  null until first shown
  * @property {number} drawn  the tag's pointsVersion the sparkline shows
  */
 
@@ -56,22 +60,25 @@ export function buildTile(name) {
   title.id = `well-${name}`;
   const conn = node("span", "conn");
   conn.id = `well-${name}-conn`;
+  const why = node("span", "why");
+  why.id = `well-${name}-why`;
   const state = node("span", "state badge");
   state.id = `well-${name}-state`;
   const list = node("ul", "tags");
-  const element = node("article", "well", node("header", "", title, conn, state), list);
+  const element = node("article", "well", node("header", "", title, conn, why, state), list);
   element.tabIndex = 0;
   element.dataset.well = name;
   element.dataset.conn = "connecting";
-  // Focusing a tile reads its name, its state and whether it is streaming.
+  // Focusing a tile reads its name, its state, why, and whether it is streaming.
   element.setAttribute("aria-labelledby", title.id);
-  element.setAttribute("aria-describedby", `${state.id} ${conn.id}`);
-  return { name, element, conn, state, list, rows: new Map(), link: "", shown: "", visible: false };
+  element.setAttribute("aria-describedby", `${state.id} ${why.id} ${conn.id}`);
+  return { name, element, conn, why, state, list, rows: new Map(), link: "", shown: "", visible: false };
 }
 
 /**
- * The tile's own fields: its state word, and what it says of its stream (with how long it has
- * not been live).
+ * The tile's own fields: its state word and why (the server's reasons for its worst tags, e.g.
+ * "comm failure"; "override" on a GOOD tile), and what it says of its stream (with how long it
+ * has not been live).
  * @param {Tile} tile @param {Well} well @param {number} now
  * @returns {boolean} whether the well became live or stopped being: its rows then change too
  */
@@ -83,6 +90,10 @@ export function renderWell(tile, well, now) {
     setClass(tile.state, `state badge ${state}`);
     setText(tile.state, STATE_WORDS[state]);
   }
+  // The reasons belong to the data shown: a tile that is not live, or has none, gives none.
+  const reasons = state === "NOTLIVE" || state === "NODATA" ? [] : well.reasons;
+  setText(tile.why, reasons.map(reasonWord).join(", "));
+  setData(tile.element, "reason", reasons.join(" "));
   const word = LINK_WORDS[well.link];
   setText(tile.conn, word && `${word} \u00b7 ${formatAge(now - well.downSince)}`);
   if (tile.link === well.link) return false;
@@ -93,24 +104,25 @@ export function renderWell(tile, well, now) {
 }
 
 /**
- * A tag's row. While its well is not live the quality word stays (the last one known) but loses
- * its colour and shape: only a live well shows GOOD.
+ * A tag's row: its state in words, with the server's reason ("BAD · comm failure",
+ * "GOOD · override", "STALE") and the source's status name as the word's title. While its
+ * well is not live the word stays (the last one known) but loses its colour and shape: only a
+ * live well shows GOOD.
  * @param {Tile} tile @param {Well} well @param {Tag} tag @param {number} now @param {boolean} drawSpark
  */
 export function renderTag(tile, well, tag, now, drawSpark) {
   const row = rowOf(tile, tag.name);
   setText(row.number, formatValue(tag.value));
   setText(row.unit, tag.unit);
-  setText(row.quality, tag.quality);
-  setClass(row.quality, well.link === "live" ? `quality badge ${tag.quality}` : "quality badge");
+  const state = tagState(tag);
+  setText(row.quality, state === "STALE" || !tag.reason ? state : `${state} \u00b7 ${reasonWord(tag.reason)}`);
+  setClass(row.quality, well.link === "live" ? `quality badge ${state}` : "quality badge");
+  setTitle(row.quality, tag.statusCode);
   setData(row.element, "quality", tag.quality);
+  setData(row.element, "stale", String(tag.stale));
+  setData(row.element, "reason", tag.reason);
   const age = now - tag.ts;
   setText(row.ago, Number.isFinite(age) ? formatAge(age) : "");
-  if (row.staleShown !== tag.stale) {
-    row.staleShown = tag.stale;
-    row.stale.hidden = !tag.stale;
-    setData(row.element, "stale", String(tag.stale));
-  }
   if (drawSpark && row.drawn !== tag.pointsVersion) {
     row.drawn = tag.pointsVersion;
     drawSparkline(row.canvas, tag.points, now);
@@ -156,13 +168,10 @@ function buildRow(name) {
   canvas.width = 0; // pixels come with the first drawing
   canvas.height = 0;
   const ago = node("span", "ago");
-  const stale = node("span", "stale badge STALE");
-  stale.textContent = "STALE";
-  stale.hidden = true;
   const element = node("li", "tag", label, node("span", "value", number, unit), quality, canvas,
-    node("span", "age", ago, stale));
+    node("span", "age", ago));
   element.dataset.tag = name;
-  return { element, number, unit, quality, ago, stale, canvas, staleShown: null, drawn: -1 };
+  return { element, number, unit, quality, ago, canvas, drawn: -1 };
 }
 
 // ---- sparklines ----
@@ -219,9 +228,21 @@ function setData(node, key, value) {
   if (node.dataset[key] !== value) node.dataset[key] = value;
 }
 
+/** @param {HTMLElement} node @param {string} title  "" removes it */
+function setTitle(node, title) {
+  if (node.title === title) return;
+  if (title) node.title = title;
+  else node.removeAttribute("title");
+}
+
 /** @param {HTMLElement} node @param {string} className */
 function setClass(node, className) {
   if (node.className !== className) node.className = className;
+}
+
+/** @param {string} reason */
+function reasonWord(reason) {
+  return REASON_WORDS[/** @type {keyof typeof REASON_WORDS} */ (reason)] ?? reason.replaceAll("_", " ");
 }
 
 /** @param {number | null} value */

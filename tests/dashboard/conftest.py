@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from playwright.async_api import Browser, Locator, Page, async_playwright
 
-from app.models import Quality, Reading, StreamId
+from app.models import Quality, Reading, Reason, StreamId
 from app.streams.redis import connect_redis
 from app.streams.seams import Broker
 from tests.factories import make_reading
@@ -75,11 +75,17 @@ def reading(
     unit: str = "psi",
     age_s: float = 0.0,
     tenant: str = "acme",
+    reason: Reason | None = None,
+    status_code: str | None = None,
 ) -> Reading:
+    """A reading of now (or `age_s` ago, source time), with the server's verdict when it has one."""
     timestamp = iso(datetime.now(UTC) - timedelta(seconds=age_s))
-    return make_reading(
+    plain = make_reading(
         value, tag, tenant=tenant, well=well, connection="test", timestamp=timestamp, quality=quality, unit=unit
     )
+    if reason is None and status_code is None:
+        return plain
+    return Reading.model_validate(plain.model_dump() | {"reason": reason, "status_code": status_code})
 
 
 def tile(page: Page, well: str) -> Locator:

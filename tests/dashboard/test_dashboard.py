@@ -60,12 +60,13 @@ async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
             assert [(c["name"], c["httpOnly"]) for c in cookies] == [("wellstream_session", True)]
             assert await page.evaluate("wellstream.mode") == "cookie"
 
-            # BAD, UNCERTAIN and STALE: each a word on the tag and on the tile, not only a colour.
+            # BAD, UNCERTAIN and STALE (the server's verdict): each a word on the tag and on the tile,
+            # not only a colour.
             await publisher.log.publish(
                 [
                     reading("w2", "p", None, "BAD"),
                     reading("w1", "t", 81.0, "UNCERTAIN", unit="degC"),
-                    reading("w3", "level", 3.5, unit="m", age_s=600),
+                    reading("w3", "level", 3.5, "UNCERTAIN", unit="m", age_s=600, reason="stale"),
                 ]
             )
             await expect(row(page, "w2", "p")).to_have_attribute("data-quality", "BAD", timeout=WAIT_MS)
@@ -76,7 +77,7 @@ async def test_tiles_show_values_quality_words_stale_and_move_with_the_keyboard(
             await expect(row(page, "w1", "t").locator(".quality")).to_have_text("UNCERTAIN", timeout=WAIT_MS)
             await expect(tile(page, "w1")).to_have_attribute("data-state", "UNCERTAIN")
             await expect(row(page, "w3", "level")).to_have_attribute("data-stale", "true", timeout=WAIT_MS)
-            await expect(row(page, "w3", "level").locator(".stale")).to_be_visible()
+            await expect(row(page, "w3", "level").locator(".quality")).to_have_text("STALE")
             await expect(row(page, "w3", "level").locator(".ago")).to_have_text("10 min")
             await expect(tile(page, "w3")).to_have_attribute("data-state", "STALE")
             await expect(row(page, "w3", "p")).to_have_attribute("data-stale", "false")

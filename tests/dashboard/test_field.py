@@ -141,7 +141,7 @@ async def test_filter_sort_by_state_compact_tiles_and_a_well_not_live_never_look
             await publisher.log.publish(
                 [reading(well, "p", 10.0) for well in wells]
                 + [reading("w3", "q", None, "BAD"), reading("w5", "q", 1.0, "UNCERTAIN")]
-                + [reading("w7", "level", 2.0, unit="m", age_s=600)]
+                + [reading("w7", "level", 2.0, "UNCERTAIN", unit="m", age_s=600, reason="stale")]
             )
             page = await open_page(browser)
             await page.goto(f"{gateway.url}/#token={token('acme')}")
