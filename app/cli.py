@@ -78,14 +78,18 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings()
-    if not settings.secret:
-        sys.exit("wellstream: WELLSTREAM_JWT_SECRET must be set for serve")
     logs.configure(args.log_level)
     _require_server(args.server)
     toml = args.hypercorn_config
     if toml is not None and (args.server != "hypercorn" or not toml.is_file()):
         sys.exit(f"wellstream: --hypercorn-config needs --server hypercorn and an existing file: {toml}")
-    _run(server.run(create_app(settings), settings, args.host, args.port, args.server, toml))
+    try:
+        # Any one key source is enough (a public key needs no secret); a missing or unusable one,
+        # or a public key without an audience, stops here with the reason.
+        app = create_app(settings)
+    except ValueError as exc:
+        sys.exit(f"wellstream: cannot serve: {exc}")
+    _run(server.run(app, settings, args.host, args.port, args.server, toml))
 
 
 def cmd_dev_cert(args: argparse.Namespace) -> None:

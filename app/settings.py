@@ -122,6 +122,15 @@ class AuthSettings(BaseModel):
     jwks_min_refresh_s: float = Field(10, ge=0, description="at most one refetch per this interval (unknown kids)")
     issuer: str | None = None
     audience: str | None = None
+    allow_any_audience: bool = Field(
+        False,
+        description="accept tokens without our audience when a public key or JWKS verifies (else: refuse to start)",
+    )
+    read_scope: str | None = Field(
+        "stream:read",
+        pattern=r"^([\x21\x23-\x5b\x5d-\x7e]{1,128})?$",
+        description="the scope every request's token needs (every route reads); empty or null: no check",
+    )
     leeway_s: int = Field(30, ge=0, le=300)
     allow_query_token: bool = Field(False, description="accept ?access_token= (puts tokens in URLs and logs)")
     cookie_name: str = Field("wellstream_session", pattern=r"^[A-Za-z0-9_]{1,64}$")

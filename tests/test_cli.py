@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import IO
 
 import anyio
+import httpx
 import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey
 
 from app.auth.keys import SharedSecret
 from app.auth.tokens import TokenVerifier
@@ -114,6 +117,59 @@ def test_token_without_a_secret_fails_with_a_message() -> None:
     assert result.returncode != 0
     assert result.stdout == ""
     assert "WELLSTREAM_JWT_SECRET" in result.stderr
+
+
+def test_serve_without_any_key_exits_naming_the_options() -> None:
+    result = run_cli("serve", "--port", str(free_port()), env=clean_env())
+
+    assert result.returncode != 0
+    assert "no token key configured" in result.stderr
+    assert "auth.public_key_file" in result.stderr
+
+
+def test_serve_with_a_public_key_and_no_audience_refuses_to_start(tmp_path: Path) -> None:
+    pem = tmp_path / "public.pem"
+    pem.write_bytes(ECKey.generate_key("P-256").as_pem(private=False))
+    env = clean_env(WELLSTREAM_AUTH__PUBLIC_KEY_FILE=str(pem))
+    result = run_cli("serve", "--port", str(free_port()), env=env)
+
+    assert result.returncode != 0
+    assert "auth.audience is not set" in result.stderr
+
+
+def test_serve_with_only_a_public_key_and_an_audience_starts(tmp_path: Path) -> None:
+    # No WELLSTREAM_JWT_SECRET: a public key is enough (it used to demand the secret anyway).
+    key = ECKey.generate_key("P-256")
+    pem = tmp_path / "public.pem"
+    pem.write_bytes(key.as_pem(private=False))
+    port = free_port()
+    env = clean_env(WELLSTREAM_AUTH__PUBLIC_KEY_FILE=str(pem), WELLSTREAM_AUTH__AUDIENCE="wellstream")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        now = int(time.time())
+        claims = {"sub": "svc", "tenant_id": "acme", "aud": "wellstream", "scope": "stream:read", "exp": now + 60}
+        token = jwt.encode({"alg": "ES256"}, claims, key, algorithms=["ES256"])
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, "serve exited"
+            try:
+                response = httpx.get(
+                    f"http://127.0.0.1:{port}/tenants/acme/wells", headers={"Authorization": f"Bearer {token}"}
+                )
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "serve did not answer"
+                time.sleep(0.1)
+        assert response.status_code == 200, response.text
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:

@@ -82,11 +82,18 @@ class Guard:
         404, so well ids cannot be probed.
         """
         principal = await self.principal(request, tickets=tickets)
+        self.check_scope(principal)
         if principal.tenant != tenant:
             raise AuthError("token is for another tenant", status=403)
         if well is not None and not (principal.may_see(well) and await self._registry.has_well(tenant, well)):
             raise AuthError("unknown well", status=404)
         return principal
+
+    def check_scope(self, principal: Principal) -> None:
+        """AuthError(403) unless the token carries the read scope (`auth.read_scope`, if set)."""
+        needed = self._settings.read_scope
+        if needed and needed not in principal.scopes:
+            raise AuthError(f"token lacks the scope {needed}", status=403)
 
     async def issue_ticket(self, principal: Principal, wells: Sequence[str] | None) -> str:
         """A random single-use ticket for these wells (None: every well the token may see, for a

@@ -188,11 +188,12 @@ class JWKSEndpoint:
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"jwks_ca_file {ca_file}: not a readable PEM CA bundle") from exc
         self._url = url
+        self._shown = redacted_url(url)
         self._cache_s = cache_s
         self._min_refresh_s = min_refresh_s
         self._timeout_s = timeout_s
         self._clock = clock
-        self._table = _KeyTable([], url)
+        self._table = _KeyTable([], self._shown)
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._attempts = 0
@@ -229,23 +230,23 @@ class JWKSEndpoint:
     async def _fetch_and_swap(self) -> None:
         try:
             with anyio.fail_after(self._timeout_s):
-                entries = _parse_jwks(json.loads(await self._download()), self._url)
+                entries = _parse_jwks(json.loads(await self._download()), self._shown)
         except Exception as exc:  # every failure of the fetch means the same: keep the last good set
             logger.warning(
                 "JWKS %s: fetch failed (%s: %s); keeping the %d keys of the last good set",
-                self._url,
+                self._shown,
                 type(exc).__name__,
-                exc,
+                str(exc).replace(self._url, self._shown),
                 len(self._table),
             )
             return
-        self._table = _KeyTable(entries, self._url)
+        self._table = _KeyTable(entries, self._shown)
         self._fetched_at = self._clock()
         if entries:
-            logger.info("JWKS %s: %d signing keys loaded", self._url, len(entries))
+            logger.info("JWKS %s: %d signing keys loaded", self._shown, len(entries))
         else:
             logger.warning(
-                "JWKS %s: the published set has no usable signing key; every token will be refused", self._url
+                "JWKS %s: the published set has no usable signing key; every token will be refused", self._shown
             )
 
     async def _download(self) -> bytes:
@@ -261,6 +262,17 @@ class JWKSEndpoint:
                 if len(body) > JWKS_MAX_BYTES:
                     raise ValueError(f"document larger than {JWKS_MAX_BYTES} bytes")
             return bytes(body)
+
+
+def redacted_url(url: str) -> str:
+    """The URL for logs: credentials in its user part or query (some IdPs put a key there) left out."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    userinfo = "***@" if parts.username or parts.password else ""
+    query = "?***" if parts.query else ""
+    return f"{parts.scheme}://{userinfo}{netloc}{parts.path}{query}"
 
 
 def key_source_from_settings(auth: AuthSettings, secret: str | None) -> KeySource:

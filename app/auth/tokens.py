@@ -10,7 +10,7 @@
    and joserfc is given only that one algorithm and re-checks it against the key type;
 4. checks the signature, then `exp` (required), `nbf` and `iat` with leeway, and `iss`/`aud` when
    configured (an `aud` list must contain ours);
-5. type-checks the claims the gateway uses (tenant, wells, scope, sub, times) into a Principal.
+5. type-checks the claims the gateway uses (tenant, wells, scope, sub (required), times) into a Principal.
 
 Every failure is AuthError(reason, 401). Reasons are fixed strings: they never contain the token or
 any part of it, so they are safe to log and to send back.
@@ -70,6 +70,13 @@ class TokenVerifier:
         """The verifier for the configured key source; raises ValueError on a configuration error."""
         source = key_source_from_settings(auth, secret)
         if not auth.audience and not isinstance(source, SharedSecret):
+            # A public key or JWKS usually belongs to an identity provider that issues tokens for many
+            # services: without an audience, a token minted for any of them would open our streams.
+            if not auth.allow_any_audience:
+                raise ValueError(
+                    "auth.audience is not set: with a public key or JWKS, tokens the issuer made for other "
+                    "services would be accepted; set auth.audience (or auth.allow_any_audience=true to accept that)"
+                )
             logger.warning("auth.audience is not set: tokens the issuer made for other services are accepted")
         return cls(source, auth.issuer, auth.audience, auth.leeway_s)
 
@@ -117,7 +124,11 @@ def principal_from_claims(claims: Mapping[str, object]) -> Principal:
     if scope is not None and not isinstance(scope, str):
         raise AuthError("token claim scope must be a string")
     subject = claims.get("sub")
-    if subject is not None and not isinstance(subject, str):
+    # Required: limits and audit lines are per subject, and a shared fallback ("anonymous") would let
+    # one caller's streams lock every other caller without `sub` out.
+    if subject is None or subject == "":
+        raise AuthError("missing claim sub")
+    if not isinstance(subject, str):
         raise AuthError("token claim sub must be a string")
     expires_at = _numeric_date(claims, "exp")
     if expires_at is None:
@@ -126,7 +137,7 @@ def principal_from_claims(claims: Mapping[str, object]) -> Principal:
     _numeric_date(claims, "iat")
     try:
         return Principal(
-            subject=subject or "anonymous",
+            subject=subject,
             tenant=_tenant(claims),
             wells=_wells(claims.get("wells")),
             scopes=frozenset(scope.split()) if scope else frozenset(),

@@ -186,6 +186,7 @@ async def open_session(request: Request) -> Response:
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthError("send the token as Authorization: Bearer")
     principal = await gateway.guard.verify(token.strip())
+    gateway.guard.check_scope(principal)
     max_age = max(1, int(principal.expires_at - time.time()))
     response = JSONResponse({"tenantId": principal.tenant, "expiresIn": max_age}, headers={"Cache-Control": "no-store"})
     response.set_cookie(

@@ -35,6 +35,7 @@ from app.auth.keys import (
     SharedSecret,
     TokenHeader,
     key_source_from_settings,
+    redacted_url,
 )
 from app.errors import AuthError
 from app.settings import AuthSettings
@@ -378,6 +379,32 @@ async def test_a_failed_fetch_keeps_the_last_good_set(
             clock.now += 10
             await source.key_for(TokenHeader("RS256", "r1"))
             assert server.fetches == 3  # fresh again
+
+
+async def test_credentials_in_the_jwks_url_never_reach_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with anyio.fail_after(10):
+        async with serve_jwks(tmp_path) as server:
+            server.publish(rsa_key("r1"))
+            url = server.url.replace("https://", "https://reader:pw-s3cret@") + "?api_key=k-s3cret"
+            with caplog.at_level(logging.INFO, logger="app.auth.keys"):
+                await JWKSEndpoint(url, ca_file=server.ca_file, clock=FakeClock()).key_for(TokenHeader("RS256", "r1"))
+                server.failure = "status"
+                with pytest.raises(AuthError):
+                    await JWKSEndpoint(url, ca_file=server.ca_file, clock=FakeClock()).key_for(
+                        TokenHeader("RS256", "r1")
+                    )
+            assert "signing keys loaded" in caplog.text
+            assert "fetch failed" in caplog.text
+            assert "https://***@127.0.0.1:" in caplog.text
+            assert "s3cret" not in caplog.text
+
+
+def test_redacted_url_keeps_what_finds_the_server() -> None:
+    assert redacted_url("https://u:p@idp.example:8443/a/jwks?k=v") == "https://***@idp.example:8443/a/jwks?***"
+    assert redacted_url("https://idp.example/jwks.json") == "https://idp.example/jwks.json"
+    assert redacted_url("https://[::1]:9/j") == "https://[::1]:9/j"
 
 
 async def test_concurrent_refreshes_are_coalesced_into_one_fetch(tmp_path: Path) -> None:

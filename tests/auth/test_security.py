@@ -63,7 +63,14 @@ ALG_NONE = b'{"alg":"none"}'
 
 def claims(tenant: str = "acme", **overrides: Any) -> dict[str, Any]:
     now = int(time.time())
-    body: dict[str, Any] = {"sub": "tester", "tenant_id": tenant, "iat": now, "exp": now + 600, **overrides}
+    body: dict[str, Any] = {
+        "sub": "tester",
+        "tenant_id": tenant,
+        "scope": "stream:read",
+        "iat": now,
+        "exp": now + 600,
+        **overrides,
+    }
     return {name: value for name, value in body.items() if value is not None}
 
 
@@ -256,11 +263,13 @@ def credentials(case: str, secret: str, tmp_path: Path) -> tuple[dict[str, objec
     key = rsa_key("k1")
     if case == "hs-rs-confusion":
         pem = key.as_pem(private=False)
-        forged = hmac_forged(pem, {"alg": "HS256", "typ": "JWT"}, claims())
-        return dict(public_key_file=str(public_pem_file(tmp_path, key))), forged, rs256(key, claims())
+        forged = hmac_forged(pem, {"alg": "HS256", "typ": "JWT"}, claims(aud=AUDIENCE))
+        configured = {"public_key_file": str(public_pem_file(tmp_path, key)), "audience": AUDIENCE}
+        return configured, forged, rs256(key, claims(aud=AUDIENCE))
     if case == "unknown-kid":
-        forged = rs256(rsa_key("k2"), claims())
-        return dict(jwks_file=str(jwks_file(tmp_path, key))), forged, rs256(key, claims())
+        forged = rs256(rsa_key("k2"), claims(aud=AUDIENCE))
+        configured = {"jwks_file": str(jwks_file(tmp_path, key)), "audience": AUDIENCE}
+        return configured, forged, rs256(key, claims(aud=AUDIENCE))
     raise AssertionError(case)
 
 
@@ -318,6 +327,40 @@ async def test_a_token_of_another_tenant_gets_403(
             own = await s.get("/tenants/globex/wells/w1/latest", headers=bearer(token))
             assert own.status_code == 200
             assert values(own.json()) == [OWN_VALUE], "same well id, own tenant: only its own data"
+
+
+async def test_a_token_without_the_read_scope_gets_403_everywhere(
+    redis_url: str, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    lacks = {"error": "token lacks the scope telemetry:read"}
+    with anyio.fail_after(15):
+        async with secure_site(redis_url, secret, caplog, auth={"read_scope": "telemetry:read"}) as s:
+            for scope in (None, "stream:read", "telemetry:write openid"):
+                token = hs256(secret, claims(scope=scope))
+                s.secrets.append(token)
+                attempts = [("GET", STREAM), ("GET", LATEST), ("GET", WELLS), ("POST", TICKETS), ("POST", SESSION)]
+                for method, path in attempts:
+                    response = await s.request(method, path, headers=bearer(token), json=ticket_body(method))
+                    assert response.status_code == 403, (scope, path, response.text)
+                    assert response.json() == lacks
+                    assert "set-cookie" not in response.headers
+                    s.assert_audited("auth-failure", status=403, reason=lacks["error"], path=path)
+            assert not s.audits("connect")
+            granted = hs256(secret, claims(scope="openid telemetry:read"))
+            s.secrets.append(granted)
+            assert (await s.get(LATEST, headers=bearer(granted))).status_code == 200
+
+
+async def test_read_scope_null_reads_with_any_scope(
+    redis_url: str, secret: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with anyio.fail_after(15):
+        async with secure_site(redis_url, secret, caplog, auth={"read_scope": None}) as s:
+            token = hs256(secret, claims(scope=None))
+            s.secrets.append(token)
+            response = await s.get(LATEST, headers=bearer(token))
+            assert response.status_code == 200
+            assert values(response.json()) == [OWN_VALUE]
 
 
 async def test_a_well_of_another_tenant_or_unregistered_is_the_same_404(

@@ -143,15 +143,21 @@ async def test_an_audience_list_containing_ours_is_accepted() -> None:
     assert (await verifier(SharedSecret(SECRET)).verify(token)).tenant == "acme"
 
 
-async def test_camel_case_tenant_and_no_wells_or_sub() -> None:
-    token = hs256(claims(tenant_id=None, tenantId="globex", wells=None, sub=None, scope=None))
+async def test_camel_case_tenant_and_no_wells_or_scope() -> None:
+    token = hs256(claims(tenant_id=None, tenantId="globex", wells=None, scope=None))
     principal = await verifier(SharedSecret(SECRET)).verify(token)
     assert (principal.tenant, principal.wells, principal.subject, principal.scopes) == (
         "globex",
         None,
-        "anonymous",
+        "alice",
         frozenset(),
     )
+
+
+@pytest.mark.parametrize("subject", [None, ""])
+async def test_a_token_without_a_subject_is_refused(subject: str | None) -> None:
+    # Limits and audit lines are per subject: a shared fallback would let one caller lock out all the others.
+    assert await refused(verifier(SharedSecret(SECRET)), hs256(claims(sub=subject))) == "missing claim sub"
 
 
 async def test_iss_and_aud_are_not_required_when_not_configured() -> None:
@@ -388,11 +394,13 @@ async def test_a_payload_with_duplicate_members_or_nan_is_refused() -> None:
 
 
 def test_principal_from_claims_validates_on_its_own() -> None:
-    assert principal_from_claims({"tenant_id": "acme", "exp": 2_000_000_000}).tenant == "acme"
+    assert principal_from_claims({"sub": "a", "tenant_id": "acme", "exp": 2_000_000_000}).tenant == "acme"
     with pytest.raises(AuthError, match="exp"):
-        principal_from_claims({"tenant_id": "acme"})
+        principal_from_claims({"sub": "a", "tenant_id": "acme"})
     with pytest.raises(AuthError, match="exp"):
-        principal_from_claims({"tenant_id": "acme", "exp": float("nan")})
+        principal_from_claims({"sub": "a", "tenant_id": "acme", "exp": float("nan")})
+    with pytest.raises(AuthError, match="sub"):
+        principal_from_claims({"tenant_id": "acme", "exp": 2_000_000_000})
 
 
 # --- nothing but AuthError escapes ---
@@ -409,12 +417,14 @@ async def test_an_unexpected_error_fails_closed_as_auth_error(caplog: pytest.Log
     assert "unexpected RuntimeError" in caplog.text
 
 
-async def test_from_settings_warns_when_asymmetric_keys_have_no_audience(
+async def test_asymmetric_keys_without_an_audience_refuse_to_start_unless_allowed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pem = tmp_path / "public.pem"
     pem.write_bytes(ec_key("k1").as_pem(private=False))
-    TokenVerifier.from_settings(AuthSettings(public_key_file=pem), None)
+    with pytest.raises(ValueError, match=r"auth\.audience is not set"):
+        TokenVerifier.from_settings(AuthSettings(public_key_file=pem), None)
+    TokenVerifier.from_settings(AuthSettings(public_key_file=pem, allow_any_audience=True), None)
     assert "auth.audience is not set" in caplog.text
     caplog.clear()
     TokenVerifier.from_settings(AuthSettings(public_key_file=pem, audience=AUDIENCE), None)
