@@ -108,6 +108,8 @@ class LimitSettings(BaseModel):
     connects_per_s: float = Field(5, gt=0, description="connection attempts per client address and per subject")
     connect_burst: int = Field(30, ge=1, description="token bucket size for connection attempts")
     wells_per_stream: int = Field(2000, ge=1, description="wells one stream of many wells may carry (400 beyond)")
+    auth_failures_per_s: float = Field(1, gt=0, description="failed authentications per client address, any route")
+    auth_failure_burst: int = Field(20, ge=1, description="failed authentications before an address must slow down")
 
 
 class AuthSettings(BaseModel):

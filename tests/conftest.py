@@ -192,7 +192,12 @@ REGISTRY = {"acme": TEST_WELLS, "globex": TEST_WELLS}
 
 
 # Tests open hundreds of streams from one address at once; tests of the limits set their own.
-ROOMY_LIMITS = {"connects_per_s": 100_000, "connect_burst": 100_000, "streams_per_subject": 100_000}
+ROOMY_LIMITS = {
+    "connects_per_s": 100_000,
+    "connect_burst": 100_000,
+    "streams_per_subject": 100_000,
+    "auth_failure_burst": 100_000,
+}
 
 
 def make_settings(secret: str, **overrides: object) -> Settings:

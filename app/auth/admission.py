@@ -39,6 +39,13 @@ class TokenBuckets:
         self._burst = float(burst)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
+    def wait(self, key: str, now: float | None = None) -> float:
+        """Seconds until `key` has a token (0: it has one now); takes nothing."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self._rate
+
     def take(self, key: str, now: float | None = None) -> float:
         """Take one token; returns 0 if granted, else the seconds until one is available."""
         now = time.monotonic() if now is None else now
@@ -53,6 +60,22 @@ class TokenBuckets:
         if len(self._buckets) > MAX_BUCKETS:
             self._buckets.popitem(last=False)
         return wait
+
+
+class FailureThrottle:
+    """Failed authentications per client address, on every route: past the burst an address is
+    refused (429) before its credentials are even looked at, so guessing and log flooding stay slow."""
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self._buckets = TokenBuckets(rate_per_s, burst)
+
+    def check(self, address: str) -> None:
+        wait = self._buckets.wait(address)
+        if wait:
+            raise LimitError("too many failed authentications from this address", 429, max(1, round(wait)))
+
+    def record(self, address: str) -> None:
+        self._buckets.take(address)
 
 
 @dataclass
@@ -117,15 +140,19 @@ class StreamLimits:
         if wait:
             raise LimitError("too many connection attempts from this address", 429, max(1, round(wait)))
 
+    def check_subject(self, principal: Principal) -> None:
+        """After auth: one subject opening streams, tickets or sessions too fast is turned away."""
+        wait = self._attempts_by_subject.take(f"{principal.tenant}/{_hashed(principal.subject)}")
+        if wait:
+            raise LimitError("too many connection attempts for this subject", 429, max(1, round(wait)))
+
     async def admit(self, principal: Principal) -> Lease:
         """Raises LimitError; on success the caller must release the lease when the stream ends."""
         limits = self._settings
         if len(self._leases) >= limits.streams_per_process:
             raise LimitError("this gateway is full", 503, 5)
-        subject = hashlib.sha256(principal.subject.encode()).hexdigest()[:32]
-        wait = self._attempts_by_subject.take(f"{principal.tenant}/{subject}")
-        if wait:
-            raise LimitError("too many connection attempts for this subject", 429, max(1, round(wait)))
+        self.check_subject(principal)
+        subject = _hashed(principal.subject)
         tenant_key, subject_key = f"{{{principal.tenant}}}:tenant", f"{{{principal.tenant}}}:sub:{subject}"
         member = f"{self._gateway}:{next(self._sequence)}"
         counters = [(tenant_key, limits.streams_per_tenant), (subject_key, limits.streams_per_subject)]
@@ -183,3 +210,7 @@ class StreamLimits:
                 await self._store.renew(pairs, LEASE_TTL_S)
             except ServiceError as exc:
                 logger.warning("could not renew %d stream counts: %s", len(pairs), exc)
+
+
+def _hashed(subject: str) -> str:
+    return hashlib.sha256(subject.encode()).hexdigest()[:32]

@@ -17,7 +17,9 @@ import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from app.auth.admission import FailureThrottle
 from app.auth.audit import audit
+from app.auth.crosssite import check_cookie_request
 from app.auth.tokens import TokenVerifier
 from app.errors import AuthError
 from app.models import Principal
@@ -53,19 +55,37 @@ class Guard:
         self._registry = registry
         self._tickets = tickets
         self._settings = settings
+        self._failures = FailureThrottle(settings.limits.auth_failures_per_s, settings.limits.auth_failure_burst)
 
     async def verify(self, token: str) -> Principal:
         return await self._verifier.verify(token)
 
-    async def principal(self, request: Request, *, tickets: bool = False) -> Principal:
-        """The caller, from the first credential present; AuthError(401) if none is valid."""
+    async def principal(self, request: Request, *, tickets: bool = False, bearer_only: bool = False) -> Principal:
+        """The caller, from the first credential present; AuthError(401) if none is valid.
+
+        LimitError(429) first if this client address has failed too often (every route counts).
+        """
+        address = client_address(request, self._settings.trusted_proxies)
+        self._failures.check(address)
+        try:
+            return await self._credentials(request, tickets=tickets, bearer_only=bearer_only)
+        except AuthError as exc:
+            if exc.status == 401:
+                self._failures.record(address)
+            raise
+
+    async def _credentials(self, request: Request, *, tickets: bool, bearer_only: bool) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, credentials = header.partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             return await self.verify(credentials.strip())
+        if bearer_only:
+            raise AuthError("send the token as Authorization: Bearer")
         cookie = request.cookies.get(self._settings.cookie_name)
         if cookie:
-            return await self.verify(cookie)
+            principal = await self.verify(cookie)
+            check_cookie_request(request, self._settings.cors_origins)
+            return principal
         ticket = request.query_params.get("ticket")
         if tickets and ticket:
             return await self.redeem_ticket(ticket)

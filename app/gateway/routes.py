@@ -15,6 +15,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from app.auth.audit import audit
+from app.auth.crosssite import request_scheme
 from app.errors import AuthError, RequestError
 from app.gateway.context import client_of, gateway_of
 from app.gateway.errors import handler_for
@@ -148,8 +149,10 @@ async def _selection(
 async def stream_tickets(request: Request) -> Response:
     """POST /tenants/{tenant}/stream-tickets {"wells": [...]} -> {"ticket", "expiresIn"}."""
     gateway = gateway_of(request)
+    gateway.limits.check_attempt(client_of(request))
     tenant = _tenant(request)
     principal = await gateway.guard.authorize(request, tenant)
+    gateway.limits.check_subject(principal)
     wells = _wells_body(await _json_body(request))
     ticket = await gateway.guard.issue_ticket(principal, wells)
     expires_in = gateway.settings.auth.ticket_ttl_s
@@ -181,12 +184,11 @@ def _wells_body(body: object) -> list[str] | None:
 async def open_session(request: Request) -> Response:
     """POST /auth/session with a Bearer token -> the HttpOnly session cookie for the dashboard."""
     gateway = gateway_of(request)
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise AuthError("send the token as Authorization: Bearer")
-    principal = await gateway.guard.verify(token.strip())
+    gateway.limits.check_attempt(client_of(request))
+    principal = await gateway.guard.principal(request, bearer_only=True)
     gateway.guard.check_scope(principal)
+    gateway.limits.check_subject(principal)
+    token = request.headers["authorization"].partition(" ")[2].strip()
     max_age = max(1, int(principal.expires_at - time.time()))
     response = JSONResponse({"tenantId": principal.tenant, "expiresIn": max_age}, headers={"Cache-Control": "no-store"})
     response.set_cookie(
@@ -195,7 +197,7 @@ async def open_session(request: Request) -> Response:
         max_age=max_age,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=request_scheme(request, gateway.settings.auth.trusted_proxies) == "https",
         path="/",
     )
     audit("session-opened", sub=principal.subject, tenant=principal.tenant, client=client_of(request))
