@@ -31,7 +31,7 @@ CONFINED = {
     "hypercorn": ("gateway/server.py",),
     "uvicorn": ("gateway/server.py",),
     "granian": ("gateway/server.py",),
-    "starlette": ("gateway/", "auth/guard.py"),
+    "starlette": ("gateway/", "auth/guard.py", "auth/crosssite.py"),
     "prometheus_client": ("gateway/metrics.py", "gateway/app.py", "ingest/metrics.py"),
     "cryptography": ("gateway/devcert.py", "auth/"),
 }

@@ -21,7 +21,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 
 from app.errors import BrokerError
@@ -231,6 +231,11 @@ class Hub:
     def streams_by_tenant(self) -> dict[str, int]:
         """For /metrics."""
         return {tenant: len(channel.members) for tenant, channel in self._channels.items()}
+
+    @property
+    def malformed(self) -> Mapping[str, int]:
+        """Values of other producers the log's reads and the live feed skipped, by source."""
+        return self._log.malformed
 
     @property
     def feed_reconnects(self) -> int:

@@ -8,7 +8,7 @@ never collide.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -18,6 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from app.auth import audit
+from app.streams.codec import Source
 
 if TYPE_CHECKING:
     from app.gateway.hub import Hub
@@ -73,6 +74,14 @@ class GatewayCollector(Collector):
             "Tags this gateway marked stale because the ingest worker feeding them stopped renewing its lease",
             stats.stale_marked,
         )
+        malformed = CounterMetricFamily(
+            "wellstream_malformed",
+            "Stored values that were no reading of their key (another producer wrote them), skipped each time read",
+            labels=["source"],
+        )
+        for source in get_args(Source):  # every source, 0 included: an alert can watch a series that exists
+            malformed.add_metric([source], hub.malformed.get(source, 0))
+        yield malformed
         yield counter("wellstream_redis_reconnects", "Live feed reconnects to Redis", hub.feed_reconnects)
         yield counter("wellstream_gap_fills", "Live feed gaps filled from history (fills completed)", stats.gap_fills)
         yield counter("wellstream_gap_events", "Events sent from history by gap fills", stats.gap_events)

@@ -105,6 +105,7 @@ class MemoryStreamLog:
         self._clocks: dict[str, StreamId] = {}  # tenant -> the last id issued
         self._applied: dict[str, int] = {}  # producer -> highest seq applied (see Origin)
         self.rejected = 0  # nothing here can hold a key of the wrong type
+        self.malformed: dict[str, int] = {}  # nor anything but validated readings
         self.feeds: set[_MemoryFeed] = set()
 
     async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:

@@ -16,7 +16,7 @@ Each seam has a memory and a Redis implementation side by side, and one conforma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -70,6 +70,11 @@ class StreamLog(Protocol):
     """
 
     rejected: int  # readings the store refused for good (logged, counted, never retried)
+
+    @property
+    def malformed(self) -> Mapping[str, int]:
+        """Stored values that were no reading of their key (another producer wrote them), skipped
+        by reads, by where they were found: `latest`, `log`, `live` or `wells` (app/streams/codec.py)."""
 
     async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:
         """Store and announce a batch; returns the ids in input order.

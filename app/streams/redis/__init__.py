@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from redis.asyncio.client import Redis
 from redis.exceptions import RedisError
 
+from app.streams.codec import MalformedValues
 from app.streams.redis.client import open_client
 from app.streams.redis.log import RedisStreamLog
 from app.streams.redis.stores import RedisLeases, RedisRegistry, RedisTickets, RedisWorkerLeases
@@ -47,11 +48,12 @@ async def connect_redis(
     check (three missed pongs: reconnect).
     """
     client = open_client(url, max_connections, timeout_s)
-    log = RedisStreamLog(client, max_len, max_age_s, ping_interval_s)
+    malformed = MalformedValues()
+    log = RedisStreamLog(client, max_len, max_age_s, ping_interval_s, malformed)
     try:
         yield Broker(
             log=log,
-            registry=RedisRegistry(client),
+            registry=RedisRegistry(client, malformed),
             tickets=RedisTickets(client),
             leases=RedisLeases(client),
             workers=RedisWorkerLeases(client, max_len, max_age_s),

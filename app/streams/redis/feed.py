@@ -14,7 +14,7 @@ from redis.asyncio.connection import Connection
 
 from app.backoff import Backoff
 from app.errors import BrokerError
-from app.streams.codec import decode_event
+from app.streams.codec import MalformedValues, decode_event, shown
 from app.streams.redis.client import redis_errors
 from app.streams.redis.keys import channel_name
 from app.streams.seams import Deliver
@@ -49,12 +49,14 @@ class RedisFeed:
         client: Redis,
         deliver: Deliver,
         on_close: Callable[[RedisFeed], None],
+        malformed: MalformedValues,
         on_gap: Callable[[], None] | None = None,
         ping_interval_s: float = 5.0,
     ) -> None:
         self._client = client
         self._deliver = deliver
         self._on_close = on_close
+        self._malformed = malformed
         self.on_gap = on_gap
         self._ping_interval_s = ping_interval_s
         self._topics: dict[bytes, str] = {}  # channel -> tenant
@@ -214,9 +216,9 @@ class RedisFeed:
                 return
             raw_id, _, data = response[2].partition(b" ")
             try:
-                event = decode_event(raw_id, data)
-            except (ValueError, KeyError, TypeError):
-                logger.warning("malformed message on %s dropped", response[1])
+                event = decode_event(raw_id, data, tenant)  # any well of the channel's tenant, none of another's
+            except ValueError as exc:
+                self._malformed.skip("live", f"{response[1].decode()} message {shown(raw_id)}", exc)
                 return
             self._deliver(tenant, event)
         elif kind == b"subscribe":

@@ -2,19 +2,21 @@
 
 XADD, HSET, SADD and PUBLISH happen in the same script (publish.lua), so history and live
 never disagree; reads take the stream's bookkeeping and a page in one step (stream_state.lua).
+Whatever a read finds that is not a reading of its key (another producer may write anything)
+is skipped and noted (`malformed`), never raised: one bad value must not fail a well's reads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio.client import Redis
 
 from app.models import History, Origin, Reading, StreamEvent, StreamId, TenantRead, Topic, WellRead
-from app.streams.codec import decode_event
+from app.streams.codec import MalformedValues, decode_event, decode_latest, shown
 from app.streams.redis.client import redis_errors, script
 from app.streams.redis.feed import RedisFeed
 from app.streams.redis.keys import channel_name, clock_key, latest_key, log_key, producer_key, tenant_prefix, wells_key
@@ -30,7 +32,14 @@ class RedisStreamLog:
     so Redis Cluster would need batches grouped by slot first (not done).
     """
 
-    def __init__(self, client: Redis, max_len: int = 10_000, max_age_s: float = 0, ping_interval_s: float = 5.0):
+    def __init__(
+        self,
+        client: Redis,
+        max_len: int = 10_000,
+        max_age_s: float = 0,
+        ping_interval_s: float = 5.0,
+        malformed: MalformedValues | None = None,
+    ):
         self._client = client
         self._max_len = max_len
         self._max_age_ms = int(max_age_s * 1000)
@@ -40,6 +49,12 @@ class RedisStreamLog:
         self._range_script = script(client, "stream_state")
         self.feeds: set[RedisFeed] = set()
         self.rejected = 0  # readings Redis refused for good (a key of the wrong type)
+        # Shared with the feeds and the registry: one count and one log budget per broker.
+        self._malformed = malformed if malformed is not None else MalformedValues()
+
+    @property
+    def malformed(self) -> Mapping[str, int]:
+        return self._malformed.counts
 
     async def publish(self, readings: Sequence[Reading], origin: Origin | None = None) -> list[StreamId]:
         if not readings:
@@ -78,13 +93,26 @@ class RedisStreamLog:
         clock_raw, *per_well = result
         reads = {}
         for raw_well, truncated, complete, entries, flat in per_well:
-            well = raw_well.decode()
-            events = self._events(Topic(tenant, well), entries)
-            latest = None
-            if after is None or truncated:
-                latest = {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
-            reads[well] = WellRead(events, bool(complete), bool(truncated), latest)
+            try:
+                topic = Topic(tenant, raw_well.decode())
+            except ValueError as exc:  # a member another producer added to the wells set
+                self._malformed.skip("wells", f"{wells_key(tenant)} member {shown(raw_well)}", exc)
+                continue
+            events = self._events(topic, entries)
+            latest = self._latest(topic, flat) if after is None or truncated else None
+            reads[topic.well] = WellRead(events, bool(complete), bool(truncated), latest)
         return TenantRead(StreamId.parse(clock_raw.decode()), reads)
+
+    def _latest(self, topic: Topic, flat: list[bytes]) -> dict[str, bytes]:
+        latest = {}
+        for field, data in zip(flat[::2], flat[1::2], strict=True):
+            try:
+                tag, wire = decode_latest(field, data, topic)
+            except ValueError as exc:
+                self._malformed.skip("latest", f"{latest_key(topic)} field {shown(field)}", exc)
+                continue
+            latest[tag] = wire
+        return latest
 
     async def _clock(self, tenant: str) -> StreamId:
         with redis_errors("read clock"):
@@ -109,20 +137,22 @@ class RedisStreamLog:
     def _events(self, topic: Topic, entries: list[Any]) -> list[StreamEvent]:
         return [event for raw_id, fields in entries if (event := self._event(topic, raw_id, fields)) is not None]
 
-    @staticmethod
-    def _event(topic: Topic, raw_id: bytes, fields: list[bytes]) -> StreamEvent | None:
-        # Another producer may have written something else: skip it rather than break every resume.
+    def _event(self, topic: Topic, raw_id: bytes, fields: list[bytes]) -> StreamEvent | None:
         try:
             named = dict(zip(fields[::2], fields[1::2], strict=True))
-            return decode_event(raw_id, named[b"r"])
-        except (ValueError, KeyError, TypeError):
-            logger.warning("skipped malformed entry %s in the log of %s", raw_id, topic)
+            if b"r" not in named:
+                raise ValueError("no field r")
+            return decode_event(raw_id, named[b"r"], topic.tenant, topic.well)
+        except ValueError as exc:
+            self._malformed.skip("log", f"{log_key(topic)} entry {shown(raw_id)}", exc)
             return None
 
     @contextlib.asynccontextmanager
     async def live_feed(self, deliver: Deliver) -> AsyncIterator[LiveFeed]:
         on_close: Callable[[RedisFeed], None] = self.feeds.discard
-        feed = RedisFeed(self._client, deliver, on_close=on_close, ping_interval_s=self._ping_interval_s)
+        feed = RedisFeed(
+            self._client, deliver, on_close=on_close, malformed=self._malformed, ping_interval_s=self._ping_interval_s
+        )
         self.feeds.add(feed)
         try:
             await feed.start()

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from redis.asyncio.client import Redis
 
+from app.models import is_valid_id
+from app.streams.codec import MalformedValues, shown
 from app.streams.redis.client import redis_errors, script
 from app.streams.redis.keys import channel_name, clock_key, lease_key, tenant_prefix, ticket_key, wells_key, workers_key
 
@@ -14,13 +16,26 @@ RELEASE_CHUNK = 1000  # ZREMs per pipeline
 
 
 class RedisRegistry:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, malformed: MalformedValues | None = None) -> None:
         self._client = client
+        self._malformed = malformed if malformed is not None else MalformedValues()
 
     async def wells(self, tenant: str) -> list[str]:
         with redis_errors("list wells"):
             members = await self._client.smembers(wells_key(tenant))
-        return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        return sorted(well for member in members if (well := self._well(tenant, member)) is not None)
+
+    def _well(self, tenant: str, member: bytes | str) -> str | None:
+        # Another producer may have added anything: a member that is no well id is skipped, not served.
+        raw = member.encode() if isinstance(member, str) else member
+        try:
+            well = raw.decode()
+            if not is_valid_id(well):
+                raise ValueError("not a well id")
+        except ValueError as exc:
+            self._malformed.skip("wells", f"{wells_key(tenant)} member {shown(raw)}", exc)
+            return None
+        return well
 
     async def has_well(self, tenant: str, well: str) -> bool:
         with redis_errors("check well"):
