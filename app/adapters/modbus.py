@@ -211,6 +211,11 @@ class ModbusAdapter(ReconnectingAdapter):
         try:
             if not await client.connect():
                 raise ConnectionLost(self.name, f"cannot connect to {self._address}")
+            # The session is up (a sign of life, the backoff reset) only once the device answers:
+            # the kernel completes the TCP handshake for a frozen device, and so does a Modbus TCP
+            # gateway whose serial device is gone, so a mere connect would keep such a device
+            # looking alive forever. An exception response is an answer too.
+            await self._read(client, self._connection.groups[0].points[0])
             logger.info("modbus %s connected to %s", self.name, self._address)
             yield client
         finally:

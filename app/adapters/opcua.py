@@ -259,7 +259,8 @@ class OpcuaAdapter(ReconnectingAdapter):
 
         Every `_CHECK_S` the server's state is read: an answer is a sign of life (a frozen
         server stops giving them long before its session times out); a state other than
-        Running, or no answer within the request timeout, is a lost server.
+        Running, or no answer within the request timeout (or comm_timeout_s, when that is
+        shorter: no answer for that long is a lost server by definition), is a lost server.
         """
         client, handler = session
         state = client.get_node(ObjectIds.Server_ServerStatus_State)
@@ -270,7 +271,7 @@ class OpcuaAdapter(ReconnectingAdapter):
                 raise ConnectionLost(self.name, "the server stopped answering")
             with self._translated():
                 await client.check_connection()  # raises ConnectionError once the client gave up
-                running = await asyncio.wait_for(state.read_value(), _TIMEOUT_S)
+                running = await asyncio.wait_for(state.read_value(), min(_TIMEOUT_S, self._comm_timeout_s))
             if running != ua.ServerState.Running:
                 raise ConnectionLost(self.name, f"the server is in state {getattr(running, 'name', running)}")
             self._reconnect.contact()
