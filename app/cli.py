@@ -8,7 +8,9 @@ import importlib.util
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,9 @@ from pydantic import SecretStr, ValidationError
 
 from app import logs
 from app.adapters.simulator import SimulatorAdapter
+from app.auth.revocation import subject_hash
 from app.auth.tokens import mint_token
-from app.errors import SiteError, SpoolError
+from app.errors import ServiceError, SiteError, SpoolError
 from app.gateway import devcert, server
 from app.gateway.app import create_app
 from app.ingest.publisher import Publisher
@@ -26,7 +29,7 @@ from app.ingest.worker import run_ingest
 from app.models import is_valid_id
 from app.settings import Settings, environment
 from app.streams.connect import open_broker
-from app.streams.seams import Broker
+from app.streams.seams import Broker, Revocation
 
 DEMO_TENANTS = ("acme", "globex")
 DEMO_WELLS = tuple(f"well-{n:02d}" for n in range(1, 6))
@@ -90,6 +93,43 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ValueError as exc:
         sys.exit(f"wellstream: cannot serve: {exc}")
     _run(server.run(app, settings, args.host, args.port, args.server, toml))
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    settings = _settings()
+    if not settings.redis_url:
+        sys.exit("wellstream: revoke writes to the gateways' Redis: set WELLSTREAM_REDIS_URL")
+    if args.jti:
+        revocation = Revocation("token", args.tenant, args.jti)
+        what = f"token {args.jti!r} of tenant {args.tenant}"
+    else:
+        before = time.time() if args.before is None else args.before
+        revocation = Revocation("subject", args.tenant, subject_hash(args.subject), before)
+        when = datetime.fromtimestamp(before, UTC).isoformat(timespec="seconds")
+        what = f"tokens of {args.subject!r} (tenant {args.tenant}) issued before {when}"
+
+    async def revoke() -> None:
+        async with open_broker(settings) as broker:
+            await broker.revocations.revoke(revocation, args.keep)
+
+    try:
+        _run(revoke())
+    except ServiceError as exc:
+        sys.exit(f"wellstream: could not revoke: {exc}")
+    print(f"revoked {what}; remembered for {args.keep:g} s; live streams end within seconds")
+
+
+def _moment(text: str) -> float | None:
+    """--before: None for now (read when the command runs), else epoch seconds."""
+    if text == "now":
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'now' or an ISO-8601 time") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone: add Z or an offset")
+    return moment.timestamp()
 
 
 def cmd_dev_cert(args: argparse.Namespace) -> None:
@@ -225,6 +265,20 @@ def parser() -> argparse.ArgumentParser:
     ingest.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     ingest.add_argument("--metrics-host", default="127.0.0.1")
     ingest.set_defaults(func=cmd_ingest)
+    revoke = commands.add_parser(
+        "revoke", help="revoke a token by jti, or a subject's tokens issued before a time (WELLSTREAM_REDIS_URL)"
+    )
+    revoke.add_argument("--tenant", required=True, type=_id)
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--jti", help="the token's jti claim")
+    which.add_argument("--subject", help="the tokens' sub claim")
+    revoke.add_argument(
+        "--before", type=_moment, default=None, help="with --subject: 'now' (default) or an ISO-8601 time with a zone"
+    )
+    revoke.add_argument(
+        "--keep", type=_positive, default=7 * 86400, help="seconds to remember it: at least your tokens' longest life"
+    )
+    revoke.set_defaults(func=cmd_revoke)
     token = commands.add_parser("token", help="mint a development token (HS256, WELLSTREAM_JWT_SECRET)")
     token.add_argument("--tenant", required=True, type=_id)
     token.add_argument("--wells", type=_ids, default=None, help="comma-separated allow-list")

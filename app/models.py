@@ -292,6 +292,11 @@ class Principal(BaseModel):
     wells: frozenset[Identifier] | None = None
     scopes: frozenset[str] = frozenset()
     expires_at: float
+    # What revocation matches on (app/auth/revocation.py): the token's `jti` and `iat`, and the
+    # session (the SHA-256 of its cookie) when the request came with one.
+    token_id: str | None = Field(None, max_length=256)
+    issued_at: float | None = None
+    session: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
 
     def may_see(self, well: str) -> bool:
         return self.wells is None or well in self.wells

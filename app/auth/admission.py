@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import secrets
@@ -19,6 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from app.auth.revocation import subject_hash
 from app.errors import LimitError, ServiceError
 from app.models import Principal
 from app.settings import LimitSettings
@@ -142,7 +142,7 @@ class StreamLimits:
 
     def check_subject(self, principal: Principal) -> None:
         """After auth: one subject opening streams, tickets or sessions too fast is turned away."""
-        wait = self._attempts_by_subject.take(f"{principal.tenant}/{_hashed(principal.subject)}")
+        wait = self._attempts_by_subject.take(f"{principal.tenant}/{subject_hash(principal.subject)}")
         if wait:
             raise LimitError("too many connection attempts for this subject", 429, max(1, round(wait)))
 
@@ -152,7 +152,7 @@ class StreamLimits:
         if len(self._leases) >= limits.streams_per_process:
             raise LimitError("this gateway is full", 503, 5)
         self.check_subject(principal)
-        subject = _hashed(principal.subject)
+        subject = subject_hash(principal.subject)
         tenant_key, subject_key = f"{{{principal.tenant}}}:tenant", f"{{{principal.tenant}}}:sub:{subject}"
         member = f"{self._gateway}:{next(self._sequence)}"
         counters = [(tenant_key, limits.streams_per_tenant), (subject_key, limits.streams_per_subject)]
@@ -210,7 +210,3 @@ class StreamLimits:
                 await self._store.renew(pairs, LEASE_TTL_S)
             except ServiceError as exc:
                 logger.warning("could not renew %d stream counts: %s", len(pairs), exc)
-
-
-def _hashed(subject: str) -> str:
-    return hashlib.sha256(subject.encode()).hexdigest()[:32]

@@ -20,11 +20,12 @@ from starlette.requests import Request
 from app.auth.admission import FailureThrottle
 from app.auth.audit import audit
 from app.auth.crosssite import check_cookie_request
+from app.auth.revocation import subject_hash
 from app.auth.tokens import TokenVerifier
 from app.errors import AuthError
 from app.models import Principal
 from app.settings import AuthSettings
-from app.streams.seams import TicketStore, WellRegistry
+from app.streams.seams import Broker, Revocation
 
 
 def client_address(request: Request, trusted: Sequence[str]) -> str:
@@ -47,13 +48,17 @@ def _ticket_key(ticket: str) -> str:
     return hashlib.sha256(ticket.encode()).hexdigest()
 
 
+def session_key(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
 class Guard:
-    def __init__(
-        self, verifier: TokenVerifier, registry: WellRegistry, tickets: TicketStore, settings: AuthSettings
-    ) -> None:
+    def __init__(self, verifier: TokenVerifier, broker: Broker, settings: AuthSettings) -> None:
         self._verifier = verifier
-        self._registry = registry
-        self._tickets = tickets
+        self._registry = broker.registry
+        self._tickets = broker.tickets
+        self._sessions = broker.sessions
+        self._revocations = broker.revocations
         self._settings = settings
         self._failures = FailureThrottle(settings.limits.auth_failures_per_s, settings.limits.auth_failure_burst)
 
@@ -68,11 +73,19 @@ class Guard:
         address = client_address(request, self._settings.trusted_proxies)
         self._failures.check(address)
         try:
-            return await self._credentials(request, tickets=tickets, bearer_only=bearer_only)
+            principal = await self._credentials(request, tickets=tickets, bearer_only=bearer_only)
+            await self.check_revoked(principal)
         except AuthError as exc:
             if exc.status == 401:
                 self._failures.record(address)
             raise
+        return principal
+
+    async def check_revoked(self, principal: Principal) -> None:
+        """AuthError(401) if the token, or every token of its subject issued before a time, was revoked."""
+        subject = subject_hash(principal.subject)
+        if await self._revocations.is_revoked(principal.tenant, principal.token_id, subject, principal.issued_at):
+            raise AuthError("token revoked")
 
     async def _credentials(self, request: Request, *, tickets: bool, bearer_only: bool) -> Principal:
         header = request.headers.get("authorization", "")
@@ -83,7 +96,7 @@ class Guard:
             raise AuthError("send the token as Authorization: Bearer")
         cookie = request.cookies.get(self._settings.cookie_name)
         if cookie:
-            principal = await self.verify(cookie)
+            principal = await self._session(cookie)
             check_cookie_request(request, self._settings.cors_origins)
             return principal
         ticket = request.query_params.get("ticket")
@@ -135,16 +148,56 @@ class Guard:
         audit("ticket-issued", sub=principal.subject, tenant=principal.tenant, wells=sorted(wells or ["*"]))
         return ticket
 
+    async def open_session(self, principal: Principal) -> str:
+        """A new session for this caller until its token expires; returns the cookie's value, a
+        random id the broker knows only by its hash."""
+        ttl_s = principal.expires_at - time.time()
+        if ttl_s < 1:
+            raise AuthError("token expired")
+        session_id = secrets.token_urlsafe(32)
+        key = session_key(session_id)
+        stored = principal.model_copy(update={"session": key})
+        await self._sessions.put(key, stored.model_dump_json().encode(), ttl_s)
+        return session_id
+
+    async def close_session(self, session_id: str) -> Principal | None:
+        """End the session on every gateway, its live streams included; its caller, if it was one."""
+        if len(session_id) > 128:
+            return None
+        key = session_key(session_id)
+        payload = await self._sessions.get(key)
+        if payload is None:
+            return None
+        await self._sessions.delete(key)
+        principal = _stored_principal(payload, "session")
+        await self._revocations.revoke(Revocation("session", principal.tenant, key), 0)
+        return principal
+
+    async def _session(self, session_id: str) -> Principal:
+        if len(session_id) > 128:
+            raise AuthError("invalid session")
+        payload = await self._sessions.get(session_key(session_id))
+        if payload is None:
+            raise AuthError("session ended or expired: sign in again")
+        principal = _stored_principal(payload, "session")
+        if principal.expires_at <= time.time():
+            raise AuthError("token expired")
+        return principal
+
     async def redeem_ticket(self, ticket: str) -> Principal:
         if len(ticket) > 128:
             raise AuthError("invalid ticket")
         payload = await self._tickets.take(_ticket_key(ticket))
         if payload is None:
             raise AuthError("invalid, expired or already used ticket")
-        try:
-            principal = Principal.model_validate(orjson.loads(payload))
-        except (ValidationError, ValueError) as exc:
-            raise AuthError("invalid ticket") from exc
+        principal = _stored_principal(payload, "ticket")
         if principal.expires_at <= time.time():
             raise AuthError("the token behind this ticket has expired")
         return principal
+
+
+def _stored_principal(payload: bytes, what: str) -> Principal:
+    try:
+        return Principal.model_validate(orjson.loads(payload))
+    except (ValidationError, ValueError) as exc:
+        raise AuthError(f"invalid {what}") from exc

@@ -22,6 +22,7 @@ import base64
 import json
 import logging
 import re
+import secrets
 import time
 import warnings
 from collections.abc import Mapping
@@ -134,7 +135,10 @@ def principal_from_claims(claims: Mapping[str, object]) -> Principal:
     if expires_at is None:
         raise AuthError("missing claim exp")
     _numeric_date(claims, "nbf")
-    _numeric_date(claims, "iat")
+    issued_at = _numeric_date(claims, "iat")
+    token_id = claims.get("jti")
+    if token_id is not None and not isinstance(token_id, str):
+        raise AuthError("token claim jti must be a string")
     try:
         return Principal(
             subject=subject,
@@ -142,6 +146,8 @@ def principal_from_claims(claims: Mapping[str, object]) -> Principal:
             wells=_wells(claims.get("wells")),
             scopes=frozenset(scope.split()) if scope else frozenset(),
             expires_at=expires_at,
+            token_id=token_id or None,
+            issued_at=issued_at,
         )
     except ValidationError as exc:
         raise AuthError("token claims are not valid") from exc
@@ -157,6 +163,7 @@ def mint_token(
         "tenant_id": tenant,
         "iat": now,
         "exp": now + ttl_s,
+        "jti": secrets.token_urlsafe(12),
         "scope": "stream:read",
     }
     if wells is not None:

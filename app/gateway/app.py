@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.auth.admission import StreamLimits
 from app.auth.guard import Guard
+from app.auth.revocation import RevocationWatcher
 from app.auth.tokens import TokenVerifier
 from app.gateway.access import AccessLog
 from app.gateway.context import Gateway
@@ -109,10 +110,11 @@ def create_app(
             )
             for tenant, wells in settings.wells.items():
                 await active.registry.register(tenant, wells)
-            guard = Guard(verifier, active.registry, active.tickets, settings.auth)
+            guard = Guard(verifier, active, settings.auth)
             limits = await stack.enter_async_context(StreamLimits(settings.auth.limits, active.leases))
             sweeper = await stack.enter_async_context(LeaseSweeper(active.workers, hub.tenant_names, hub.stats))
-            gateway_app.gateway = Gateway(settings, active, hub, guard, limits, sweeper)
+            revocations = await stack.enter_async_context(RevocationWatcher(active.revocations))
+            gateway_app.gateway = Gateway(settings, active, hub, guard, limits, sweeper, revocations)
             stack.callback(setattr, gateway_app, "gateway", None)
             await _start_background(stack, active, background or [])
             logger.info("gateway ready on the %s broker", "redis" if settings.redis_url else "memory")

@@ -8,6 +8,7 @@ from starlette.requests import Request
 
 from app.auth.admission import StreamLimits
 from app.auth.guard import Guard, client_address
+from app.auth.revocation import RevocationWatcher
 from app.gateway.hub import Hub
 from app.gateway.leasesweep import LeaseSweeper
 from app.settings import Settings
@@ -22,6 +23,7 @@ class Gateway:
     guard: Guard
     limits: StreamLimits
     sweeper: LeaseSweeper
+    revocations: RevocationWatcher
 
 
 def gateway_of(request: Request) -> Gateway:

@@ -19,13 +19,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from starlette.types import Receive, Scope, Send
 
 from app.auth.admission import Lease
 from app.auth.audit import audit
+from app.auth.revocation import RevocationWatcher
 from app.errors import BrokerError
 from app.gateway.hub import Hub
 from app.gateway.replay import HistoryMerge
@@ -79,6 +80,7 @@ class EventStream:
     history: HistorySettings
     principal: Principal | None = None
     lease: Lease | None = None
+    revocations: RevocationWatcher | None = None
     events_sent: int = field(default=0, init=False)
     end_reason: str = field(default="client-closed", init=False)
     _started: bool = field(default=False, init=False)
@@ -135,6 +137,7 @@ class EventStream:
         )
 
     async def _write(self, send: Send) -> None:
+        untrack: Callable[[], None] = _nothing
         try:
             try:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
@@ -145,12 +148,15 @@ class EventStream:
                     )
             except TimeoutError:
                 raise BrokerError("subscribe", f"no confirmation within {SUBSCRIBE_TIMEOUT_S} s") from None
+            if self.revocations is not None and self.principal is not None:
+                untrack = self.revocations.track(self.principal, self._sub.end)
             await self._run(self._sub, send)
         except BrokerError as exc:
             logger.warning("stream on %s failed: %s", self.selection, exc)
             self.end_reason = "broker-error"
             await self._fail(send)
         finally:
+            untrack()
             if self._sub is not None:
                 await self.hub.unsubscribe(self._sub)
 
@@ -309,3 +315,7 @@ def audit_fields(selection: Selection) -> dict[str, object]:
 def _without_id(frame: bytes) -> bytes:
     """A reading frame without its `id:` line: a conflated stream's position is not resumable."""
     return frame.partition(b"\n")[2]
+
+
+def _nothing() -> None:
+    pass

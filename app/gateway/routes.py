@@ -93,7 +93,15 @@ async def stream(request: Request) -> Response | EventStream:
     audit("connect", sub=principal.subject, **audit_fields(selection), client=client)
     settings = gateway.settings
     return EventStream(
-        gateway.hub, gateway.broker.log, selection, last_id, settings.stream, settings.history, principal, lease
+        gateway.hub,
+        gateway.broker.log,
+        selection,
+        last_id,
+        settings.stream,
+        settings.history,
+        principal,
+        lease,
+        gateway.revocations,
     )
 
 
@@ -188,12 +196,12 @@ async def open_session(request: Request) -> Response:
     principal = await gateway.guard.principal(request, bearer_only=True)
     gateway.guard.check_scope(principal)
     gateway.limits.check_subject(principal)
-    token = request.headers["authorization"].partition(" ")[2].strip()
+    session_id = await gateway.guard.open_session(principal)
     max_age = max(1, int(principal.expires_at - time.time()))
     response = JSONResponse({"tenantId": principal.tenant, "expiresIn": max_age}, headers={"Cache-Control": "no-store"})
     response.set_cookie(
         gateway.settings.auth.cookie_name,
-        token.strip(),
+        session_id,
         max_age=max_age,
         httponly=True,
         samesite="strict",
@@ -205,8 +213,15 @@ async def open_session(request: Request) -> Response:
 
 
 async def close_session(request: Request) -> Response:
+    """DELETE /auth/session: the session ends on every gateway (its streams too), and the cookie goes."""
+    gateway = gateway_of(request)
+    name = gateway.settings.auth.cookie_name
+    session_id = request.cookies.get(name)
+    principal = await gateway.guard.close_session(session_id) if session_id else None
+    if principal is not None:
+        audit("session-closed", sub=principal.subject, tenant=principal.tenant, client=client_of(request))
     response = Response(status_code=204)
-    response.delete_cookie(gateway_of(request).settings.auth.cookie_name, path="/", httponly=True, samesite="strict")
+    response.delete_cookie(name, path="/", httponly=True, samesite="strict")
     return response
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from app.models import ZERO_ID, History, Origin, Reading, StreamEvent, StreamId, TenantRead, Topic, WellRead
 from app.streams.codec import epoch_s
-from app.streams.seams import Broker, Deliver, LiveFeed
+from app.streams.seams import Broker, Deliver, LiveFeed, Revocation
 
 Clock = Callable[[], float]
 
@@ -272,6 +272,59 @@ class MemoryWorkerLeases:
         return len(stale)
 
 
+class MemorySessions:
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._sessions: dict[str, tuple[bytes, float]] = {}
+
+    async def put(self, key: str, payload: bytes, ttl_s: float) -> None:
+        now = self._clock()
+        for stale in [k for k, (_, expiry) in self._sessions.items() if expiry <= now]:
+            del self._sessions[stale]
+        self._sessions[key] = (payload, now + ttl_s)
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._sessions.get(key)
+        return entry[0] if entry is not None and entry[1] > self._clock() else None
+
+    async def delete(self, key: str) -> None:
+        self._sessions.pop(key, None)
+
+
+class MemoryRevocations:
+    """Revocations in this process; the announcements are numbered from the first one made."""
+
+    KEPT = 10_000
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._tokens: dict[tuple[str, str], float] = {}  # (tenant, jti) -> until (monotonic)
+        self._subjects: dict[tuple[str, str], tuple[float, float]] = {}  # (tenant, subject key) -> (before, until)
+        self._announced: deque[Revocation] = deque(maxlen=self.KEPT)
+        self._made = 0
+
+    async def revoke(self, revocation: Revocation, ttl_s: float) -> None:
+        until = self._clock() + ttl_s
+        if ttl_s > 0 and revocation.kind == "token":
+            self._tokens[(revocation.tenant, revocation.key)] = until
+        elif ttl_s > 0 and revocation.kind == "subject":
+            self._subjects[(revocation.tenant, revocation.key)] = (revocation.before, until)
+        self._announced.append(revocation)
+        self._made += 1
+
+    async def is_revoked(self, tenant: str, token_id: str | None, subject_key: str, issued_at: float | None) -> bool:
+        now = self._clock()
+        if token_id and self._tokens.get((tenant, token_id), now) > now:
+            return True
+        before, until = self._subjects.get((tenant, subject_key), (0.0, now))
+        return until > now and (issued_at is None or issued_at < before)
+
+    async def since(self, cursor: str | None) -> tuple[list[Revocation], str]:
+        start = self._made if cursor is None else int(cursor)
+        first_kept = self._made - len(self._announced)
+        return list(self._announced)[max(0, start - first_kept) :], str(self._made)
+
+
 class _AlwaysReady:
     async def ready(self) -> bool:
         return True
@@ -287,6 +340,8 @@ def memory_broker(
         log=log,
         registry=registry,
         tickets=MemoryTickets(monotonic),
+        sessions=MemorySessions(monotonic),
+        revocations=MemoryRevocations(monotonic),
         leases=MemoryLeases(monotonic),
         workers=MemoryWorkerLeases(log, monotonic),
         health=_AlwaysReady(),

@@ -1,13 +1,14 @@
 """The broker seams: what each consumer needs from the shared store, and nothing more.
 
-One backend (the embedded memory broker, or Redis) provides all four stores; each consumer
+One backend (the embedded memory broker, or Redis) provides all the stores; each consumer
 takes only the one it uses:
 
 - `StreamLog` (history, latest values, live feed): the ingest publisher writes it, the
   gateway's hub and streams read it;
 - `WellRegistry` (which wells a tenant has): the guard checks it, the worker and the
   gateway fill it;
-- `TicketStore` (single-use stream tickets): the guard;
+- `TicketStore` (single-use stream tickets), `SessionStore` (dashboard sessions) and
+  `RevocationStore` (revoked tokens and sessions): the guard, and the revocation watcher;
 - `LeaseStore` (streams counted across gateways): admission control.
 
 Each seam has a memory and a Redis implementation side by side, and one conformance suite
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from app.models import History, Origin, Reading, StreamEvent, StreamId, TenantRead, Topic
 
@@ -122,6 +123,49 @@ class TicketStore(Protocol):
         """Fetch and delete a ticket in one step: a ticket redeems at most once, on any gateway."""
 
 
+class SessionStore(Protocol):
+    """Dashboard sessions, shared by every gateway. The cookie holds a random id; the store knows
+    only its SHA-256, so the store never holds a usable cookie."""
+
+    async def put(self, key: str, payload: bytes, ttl_s: float) -> None:
+        """Store a session (its Principal as JSON) under `key` for `ttl_s` seconds."""
+
+    async def get(self, key: str) -> bytes | None:
+        """The session's payload, or None if it never was, expired or was deleted."""
+
+    async def delete(self, key: str) -> None:
+        """End the session on every gateway (its live streams: see RevocationStore)."""
+
+
+Kind = Literal["token", "subject", "session"]
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """What was revoked: a token by `jti`, every token of a subject issued before `before`
+    (epoch seconds), or a session; `tenant` scopes the first two, `key` is the jti, the
+    subject's hash or the session's hash."""
+
+    kind: Kind
+    tenant: str
+    key: str
+    before: float = 0.0
+
+
+class RevocationStore(Protocol):
+    """Revoked tokens and sessions, shared by every gateway."""
+
+    async def revoke(self, revocation: Revocation, ttl_s: float) -> None:
+        """Remember it for `ttl_s` (as long as a token it covers may live; 0: nothing to
+        remember, as for a deleted session) and announce it to every gateway's live streams."""
+
+    async def is_revoked(self, tenant: str, token_id: str | None, subject_key: str, issued_at: float | None) -> bool:
+        """Whether the token (by `jti`) or every token of its subject issued before a time is revoked."""
+
+    async def since(self, cursor: str | None) -> tuple[list[Revocation], str]:
+        """Revocations announced after `cursor`, and the cursor to ask with next; None: from now on."""
+
+
 class LeaseStore(Protocol):
     """Counters of open streams shared by every gateway; a gateway that dies stops counting."""
 
@@ -172,6 +216,8 @@ class Broker:
     log: StreamLog
     registry: WellRegistry
     tickets: TicketStore
+    sessions: SessionStore
+    revocations: RevocationStore
     leases: LeaseStore
     workers: WorkerLeases
     health: Health

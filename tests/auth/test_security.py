@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -596,13 +597,16 @@ async def test_a_session_cookie_authorizes_streams_until_it_is_cleared(
             assert opened.headers["cache-control"] == "no-store"
             cookie = opened.headers["set-cookie"]
             attributes = [part.strip().lower() for part in cookie.split(";")]
-            assert cookie.startswith(f"wellstream_session={token};")
+            session_id = cookie.partition(";")[0].removeprefix("wellstream_session=")
+            assert re.fullmatch(r"[A-Za-z0-9_-]{43}", session_id), "an opaque random id, never the token"
+            assert token not in cookie
             assert "httponly" in attributes
             assert "samesite=strict" in attributes
             assert "path=/" in attributes
             assert "secure" not in attributes, "plain http on loopback"
             s.assert_audited("session-opened", sub="tester", tenant="acme")
-            assert s.client.cookies.get("wellstream_session") == token
+            assert s.client.cookies.get("wellstream_session") == session_id
+            s.secrets.append(session_id)
 
             async with s.stream(STREAM) as (response, events):  # no Authorization header: the cookie
                 assert response.status_code == 200

@@ -103,13 +103,16 @@ KINDS = ["pem", "jwks-file", "jwks-url"]
 
 
 async def test_hs256_token_gives_its_principal() -> None:
-    principal = await verifier(SharedSecret(SECRET)).verify(hs256(claims()))
+    body = claims(jti="t-1")
+    principal = await verifier(SharedSecret(SECRET)).verify(hs256(body))
     assert principal == Principal(
         subject="alice",
         tenant="acme",
         wells=frozenset({"w1", "w2"}),
         scopes=frozenset({"stream:read"}),
-        expires_at=principal.expires_at,
+        expires_at=body["exp"],
+        token_id="t-1",
+        issued_at=body["iat"],
     )
     assert principal.expires_at > time.time()
 

@@ -54,7 +54,8 @@ async def gateway(args: list[str], env: Mapping[str, str], ready_url: str) -> As
 
 @dataclass
 class Proxy:
-    """A proxy in front of gateways: `http` is its cleartext URL, `https` its TLS (HTTP/2) URL."""
+    """A proxy in front of gateways: `http` is its cleartext URL (nginx's only redirects to
+    HTTPS), `https` its TLS URL (HTTP/2 or HTTP/1.1, by ALPN)."""
 
     http: str
     https: str
@@ -88,6 +89,7 @@ def nginx(workdir: Path, upstreams: tuple[str, str], cert: Path, key: Path):
         GATEWAY_B: upstreams[1],
         "127.0.0.1:8443": f"127.0.0.1:{https}",
         "127.0.0.1:8080": f"127.0.0.1:{http}",
+        "$host:8443": f"$host:{https}",
         "../certs/server.pem": str(cert),
         "../certs/server.key": str(key),
     }

@@ -34,16 +34,17 @@ async def two_gateways_behind(name: str, secret: str, redis_url: str, dev_cert: 
     ):
         upstreams = (first.url.removeprefix("http://"), second.url.removeprefix("http://"))
         with PROXIES[name](workdir, upstreams, dev_cert.cert, dev_cert.key) as proxy:
-            await wait_for_status(proxy.http + "/readyz", proxy.process.poll)
+            tls = ssl.create_default_context(cafile=str(dev_cert.ca))
+            await wait_for_status(proxy.https + "/readyz", proxy.process.poll, verify=tls)
             yield proxy, (first, second)
 
 
 @contextlib.asynccontextmanager
 async def clients(proxy: Proxy, tls: ssl.SSLContext) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
-    """An HTTP/1.1 client for the proxy's cleartext port and an HTTP/2 one for its TLS port."""
+    """An HTTP/1.1 and an HTTP/2 client for the proxy's TLS port (nginx's cleartext port only redirects)."""
     limits = httpx.Limits(max_connections=None)
     async with (
-        httpx.AsyncClient(base_url=proxy.http, timeout=10, limits=limits) as h1,
+        httpx.AsyncClient(base_url=proxy.https, timeout=10, limits=limits, verify=tls) as h1,
         httpx.AsyncClient(base_url=proxy.https, timeout=10, http2=True, verify=tls) as h2,
     ):
         yield h1, h2
@@ -79,6 +80,21 @@ async def test_events_arrive_one_by_one_over_http1_and_http2(
             assert (await h1.get("/metrics")).status_code == 404
             assert (await h2.get("/metrics")).status_code == 404
             assert (await h1.get(gateways[0].url + "/metrics")).status_code == 200
+
+
+async def test_nginx_sends_plain_http_to_https_and_proxies_nothing_over_it(
+    secret: str, token, redis_url: str, dev_cert: DevCert, tmp_path
+) -> None:
+    with anyio.fail_after(30):
+        async with (
+            two_gateways_behind("nginx", secret, redis_url, dev_cert, tmp_path) as (proxy, _),
+            httpx.AsyncClient(base_url=proxy.http, timeout=10) as plain,
+        ):
+            cookie = {"Cookie": "wellstream_session=x", "Authorization": f"Bearer {token('acme')}"}
+            for method, path in [("GET", PATH + "?lastEventId=1-0"), ("POST", "/tenants/acme/stream-tickets")]:
+                response = await plain.request(method, path, headers=cookie)
+                assert response.status_code == 308, "a redirect that keeps the method, never an answer"
+                assert response.headers["location"] == proxy.https + path
 
 
 @dataclass

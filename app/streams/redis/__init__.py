@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from app.streams.codec import MalformedValues
 from app.streams.redis.client import open_client
+from app.streams.redis.credentials import RedisRevocations, RedisSessions
 from app.streams.redis.log import RedisStreamLog
 from app.streams.redis.stores import RedisLeases, RedisRegistry, RedisTickets, RedisWorkerLeases
 from app.streams.seams import Broker
@@ -55,6 +56,8 @@ async def connect_redis(
             log=log,
             registry=RedisRegistry(client, malformed),
             tickets=RedisTickets(client),
+            sessions=RedisSessions(client),
+            revocations=RedisRevocations(client),
             leases=RedisLeases(client),
             workers=RedisWorkerLeases(client, max_len, max_age_s),
             health=RedisHealth(client),

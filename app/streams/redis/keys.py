@@ -12,6 +12,11 @@ All of a tenant's keys share the hash tag `{tenant}`, so one script call reaches
 - `scada:{t}:worker:<id>`  Set of the `well/tag` pairs that worker claimed (for the stale verdict);
 - channel `scada:{t}:live`  message `<stream id> <reading JSON>`, every well of the tenant;
 - `scada:ticket:<sha256 of a ticket>`  single-use stream ticket, with a TTL;
+- `scada:session:<sha256 of a cookie>`  a dashboard session (Principal JSON), with the token's TTL;
+- `scada:{t}:revoked:token:<sha256 of a jti>`  a revoked token, kept until it would have expired;
+- `scada:{t}:revoked:subject:<hash>`  String, epoch seconds: the subject's tokens issued before are revoked;
+- `scada:revocations`      Stream of revocations (fields kind, tenant, key, before), which every
+                           gateway reads to end the live streams they cover; capped by MAXLEN ~;
 - `scada:lease:<counter>`  sorted set of open streams scored by lease expiry;
 - `scada:producer:<id>`    highest reading seq applied for an ingest worker run (see Origin),
                            so a batch sent twice lands once; expires 30 days after its last batch.
@@ -60,3 +65,18 @@ def producer_key(producer: str) -> str:
 
 def ticket_key(key: str) -> str:
     return f"scada:ticket:{key}"
+
+
+def session_key(key: str) -> str:
+    return f"scada:session:{key}"
+
+
+def revoked_token_key(tenant: str, token_hash: str) -> str:
+    return f"{tenant_prefix(tenant)}revoked:token:{token_hash}"
+
+
+def revoked_subject_key(tenant: str, subject_key: str) -> str:
+    return f"{tenant_prefix(tenant)}revoked:subject:{subject_key}"
+
+
+REVOCATIONS = "scada:revocations"
