@@ -4,7 +4,7 @@
 // gateway: no build step.
 //
 //   main.js         this file: the app's state and the page's events, wired to the modules below
-//   session.js      who is signed in (cookie or ticket mode) and the requests that depend on it
+//   session.js      who is signed in (cookie or ticket mode), a token's tenant, and the requests that depend on it
 //   model.js        wells, tags, quality and the server's reasons (STALE among them), the stream's position and
 //                   state: plain data, changed only by its functions
 //   connection.js   the stream's state machine: fetch(), tickets, backoff, the silence watchdog
@@ -14,7 +14,7 @@
 //   render.js       draws the model once per animation frame, only what changed, in the view's order
 //   tile.js         one well's tile in the DOM
 //   toolbar.js      the view: filter by name, sort by name or state (worst first), compact tiles
-//   page.js         the sign-in form, the sign-out button, the notice
+//   page.js         the sign-in form, switching sessions from a link, the sign-out button, the notice
 //   keyboard.js     arrow keys, Home and End between the tiles
 //   diagnostics.js  window.wellstream, for the tests and the console
 
@@ -25,11 +25,11 @@ import { Feed } from "./feed.js";
 import { enableTileNavigation } from "./keyboard.js";
 import { addWell, advanceClock, createModel, resetWells } from "./model.js";
 import {
-  clearEnteredToken, enteredToken, findElements, navigationProtocol, showNotice, showSignIn, showSignInReason,
-  showSignedIn,
+  clearEnteredToken, enteredToken, findElements, hideSwitchSession, navigationProtocol, showNotice, showSignIn,
+  showSignInReason, showSignedIn, showSwitchSession,
 } from "./page.js";
 import { Renderer } from "./render.js";
-import { Session } from "./session.js";
+import { Session, rememberedTenant, tokenTenant } from "./session.js";
 import { createView, enableToolbar } from "./toolbar.js";
 
 // Wells registered without a reading yet get a tile without a reload (a reading brings its well by itself).
@@ -37,6 +37,8 @@ const WELLS_REFRESH_MS = 60000;
 // Ages, a reconnecting well turning offline and the order by state move with the clock, not only with
 // events. STALE does not: it is the server's verdict, carried by a reading (model.js).
 const CLOCK_MS = 1000;
+
+/** @typedef {{token: string, preferTickets: boolean}} Link  a token from the address bar (`#token=…&auth=ticket`) */
 
 const dom = findElements(document);
 /** The one state the page has; this module owns it, the others get what they need from it. */
@@ -58,7 +60,9 @@ function createApp() {
     moved: (from, to, refusal) => feed.moved(from, to, refusal),
     unauthorized: () => signOut("Your session has ended. Sign in again."),
   }, { heartbeatMs: heartbeatMs() });
-  return Object.seal({ session, model, view, diagnostics, renderer, connection, wellsTimer: 0 });
+  /** @type {Link | null} a link's token while the operator decides whether to switch to it; never stored */
+  const offered = null;
+  return Object.seal({ session, model, view, diagnostics, renderer, connection, wellsTimer: 0, offered });
 }
 
 /**
@@ -182,25 +186,86 @@ window.addEventListener("online", () => {
 
 enableTileNavigation(dom.wells);
 
-// ---- start: a token in the URL (the demo's link), else the session cookie ----
+// ---- a link with a token: the demo's, or someone else's ----
 
-async function main() {
+/**
+ * The token after `#token=`, taken out of the address bar, bookmarks and screenshots.
+ * @returns {Link | null}
+ */
+function takeLinkFromAddress() {
   const hash = new URLSearchParams(location.hash.slice(1));
   const token = hash.get("token");
-  if (token) {
-    // Keep the token out of the address bar, bookmarks and screenshots.
-    history.replaceState(null, "", location.pathname + location.search);
-    try {
-      await app.session.signIn(token, hash.get("auth") === "ticket");
-    } catch (error) {
-      signOut(/** @type {Error} */ (error).message);
-      return;
-    }
-  } else if (!app.session.restore()) {
-    signOut("");
+  if (!token) return null;
+  history.replaceState(null, "", location.pathname + location.search);
+  return { token, preferTickets: hash.get("auth") === "ticket" };
+}
+
+/** The tenant whose session this browser has: this tab's, else the one remembered. @returns {string | null} */
+function currentTenant() {
+  return (!app.model.signedOut && app.session.tenant) || rememberedTenant();
+}
+
+/**
+ * Without a session a link signs in at once (the demo's). Over one it only asks, naming both
+ * tenants: anyone can send a link, and one that silently replaced the session would have the
+ * operator watching the sender's wells for their own (login CSRF).
+ * @param {Link} link
+ */
+async function followLink(link) {
+  const current = currentTenant();
+  if (!current) {
+    await signInWith(link);
+    return;
+  }
+  app.offered = link;
+  showSwitchSession(dom, tokenTenant(link.token), current);
+}
+
+/** @param {Link} link */
+async function signInWith(link) {
+  try {
+    await app.session.signIn(link.token, link.preferTickets);
+  } catch (error) {
+    signOut(/** @type {Error} */ (error).message);
     return;
   }
   await start();
+}
+
+/** The link's token is dropped; a wall already live goes on untouched, else the session is resumed. */
+async function stay() {
+  if (app.session.tenant && !app.model.signedOut) return;
+  if (app.session.restore()) await start();
+  else signOut("");
+}
+
+dom.switchSession.addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const link = app.offered;
+  app.offered = null;
+  hideSwitchSession(dom);
+  if (link) await signInWith(link);
+});
+
+dom.switchStay.addEventListener("click", async () => {
+  app.offered = null;
+  hideSwitchSession(dom);
+  await stay();
+});
+
+// A link opened in a tab that is already on the dashboard changes only the fragment: no reload.
+window.addEventListener("hashchange", () => {
+  const link = takeLinkFromAddress();
+  if (link) followLink(link);
+});
+
+// ---- start: a token in the URL (the demo's link), else the session cookie ----
+
+async function main() {
+  const link = takeLinkFromAddress();
+  if (link) await followLink(link);
+  else if (app.session.restore()) await start();
+  else signOut("");
 }
 
 main();

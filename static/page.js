@@ -1,5 +1,5 @@
-// The page around the wells: its elements, the sign-in form, the sign-out button, the toolbar
-// and the notice.
+// The page around the wells: its elements, the sign-in form, the question whether to switch
+// sessions, the sign-out button, the toolbar and the notice.
 // Written directly when the session changes (rare, and the operator is waiting for it), unlike
 // the wells and the header, which render.js draws once per frame.
 
@@ -17,6 +17,11 @@
  * @property {HTMLFormElement} signIn
  * @property {HTMLElement} signInReason
  * @property {HTMLTextAreaElement} signInToken
+ * @property {HTMLFormElement} switchSession  a link's token over a session: switch or stay
+ * @property {HTMLElement} switchTo
+ * @property {HTMLElement} switchFrom
+ * @property {HTMLButtonElement} switchConfirm
+ * @property {HTMLButtonElement} switchStay
  * @property {HTMLButtonElement} signOut
  * @property {HTMLElement} wells
  */
@@ -37,6 +42,11 @@ export function findElements(document) {
     signIn: byId("sign-in"),
     signInReason: byId("sign-in-reason"),
     signInToken: byId("sign-in-token"),
+    switchSession: byId("switch-session"),
+    switchTo: byId("switch-to"),
+    switchFrom: byId("switch-from"),
+    switchConfirm: byId("switch-confirm"),
+    switchStay: byId("switch-stay"),
     signOut: byId("sign-out"),
     wells: byId("wells"),
   });
@@ -71,6 +81,26 @@ export function enteredToken(dom) {
 /** Taken: the token does not stay in the form. @param {Elements} dom */
 export function clearEnteredToken(dom) {
   dom.signInToken.value = "";
+}
+
+/**
+ * A link brought a token while a session exists: which tenant it is for and which one is open, as
+ * text (the token's claims are anyone's to write). Staying is the default: it has the focus, and a
+ * token that names no tenant can only be declined.
+ * @param {Elements} dom @param {string | null} to  the link's tenant @param {string} from  the session's
+ */
+export function showSwitchSession(dom, to, from) {
+  dom.signIn.hidden = true;
+  dom.switchTo.textContent = to ?? "(none: its token is not a wellstream token)";
+  dom.switchFrom.textContent = from;
+  dom.switchConfirm.disabled = !to;
+  dom.switchSession.hidden = false;
+  dom.switchStay.focus();
+}
+
+/** Answered. @param {Elements} dom */
+export function hideSwitchSession(dom) {
+  dom.switchSession.hidden = true;
 }
 
 /** @param {Elements} dom @param {string} text */

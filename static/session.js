@@ -14,6 +14,30 @@ function claims(jwt) {
   return JSON.parse(atob(part));
 }
 
+/**
+ * The tenant a token says it is for, unverified: enough to name it to the operator, who decides; the
+ * gateway checks the signature when the token is used.
+ * @param {string} token @returns {string | null} null: not a wellstream token
+ */
+export function tokenTenant(token) {
+  try {
+    const { tenant_id: snake, tenantId: camel } = claims(token);
+    const tenant = snake || camel;
+    return typeof tenant === "string" && tenant ? tenant : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The tenant this browser last signed in to with the cookie, if it did not sign out since. The cookie
+ * is HttpOnly, so this is the page's only sign of a session before it asks the gateway.
+ * @returns {string | null}
+ */
+export function rememberedTenant() {
+  return localStorage.getItem(TENANT_KEY);
+}
+
 export class Session {
   /** @type {Mode} */
   #mode = "cookie";
@@ -32,8 +56,7 @@ export class Session {
    * @throws {Error} with a message for the operator when the token is not one or is refused
    */
   async signIn(token, preferTickets) {
-    let tenant;
-    try { tenant = claims(token).tenant_id || claims(token).tenantId; } catch { tenant = null; }
+    const tenant = tokenTenant(token);
     if (!tenant) throw new Error("That is not a wellstream token.");
     if (!preferTickets) {
       // The cookie is HttpOnly: after this the token is not kept anywhere the page's scripts can read.
@@ -57,7 +80,7 @@ export class Session {
 
   /** A page opened without a token: the cookie may still be valid for the tenant remembered. @returns {boolean} */
   restore() {
-    this.#tenant = new URLSearchParams(location.search).get("tenant") || localStorage.getItem(TENANT_KEY);
+    this.#tenant = new URLSearchParams(location.search).get("tenant") || rememberedTenant();
     return Boolean(this.#tenant);
   }
 

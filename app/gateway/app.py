@@ -69,13 +69,33 @@ class GatewayApp(Starlette):
         return self.gateway.hub if self.gateway is not None else None
 
 
+# The page is ES modules and a stylesheet from its own origin, canvas sparklines and a data: favicon,
+# so anything else (an injected inline script or style, a foreign host, a plugin, a <base>, a form
+# posted elsewhere) is refused; frame-ancestors and X-Frame-Options keep the wall out of other
+# sites' frames (clickjacking the sign-out or the session switch).
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 class DashboardFiles(StaticFiles):
     """static/, revalidated on every load (ETag: a 304 when unchanged), so a wall screen that
-    reloads picks up a new module of the page instead of a heuristically cached one."""
+    reloads picks up a new module of the page instead of a heuristically cached one.
+
+    Every file, its 304 and its HEAD included (all built by file_response), carries
+    DASHBOARD_HEADERS.
+    """
 
     def file_response(self, *args: Any, **kwargs: Any) -> Response:
         response = super().file_response(*args, **kwargs)
         response.headers["Cache-Control"] = "no-cache"
+        response.headers.update(DASHBOARD_HEADERS)
         return response
 
 

@@ -1,4 +1,9 @@
-"""Chromium (Debian's, driven by Playwright) and the helpers the dashboard tests share."""
+"""Chromium (Debian's, driven by Playwright) and the helpers the dashboard tests share.
+
+The page runs under a Content-Security-Policy without 'unsafe-eval': give `wait_for_function` a
+function ("() => ..."), which Playwright compiles once, never an expression, which it evals on
+every poll (and the policy refuses).
+"""
 
 from __future__ import annotations
 

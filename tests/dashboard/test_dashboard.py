@@ -126,7 +126,7 @@ async def test_gateway_restart_behind_a_proxy_answering_502_resumes_without_gap_
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
             assert await page.evaluate("wellstream.mode") == mode
             await page.wait_for_function(
-                "wellstream.received.filter((r) => r.event === 'reading').length >= 6", timeout=WAIT_MS
+                "() => wellstream.received.filter((r) => r.event === 'reading').length >= 6", timeout=WAIT_MS
             )
 
             await gateway.stop()

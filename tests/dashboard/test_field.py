@@ -238,12 +238,12 @@ async def test_an_open_but_silent_stream_is_not_live_and_the_page_resumes_it_wit
             await expect(page.locator("#indicator")).to_have_attribute("data-state", "Live", timeout=WAIT_MS)
 
             # A quiet field is not a dead connection: heartbeats keep the stream live.
-            await page.wait_for_function("wellstream.heartbeats >= 4", timeout=WAIT_MS)
+            await page.wait_for_function("() => wellstream.heartbeats >= 4", timeout=WAIT_MS)
             assert "Reconnecting" not in await indicator_states(page)
             assert await page.evaluate("wellstream.ownReconnects") == 0
 
             async with paced_publisher(redis_url, wells, 0.1) as published:
-                await page.wait_for_function("wellstream.wells.w2.readings >= 3", timeout=WAIT_MS)
+                await page.wait_for_function("() => wellstream.wells.w2.readings >= 3", timeout=WAIT_MS)
                 # Open but silent: nothing more passes, not even heartbeats, and new connections hang too.
                 proxy.freeze()
                 await expect(page.locator("#indicator")).to_have_attribute(

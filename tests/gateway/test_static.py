@@ -42,6 +42,27 @@ async def test_every_module_is_served_as_javascript_with_no_cache(secret: str) -
                 assert response.headers["cache-control"] == "no-cache", name
 
 
+async def test_issue15_the_page_and_its_files_carry_a_strict_csp_no_framing_and_nosniff(secret: str) -> None:
+    expected = {
+        "content-security-policy": (
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+        ),
+        "x-frame-options": "DENY",
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+    }
+    with anyio.fail_after(30):
+        async with running_gateway(make_settings(secret)) as gateway, httpx.AsyncClient() as client:
+            responses = {path: await client.get(gateway.url + path) for path in ("/", "/main.js", "/dashboard.css")}
+            responses["HEAD /"] = await client.head(gateway.url + "/")
+            etag = responses["/main.js"].headers["etag"]
+            responses["304"] = await client.get(gateway.url + "/main.js", headers={"If-None-Match": etag})
+            assert responses["304"].status_code == 304
+            for name, response in responses.items():
+                assert {key: response.headers.get(key) for key in expected} == expected, name
+
+
 def test_the_page_loads_one_module_and_has_no_inline_script_or_handler() -> None:
     # Ready for a strict Content-Security-Policy (script-src 'self'): no inline code at all.
     html = (STATIC / "index.html").read_text()
