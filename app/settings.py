@@ -97,6 +97,21 @@ class ServerSettings(BaseModel):
     tcp_user_timeout_s: float = Field(
         60, ge=0, description="data unacknowledged this long drops the connection (TCP_USER_TIMEOUT; 0 = kernel's)"
     )
+    # What a connection may hold before it has asked anything (app/gateway/sockets.py): every one is
+    # a file descriptor, and the stream limits above only start counting once a request is parsed.
+    request_head_timeout_s: float = Field(
+        10, gt=0, description="a new connection's TLS handshake and first request head must arrive within this"
+    )
+    keep_alive_s: float = Field(
+        75, gt=0, description="idle time allowed between requests; above nginx's upstream keepalive_timeout (60 s)"
+    )
+    connections_per_address: int | None = Field(
+        512, ge=1, description="open connections one peer address may hold; more are reset at accept; null: no cap"
+    )
+    connection_cap_exempt: list[IPvAnyNetwork] = Field(
+        default_factory=_loopback,
+        description="peers never capped (a proxy in front carries many clients); auth.trusted_proxies are too",
+    )
 
 
 class LimitSettings(BaseModel):

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -31,6 +32,8 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import hypercorn.protocol
+import hypercorn.protocol.h2
+import hypercorn.protocol.h11
 from hypercorn.asyncio import serve
 from hypercorn.config import Config, Sockets
 from hypercorn.events import Closed as ConnectionClosed
@@ -38,9 +41,11 @@ from hypercorn.events import Event, RawData
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.http_stream import HTTPStream
 from priority.priority import MissingStreamError
 
 from app.gateway.app import GatewayApp
+from app.gateway.sockets import GuardedConfig, connection_cap, httptools_protocol, use_hygienic_tcp_server
 from app.settings import ServerSettings, Settings
 
 logger = logging.getLogger(__name__)
@@ -70,7 +75,7 @@ def listening_socket(host: str, port: int, options: ServerSettings) -> socket.so
     return sock
 
 
-class TunedConfig(Config):
+class TunedConfig(GuardedConfig):
     """Hypercorn's Config, whose sockets get our TCP options before Hypercorn listens on them."""
 
     socket_options: ServerSettings = ServerSettings()
@@ -166,6 +171,36 @@ class StreamingH2Protocol(H2Protocol):
             await self.send(ConnectionClosed())
 
 
+class ClosingHTTPStream(HTTPStream):
+    """Hypercorn's HTTP request stream, whose end never waits on an app that stopped reading its body.
+
+    Hypercorn queues at most `max_app_queue_size` (10) request messages for an app, and when the
+    stream closes it puts `http.disconnect` on that queue, waiting for room. An app that answers
+    without reading the rest of a body (a refusal) never makes room, so once a client has filled
+    the queue (a body in small chunks does it at once) that wait never ended in stock Hypercorn
+    0.18: the connection stayed open, read nothing, never closed, and held the queued chunks and
+    the request's task. Here the queued body is dropped first (a closed stream's app has no use for
+    it); Hypercorn then closes the connection with the rest of the body unread, as a 413 from
+    app.gateway.bodylimit asks. tests/gateway/test_body_limits.py checks it.
+    """
+
+    async def handle(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamClosed) and not self.closed:
+            # spawn_app hands back the bound `put` of the app's queue: the queue is its __self__.
+            queue = getattr(getattr(self, "app_put", None), "__self__", None)
+            if isinstance(queue, asyncio.Queue):
+                while not queue.empty():
+                    queue.get_nowait()
+        await super().handle(event)
+
+
+def use_closing_streams() -> None:
+    """Every HTTP/1.1 and HTTP/2 request Hypercorn serves in this process runs as a ClosingHTTPStream:
+    its protocols build them from their modules' attribute `HTTPStream`, with no setting to choose."""
+    hypercorn.protocol.h11.HTTPStream = ClosingHTTPStream  # type: ignore[attr-defined]
+    hypercorn.protocol.h2.HTTPStream = ClosingHTTPStream  # type: ignore[attr-defined]
+
+
 def use_streaming_h2() -> None:
     """Every HTTP/2 connection Hypercorn accepts in this process (ALPN h2, h2c by prior knowledge
     or Upgrade) becomes a StreamingH2Protocol: Hypercorn's ProtocolWrapper builds them from the
@@ -182,9 +217,17 @@ def hypercorn_config(settings: Settings, host: str, port: int, toml: Path | None
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.socket_options = settings.server
     config.graceful_timeout = settings.stream.shutdown_grace_s + 2
-    config.keep_alive_timeout = max(config.keep_alive_timeout, 75)
+    # Idle between requests: longer than a proxy keeps its idle upstream connections (nginx: 60 s),
+    # or the proxy may send a request on a connection we are closing. A new connection gets the
+    # head timeout instead (app/gateway/sockets.py). The file may only lengthen it.
+    keep_alive = settings.server.keep_alive_s
+    config.keep_alive_timeout = keep_alive if toml is None else max(config.keep_alive_timeout, keep_alive)
+    config.request_head_timeout = settings.server.request_head_timeout_s
+    config.ssl_handshake_timeout = min(config.ssl_handshake_timeout, settings.server.request_head_timeout_s)
+    config.connection_cap = connection_cap(settings)
     config.read_timeout = None  # any read timeout kills live streams: clients send nothing while reading
     config.accesslog = None
+    config.include_server_header = False  # no product and version for a scanner to match
     config.backlog = max(config.backlog, 4096)  # a reconnect storm must not overflow the accept queue
     # Past this many requests on one connection Hypercorn sends GOAWAY, after which h2 refuses to
     # send anything more on it: every stream still open there freezes (and still counts as live
@@ -259,12 +302,14 @@ async def _serve_uvicorn(app: GatewayApp, settings: Settings, host: str, port: i
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=httptools_protocol(connection_cap(settings), settings.server.request_head_timeout_s),
         lifespan="on",
         log_config=None,
         access_log=False,
         backlog=4096,
         timeout_graceful_shutdown=int(settings.stream.shutdown_grace_s) + 2,
+        timeout_keep_alive=math.ceil(settings.server.keep_alive_s),
+        server_header=False,
     )
     server = Server(config)
 
@@ -285,11 +330,22 @@ async def _serve_uvicorn(app: GatewayApp, settings: Settings, host: str, port: i
 
 async def _serve_granian(app: GatewayApp, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
     from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
 
     # HTTP/2 support costs granian about 10 KiB more per connection (docs/performance.md): opt in.
     http = HTTPModes.auto if settings.server.granian_http2 else HTTPModes.http1
+    # granian accepts in Rust, beyond app/gateway/sockets.py: no cap per address. Its one header
+    # timeout also bounds idle time between requests (hyper has no other), so both get the shorter.
+    head = HTTP1Settings(header_read_timeout=math.ceil(settings.server.request_head_timeout_s * 1000))
     server = _granian_server(settings.server)(
-        app, address=host, port=port, interface=Interfaces.ASGI, backlog=4096, backpressure=65536, http=http
+        app,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        backlog=4096,
+        backpressure=65536,
+        http=http,
+        http1_settings=head,
     )
     serving = asyncio.create_task(server.serve())
     logger.info("serving on http://%s:%d (granian, embedded)", host, port)
@@ -340,6 +396,8 @@ async def serve_until(
     """
     config = hypercorn_config(settings, host, port, hypercorn_toml)
     use_streaming_h2()
+    use_hygienic_tcp_server()
+    use_closing_streams()
     shutdown: list[asyncio.Task[None]] = []
 
     async def shutdown_trigger() -> None:
