@@ -82,6 +82,9 @@ class ServerSettings(BaseModel):
     )
     gc_freeze: bool = Field(True, description="gc.freeze() once started, so start-up objects are never rescanned")
     access_log: bool = Field(True, description="one JSON line per non-stream request (no query strings, no headers)")
+    max_body_bytes: int = Field(
+        16_384, ge=0, description="largest request body on any route; past it 413, and the rest is never read"
+    )
     metrics_allow: list[IPvAnyNetwork] = Field(
         default_factory=_loopback,
         description="peers that may read /metrics (it names tenants); others get 404",

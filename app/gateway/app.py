@@ -22,6 +22,7 @@ from app.auth.guard import Guard
 from app.auth.revocation import RevocationWatcher
 from app.auth.tokens import TokenVerifier
 from app.gateway.access import AccessLog
+from app.gateway.bodylimit import BodyLimit
 from app.gateway.context import Gateway
 from app.gateway.errors import EXCEPTION_HANDLERS
 from app.gateway.hub import Hub
@@ -144,13 +145,16 @@ def create_app(
     if settings.static_dir.is_dir():
         routes.append(Mount("/", DashboardFiles(directory=settings.static_dir, html=True), name="static"))
     cors = cors_options(settings) if settings.auth.cors_origins else None
+    bounded = (settings.server.max_body_bytes, settings.auth.trusted_proxies)
     middleware = [Middleware(CORSMiddleware, **cors)] if cors else []
+    middleware.append(Middleware(BodyLimit, *bounded))  # inside CORS: a cross-origin page can read its 413
     gateway_app = GatewayApp(
         routes=routes, exception_handlers=dict(EXCEPTION_HANDLERS), lifespan=lifespan, middleware=middleware
     )
     gateway_app.other_app = AccessLog(gateway_app.starlette) if settings.server.access_log else gateway_app.starlette
     gateway_app.metrics = gateway_registry(gateway_app.hub)
-    gateway_app.stream_app = CORSMiddleware(serve_stream, **cors) if cors else serve_stream
+    stream_app = BodyLimit(serve_stream, *bounded)
+    gateway_app.stream_app = CORSMiddleware(stream_app, **cors) if cors else stream_app
     return gateway_app
 
 
