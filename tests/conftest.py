@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import anyio
 import httpx
 import pytest
 import redis
@@ -58,6 +59,24 @@ def ingest_env(redis_url: str, spool: Path, **overrides: str) -> dict[str, str]:
 
 def ingest_command(site: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "app", "ingest", "--config", str(site), *args]
+
+
+@contextlib.asynccontextmanager
+async def ingest_worker(site: Path, redis_url: str, workdir: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A real `wellstream ingest` on `site`, its spool and log (ingest.log) in `workdir`; killed at the end."""
+    await anyio.Path(workdir).mkdir(parents=True, exist_ok=True)
+    with (workdir / "ingest.log").open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            *ingest_command(site), cwd=ROOT, env=ingest_env(redis_url, workdir / "spool.sqlite3"), stderr=log
+        )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            # Shielded: after a timeout the reap would be cancelled, and the leaked process fail a later test.
+            with anyio.move_on_after(10, shield=True):
+                await process.wait()
 
 
 def stop_process(process: subprocess.Popen[bytes] | None) -> None:

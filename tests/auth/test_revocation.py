@@ -59,16 +59,13 @@ async def live(client: httpx.AsyncClient, url: str, **kwargs: Any) -> AsyncItera
         yield events
 
 
+def run_revoke(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "app", "revoke", "--tenant", "acme", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
 def revoke(redis_url: str, *args: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "revoke", "--tenant", "acme", *args],
-        cwd=ROOT,
-        env=clean_env(WELLSTREAM_REDIS_URL=redis_url),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = run_revoke(clean_env(WELLSTREAM_REDIS_URL=redis_url), *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -142,25 +139,9 @@ async def test_a_subject_s_tokens_issued_before_a_time_are_revoked_and_later_one
 
 
 def test_revoke_needs_redis_and_one_of_jti_or_subject() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "revoke", "--tenant", "acme", "--jti", "x"],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "WELLSTREAM_REDIS_URL" in result.stderr
-    neither = subprocess.run(
-        [sys.executable, "-m", "app", "revoke", "--tenant", "acme"],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    without_redis = run_revoke(clean_env(), "--jti", "x")
+    assert without_redis.returncode != 0
+    assert "WELLSTREAM_REDIS_URL" in without_redis.stderr
+    neither = run_revoke(clean_env())
     assert neither.returncode == 2
     assert "one of the arguments --jti --subject is required" in neither.stderr

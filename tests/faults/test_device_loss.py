@@ -26,7 +26,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ingest_command, ingest_env, make_settings, running_gateway
+from tests.conftest import ROOT, ingest_worker, make_settings, running_gateway
 from tests.peers.opcua_server import endpoint, node_id
 from tests.sse_client import SSEReader
 
@@ -207,22 +207,6 @@ async def accepts(port: int) -> bool:
     return True
 
 
-@contextlib.asynccontextmanager
-async def worker(site: Path, redis_url: str, workdir: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    with (workdir / "ingest.log").open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            *ingest_command(site), cwd=ROOT, env=ingest_env(redis_url, workdir / "spool.sqlite3"), stderr=log
-        )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            # Shielded: after a timeout the reap would be cancelled, and the leaked process fail a later test.
-            with anyio.move_on_after(10, shield=True):
-                await process.wait()
-
-
 async def publish_forever(port: int) -> None:
     """The MQTT device: every tag's value every PUBLISH_EVERY_S, connecting again whenever the broker is lost."""
     while True:
@@ -341,7 +325,7 @@ async def test_every_tag_of_a_lost_device_is_bad_comm_failure_until_the_device_i
                 device_publishing(protocol, port),
                 running_gateway(settings) as gateway,
                 httpx.AsyncClient(timeout=20) as client,
-                worker(site, redis_url, tmp_path),
+                ingest_worker(site, redis_url, tmp_path),
             ):
                 latest = LatestView(client, gateway.url, headers)
                 await latest.until(good)

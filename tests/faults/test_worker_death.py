@@ -5,9 +5,7 @@ by the gateway from the worker's lease in Redis, though nothing was published fo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -16,7 +14,7 @@ import pytest
 
 from app.gateway.leasesweep import SWEEP_S
 from app.ingest.worker import LEASE_TTL_S
-from tests.conftest import ROOT, ingest_command, ingest_env, make_settings, running_gateway
+from tests.conftest import ingest_worker, make_settings, running_gateway
 from tests.prometheus import parse_samples, value
 from tests.sse_client import SSEReader
 
@@ -36,19 +34,6 @@ wells = ["well-01"]
 interval_s = 0.2
 seed = 7
 """
-
-
-@contextlib.asynccontextmanager
-async def worker(site: Path, redis_url: str, spool: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    process = await asyncio.create_subprocess_exec(
-        *ingest_command(site), cwd=ROOT, env=ingest_env(redis_url, spool), stderr=asyncio.subprocess.DEVNULL
-    )
-    try:
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_a_killed_worker_s_tags_turn_stale_on_the_gateway_and_come_back_with_a_new_worker(
@@ -73,7 +58,7 @@ async def test_a_killed_worker_s_tags_turn_stale_on_the_gateway_and_come_back_wi
                         return
                     await asyncio.sleep(0.05)
 
-            async with worker(site, redis_url, tmp_path / "spool1.sqlite3") as first:
+            async with ingest_worker(site, redis_url, tmp_path / "first") as first:
                 await all_tags(lambda r: r["quality"] != "UNCERTAIN" or r.get("reason") != "stale")
                 async with client.stream("GET", f"{gateway.url}/tenants/acme/stream", headers=headers) as response:
                     assert response.status_code == 200
@@ -105,5 +90,5 @@ async def test_a_killed_worker_s_tags_turn_stale_on_the_gateway_and_come_back_wi
             metrics = parse_samples((await client.get(f"{gateway.url}/metrics")).text)
             assert value(metrics, "wellstream_stale_marked_total") == len(stale), "counted once, by the one gateway"
 
-            async with worker(site, redis_url, tmp_path / "spool2.sqlite3"):
+            async with ingest_worker(site, redis_url, tmp_path / "second"):
                 await all_tags(lambda r: r.get("reason") != "stale")
