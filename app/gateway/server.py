@@ -108,10 +108,14 @@ class StreamingH2Protocol(H2Protocol):
     finishes: the TCP connection stays open with nothing reading or writing it (the browser's
     streams hang with the gateway idle), and a SIGTERM never completes (Hypercorn waits for it).
 
-    Each override leans on Hypercorn 0.18 internals (`_priority_updated`, `send_task`,
-    `stream_buffers`, `_flush`, and `hypercorn.protocol.H2Protocol` as the class its
-    ProtocolWrapper builds); tests/deploy/test_http2.py checks them, so an upgrade that changes
-    them fails there rather than in production.
+    Found with a raw h2 client that stops opening a stream's window (tests/deploy/test_h2_many_streams.py):
+    Hypercorn then let the app send on into that stream's buffer without bound, so the stream stayed
+    open and silent while the gateway counted it live (`_send_data`).
+
+    Each override leans on Hypercorn 0.18 internals (`_priority_updated`, `send_task`, `_send_data`,
+    `stream_buffers` and their `buffer`, `priority`, `_flush`, and `hypercorn.protocol.H2Protocol` as
+    the class its ProtocolWrapper builds); tests/deploy/test_http2.py checks them, so an upgrade that
+    changes them fails there rather than in production.
     """
 
     async def _priority_updated(self, event: h2.events.PriorityUpdated) -> None:
@@ -130,6 +134,24 @@ class StreamingH2Protocol(H2Protocol):
             # high-water mark), or they wait forever and keep the connection's task group open.
             for buffer in list(self.stream_buffers.values()):
                 await buffer.close()
+
+    async def _send_data(self, stream_id: int) -> None:
+        buffer = self.stream_buffers.get(stream_id)
+        if buffer is not None and buffer.buffer and self._window(stream_id) <= 0:
+            # Wait for the client's WINDOW_UPDATE without touching the buffer. Hypercorn popped
+            # 0 bytes here, and any pop below its low-water mark releases the app's send waiting
+            # at the high-water mark: with the window shut, the app sent on into a buffer without
+            # bound, so a stream whose client stopped taking data stayed open, silent and counted
+            # live, and the gateway's stall check (stream.stall_s) never saw a send wait.
+            self.priority.block(stream_id)
+            return
+        await super()._send_data(stream_id)
+
+    def _window(self, stream_id: int) -> int:
+        try:
+            return self.connection.local_flow_control_window(stream_id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, KeyError):
+            return 1  # a closed stream: Hypercorn's own send path cleans it up
 
     async def stream_send(self, event: StreamEvent) -> None:
         if isinstance(event, StreamClosed):

@@ -364,3 +364,43 @@ async def test_a_stream_whose_app_returns_before_ending_it_is_reset_not_left_ope
             [reset] = [event for event in wire.events if isinstance(event, h2.events.StreamReset)]
             assert reset.error_code == h2.errors.ErrorCodes.CANCEL
             assert not wire.closed.is_set(), "only that stream ends; the connection carries on"
+
+
+async def test_a_stream_given_no_flow_control_window_holds_its_app_at_hypercorns_buffer(secret: str) -> None:
+    """A client that stops opening a stream's window (or the connection's) must hold the app's sends
+    back, as a full socket does over HTTP/1.1: then the gateway sees a reading it cannot send and ends
+    the stream within stream.stall_s. Stock Hypercorn, finding the window closed, popped 0 bytes from
+    the stream's buffer and so released its high-water pause at every send: the app sent on into a
+    buffer without bound, the stream stayed open, silent and counted live (issue 19)."""
+    chunk, chunks = b"x" * 1024, 1000
+    progress = {"sent": 0, "in_send": False}
+
+    async def firehose(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        for _ in range(chunks):
+            progress["in_send"] = True
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            progress["in_send"] = False
+            progress["sent"] += len(chunk)
+        await send({"type": "http.response.body", "body": b""})
+
+    def received() -> int:
+        return sum(len(e.data) for e in wire.events if isinstance(e, h2.events.DataReceived))
+
+    with anyio.fail_after(10):
+        async with h2_connection(firehose, secret) as (protocol, wire):
+            wire.client.send_headers(1, get("/w1"), end_stream=True)
+            await protocol.handle(RawData(wire.client.data_to_send()))
+            window = wire.client.local_settings.initial_window_size  # the server may send this much, no more
+            await wait_until(lambda: received() == window and bool(progress["in_send"]))
+            stuck_at = progress["sent"]
+            for _ in range(1000):  # every task in this process gets its turns: nothing else is coming
+                await asyncio.sleep(0)
+            assert progress["sent"] == stuck_at
+            assert stuck_at <= window + 2 * 2**14 + len(chunk)  # the window, then Hypercorn's high-water mark
+            # The window opens: the app goes on. It was waiting for the client, not dead.
+            wire.client.increment_flow_control_window(10 * window)
+            wire.client.increment_flow_control_window(10 * window, 1)
+            await protocol.handle(RawData(wire.client.data_to_send()))
+            await wait_until(lambda: progress["sent"] > stuck_at)
