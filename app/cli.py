@@ -21,7 +21,7 @@ from app.adapters.simulator import SimulatorAdapter
 from app.auth.revocation import subject_hash
 from app.auth.tokens import mint_token
 from app.errors import ServiceError, SiteError, SpoolError
-from app.gateway import devcert, server
+from app.gateway import devcert, server, workers
 from app.gateway.app import create_app
 from app.ingest.publisher import Publisher
 from app.ingest.sitefile import Site, load_site
@@ -81,7 +81,8 @@ def cmd_token(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings()
-    logs.configure(args.log_level)
+    worker = args.worker_index
+    logs.configure(args.log_level, {"worker": worker} if worker is not None else None)
     _require_server(args.server)
     toml = args.hypercorn_config
     if toml is not None and (args.server != "hypercorn" or not toml.is_file()):
@@ -92,7 +93,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
         app = create_app(settings)
     except ValueError as exc:
         sys.exit(f"wellstream: cannot serve: {exc}")
-    _run(server.run(app, settings, args.host, args.port, args.server, toml))
+    if args.workers > 1:
+        options = workers.ServeOptions(args.host, args.port, args.server, args.log_level, toml, args.metrics_port)
+        try:
+            workers.preflight(settings, options)
+        except ValueError as exc:
+            sys.exit(f"wellstream: cannot serve: {exc}")
+        sys.exit(workers.supervise(settings, options, args.workers))
+    if args.supervisor_pid is not None and not workers.die_with(args.supervisor_pid):
+        sys.exit("wellstream: the supervisor of this worker is gone")
+    reuse_port = worker is not None
+    _run(
+        server.run(
+            app,
+            settings,
+            args.host,
+            args.port,
+            args.server,
+            toml,
+            reuse_port=reuse_port,
+            metrics_port=args.metrics_port,
+        )
+    )
+
+
+def _workers(value: str) -> int:
+    try:
+        return workers.worker_count(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of processes (1 or more), or auto") from None
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
@@ -247,6 +276,21 @@ def parser() -> argparse.ArgumentParser:
                 default=None,
                 help="Hypercorn TOML (config/hypercorn.toml: h2 over TLS, h1/h2c); its binds replace --host/--port",
             )
+            sub.add_argument(
+                "--workers",
+                type=_workers,
+                default=1,
+                help="gateway processes sharing the port (SO_REUSEPORT), each with its own hub; auto: one per core",
+            )
+            sub.add_argument(
+                "--metrics-port",
+                type=int,
+                default=0,
+                help="also serve /metrics alone on this port of --host; worker i of --workers on this + i (0: off)",
+            )
+            # Set by the supervisor of --workers for each worker it starts; not for people.
+            sub.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+            sub.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
     dev_cert = commands.add_parser("dev-cert", help="make a local CA and a server certificate for TLS/HTTP/2")
     dev_cert.add_argument("--dir", type=Path, default=Path("certs"), help="where ca.pem, server.pem, server.key go")
     dev_cert.add_argument(

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import orjson
 
 
 class JsonFormatter(logging.Formatter):
+    """`static_fields` go into every line: a worker of `serve --workers` names itself there, as the
+    workers' lines share one stderr."""
+
+    def __init__(self, static_fields: Mapping[str, object] | None = None) -> None:
+        super().__init__()
+        self.static_fields = dict(static_fields or {})
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **self.static_fields,
         }
         for name in ("audit", "fields"):  # structured lines: extra={"fields": {...}}
             fields = getattr(record, name, None)
@@ -32,14 +41,14 @@ class JsonFormatter(logging.Formatter):
 _QUIET_LIBRARIES = ("asyncua", "pymodbus")
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", static_fields: Mapping[str, object] | None = None) -> None:
     """Called once, by the CLI; library code never configures logging.
 
     `level` is ours. asyncua and pymodbus stay at WARNING whatever it is, DEBUG included: a
     DEBUG run is for our own events, and theirs would bury them. hypercorn's error log too.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(static_fields))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

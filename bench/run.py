@@ -6,6 +6,10 @@ Layout (the machine has 2 cores): the gateway under test is pinned to core 1; re
 the publisher and the load generator share core 0. 100 wells; N streams spread evenly over
 them; R readings/s published through wellstream's own broker code. Each scenario gets a
 fresh gateway process. All traffic stays on 127.0.0.1; every phase is bounded in time.
+
+The `-2w` systems run `serve --workers 2` on cores 0 and 1: one worker per core, so one of
+them shares core 0 with redis-server, the publisher and the load generator (whose CPU the
+table shows). Measured against a one-worker row, that is a floor of what a second core adds.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ SYSTEMS: dict[str, tuple[list[str], dict[str, str]]] = {
     "baseline": (["-m", "bench.baseline"], {}),
 }
 SYSTEMS["wellstream-granian-h2"] = (SYSTEMS["wellstream-granian"][0], {"WELLSTREAM_SERVER__GRANIAN_HTTP2": "true"})
+for _name in ("hypercorn", "uvicorn", "granian"):
+    SYSTEMS[f"wellstream-{_name}-2w"] = ([*SYSTEMS[f"wellstream-{_name}"][0], "--workers", "2"], {})
 DEFAULT_GC = {"WELLSTREAM_SERVER__GC_THRESHOLD": "null", "WELLSTREAM_SERVER__GC_FREEZE": "false"}
 for _name in ("hypercorn", "uvicorn", "granian"):
     SYSTEMS[f"wellstream-{_name}-defaultgc"] = (SYSTEMS[f"wellstream-{_name}"][0], DEFAULT_GC)
@@ -98,11 +104,31 @@ def free_port() -> int:
         return port
 
 
-def pinned(core: int, argv: list[str]) -> list[str]:
-    """Pin to one core where there are two or more (the layout the figures are defined for)."""
+def pinned(cores: int | str, argv: list[str]) -> list[str]:
+    """Pin to `cores` (one, or a taskset list such as "0,1") where there are two or more (the
+    layout the figures are defined for)."""
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(core), *argv]
+        return ["taskset", "-c", str(cores), *argv]
     return argv
+
+
+def workers_of(args: list[str]) -> int:
+    return int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+
+
+def wait_for_workers(process: psutil.Process, count: int, port: int, timeout_s: float) -> None:
+    """Until `count` worker processes listen on `port`: streams opened sooner would all go to the first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listening = 0
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                connections = child.net_connections(kind="tcp")
+                listening += any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
+        if listening >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{count} workers not listening on {port} after {timeout_s} s")
 
 
 @contextlib.contextmanager
@@ -166,9 +192,13 @@ def gateway(system: str, redis_url: str, secret: str, wells: int = WELLS) -> Ite
     cmd = [sys.executable, *args, "--port", str(port)]
     if system == "baseline":
         cmd += ["--redis-url", redis_url]
-    proc = subprocess.Popen(pinned(1, cmd), cwd=tree_dir or ROOT, env=env, stderr=subprocess.DEVNULL)
+    workers = workers_of(args)
+    cores = 1 if workers == 1 else ",".join(str(core) for core in range(workers))
+    proc = subprocess.Popen(pinned(cores, cmd), cwd=tree_dir or ROOT, env=env, stderr=subprocess.DEVNULL)
     try:
         wait_healthy(port, 30)
+        if workers > 1:
+            wait_for_workers(psutil.Process(proc.pid), workers, port, 30)
         yield port, psutil.Process(proc.pid)
     finally:
         proc.terminate()

@@ -3,11 +3,18 @@
 The hot paths bump plain ints (app/gateway/stats.py, the audit refusal counter); the collector
 reads them at scrape time. One registry per gateway app, so several apps in one process (tests)
 never collide.
+
+`serve_metrics` serves the same text alone on a port of its own, for the workers of
+`serve --workers` (app/gateway/workers.py): on the port they share, a scrape reaches whichever
+worker the kernel picks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import TYPE_CHECKING, get_args
 
 from prometheus_client import generate_latest
@@ -23,7 +30,9 @@ from app.streams.codec import Source
 if TYPE_CHECKING:
     from app.gateway.hub import Hub
 
-__all__ = ["CONTENT_TYPE", "counter", "gateway_registry", "render"]
+__all__ = ["CONTENT_TYPE", "counter", "gateway_registry", "render", "serve_metrics"]
+
+logger = logging.getLogger(__name__)
 
 # The classic text format every Prometheus (2.x too) and agent reads; our names need no escaping.
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
@@ -110,3 +119,52 @@ def gateway_registry(hub: Callable[[], Hub | None]) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+# A scraper's request is one short head: anything slower or longer is not one.
+HEAD_TIMEOUT_S = 5.0
+HEAD_LIMIT_BYTES = 8192
+
+
+async def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, allow: Sequence[IPv4Network | IPv6Network]
+) -> asyncio.Server:
+    """`GET /metrics` alone on host:port, one request per connection, for the peers in `allow` (as
+    the route: it names tenants); anything else is a 404. Closing the returned server stops it."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(HEAD_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(_metrics_response(head, writer.get_extra_info("peername"), registry, allow))
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # not a scraper, or gone: nothing to answer
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, host, port, limit=HEAD_LIMIT_BYTES, reuse_address=True)
+    logger.info("serving /metrics on http://%s:%d", host, port)
+    return server
+
+
+def _metrics_response(
+    head: bytes, peer: object, registry: CollectorRegistry, allow: Sequence[IPv4Network | IPv6Network]
+) -> bytes:
+    method, _, rest = head.partition(b" ")
+    target = rest.partition(b" ")[0].partition(b"?")[0]
+    host = peer[0] if isinstance(peer, tuple) and peer else ""
+    try:
+        allowed = any(ip_address(host) in network for network in allow)
+    except ValueError:
+        allowed = False
+    if method != b"GET" or target != b"/metrics" or not allowed:
+        if not allowed:
+            logger.info("GET /metrics -> 404: peer %s is not in server.metrics_allow", host)
+        return _http(b"404 Not Found", b"application/json", b'{"error":"not found"}')
+    return _http(b"200 OK", CONTENT_TYPE.encode(), render(registry))
+
+
+def _http(status: bytes, content_type: bytes, body: bytes) -> bytes:
+    head = b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    return head % (status, content_type, len(body)) + body

@@ -45,6 +45,7 @@ from hypercorn.protocol.http_stream import HTTPStream
 from priority.priority import MissingStreamError
 
 from app.gateway.app import GatewayApp
+from app.gateway.metrics import serve_metrics
 from app.gateway.sockets import GuardedConfig, connection_cap, httptools_protocol, use_hygienic_tcp_server
 from app.settings import ServerSettings, Settings
 
@@ -63,11 +64,14 @@ def tune_socket(sock: socket.socket, options: ServerSettings) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(options.tcp_user_timeout_s * 1000))
 
 
-def listening_socket(host: str, port: int, options: ServerSettings) -> socket.socket:
-    """A bound TCP socket with our options, for servers that accept ready-made sockets (uvicorn)."""
+def listening_socket(host: str, port: int, options: ServerSettings, reuse_port: bool = False) -> socket.socket:
+    """A bound TCP socket with our options, for servers that accept ready-made sockets (uvicorn).
+    `reuse_port`: one of several workers on this port (app/gateway/workers.py)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     tune_socket(sock, options)
     sock.bind((host, port))
@@ -80,6 +84,7 @@ class TunedConfig(GuardedConfig):
 
     socket_options: ServerSettings = ServerSettings()
     listening_ports: frozenset[int] = frozenset()  # filled once Hypercorn asked for its sockets
+    reuse_port = False  # one of several workers on these binds (app/gateway/workers.py)
 
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()
@@ -88,6 +93,18 @@ class TunedConfig(GuardedConfig):
             tune_socket(sock, self.socket_options)
         self.listening_ports = frozenset(sock.getsockname()[1] for sock in listeners if sock.family != socket.AF_UNIX)
         return sockets
+
+    def _create_sockets(self, binds: list[str], type_: int = socket.SOCK_STREAM) -> list[socket.socket]:
+        if not self.reuse_port:
+            return super()._create_sockets(binds, type_)
+        # Hypercorn sets SO_REUSEPORT on its TCP binds exactly when it runs worker processes of its
+        # own (`workers` > 1), which serve() never does (it warns if asked): ask for it for this call
+        # only. tests/deploy/test_workers.py fails if a release stops doing so.
+        workers, self.workers = self.workers, 2
+        try:
+            return super()._create_sockets(binds, type_)
+        finally:
+            self.workers = workers
 
 
 # Hypercorn's priority tree (the `priority` package) refuses a 1,000th stream, and Hypercorn does
@@ -230,7 +247,9 @@ def use_streaming_h2() -> None:
     hypercorn.protocol.H2Protocol = StreamingH2Protocol  # type: ignore[attr-defined]
 
 
-def hypercorn_config(settings: Settings, host: str, port: int, toml: Path | None = None) -> TunedConfig:
+def hypercorn_config(
+    settings: Settings, host: str, port: int, toml: Path | None = None, reuse_port: bool = False
+) -> TunedConfig:
     """Our Hypercorn config: from `toml` (binds, TLS, h2 limits) if given, else one cleartext bind
     on host:port. The settings streaming depends on are forced whatever the file says."""
     config = TunedConfig.from_toml(toml) if toml is not None else TunedConfig()
@@ -238,6 +257,7 @@ def hypercorn_config(settings: Settings, host: str, port: int, toml: Path | None
     if toml is None:
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.socket_options = settings.server
+    config.reuse_port = reuse_port
     config.graceful_timeout = settings.stream.shutdown_grace_s + 2
     # Idle between requests: longer than a proxy keeps its idle upstream connections (nginx: 60 s),
     # or the proxy may send a request on a connection we are closing. A new connection gets the
@@ -295,22 +315,37 @@ async def run(
     port: int,
     server: ServerName = "hypercorn",
     hypercorn_toml: Path | None = None,
+    *,
+    reuse_port: bool = False,
+    metrics_port: int = 0,
 ) -> None:
-    """Serve until SIGTERM or SIGINT. `hypercorn_toml` (Hypercorn only) replaces host and port."""
+    """Serve until SIGTERM or SIGINT. `hypercorn_toml` (Hypercorn only) replaces host and port.
+    `reuse_port`: one of several workers sharing the port (app/gateway/workers.py); `metrics_port`:
+    also serve /metrics alone on host:metrics_port (a worker's own, where a scrape of the shared
+    port would reach any worker)."""
     tune_gc(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if server == "uvicorn":
-        await _serve_uvicorn(app, settings, host, port, stop)
-    elif server == "granian":
-        await _serve_granian(app, settings, host, port, stop)
-    else:
-        await serve_until(app, settings, host, port, stop, hypercorn_toml)
+    allow = settings.server.metrics_allow
+    metrics = await serve_metrics(app.metrics, host, metrics_port, allow) if metrics_port else None
+    try:
+        if server == "uvicorn":
+            await _serve_uvicorn(app, settings, host, port, stop, reuse_port)
+        elif server == "granian":
+            # granian's listener always has SO_REUSEPORT (its Rust ListenerSpec sets it): nothing to ask.
+            await _serve_granian(app, settings, host, port, stop)
+        else:
+            await serve_until(app, settings, host, port, stop, hypercorn_toml, reuse_port)
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
-async def _serve_uvicorn(app: GatewayApp, settings: Settings, host: str, port: int, stop: asyncio.Event) -> None:
+async def _serve_uvicorn(
+    app: GatewayApp, settings: Settings, host: str, port: int, stop: asyncio.Event, reuse_port: bool = False
+) -> None:
     import uvicorn
 
     loop = asyncio.get_running_loop()
@@ -342,7 +377,7 @@ async def _serve_uvicorn(app: GatewayApp, settings: Settings, host: str, port: i
 
     stopper = asyncio.create_task(stop_then_drain())
     logger.info("serving on http://%s:%d (uvicorn)", host, port)
-    sock = listening_socket(host, port, settings.server)
+    sock = listening_socket(host, port, settings.server, reuse_port)
     try:
         await server.serve(sockets=[sock])
     finally:
@@ -408,7 +443,13 @@ def _granian_server(options: ServerSettings) -> Any:
 
 
 async def serve_until(
-    app: GatewayApp, settings: Settings, host: str, port: int, stop: asyncio.Event, hypercorn_toml: Path | None = None
+    app: GatewayApp,
+    settings: Settings,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    hypercorn_toml: Path | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve on Hypercorn until `stop` is set, then stop listening, drain streams and stop.
 
@@ -416,7 +457,7 @@ async def serve_until(
     (a proxy's retry then goes to another gateway); the drain runs while Hypercorn waits up to
     graceful_timeout for the open connections, which the drained streams end.
     """
-    config = hypercorn_config(settings, host, port, hypercorn_toml)
+    config = hypercorn_config(settings, host, port, hypercorn_toml, reuse_port)
     use_streaming_h2()
     use_hygienic_tcp_server()
     use_closing_streams()
