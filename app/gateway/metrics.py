@@ -30,7 +30,7 @@ from app.streams.codec import Source
 if TYPE_CHECKING:
     from app.gateway.hub import Hub
 
-__all__ = ["CONTENT_TYPE", "counter", "gateway_registry", "render", "serve_metrics"]
+__all__ = ["CONTENT_TYPE", "counter", "gateway_registry", "may_scrape", "render", "serve_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,19 +148,25 @@ async def serve_metrics(
     return server
 
 
+def may_scrape(host: str, allow: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether this peer may read /metrics (it names tenants): only `server.metrics_allow`. A
+    refusal is logged; the caller answers 404, so nobody else learns the route exists."""
+    try:
+        allowed = any(ip_address(host) in network for network in allow)
+    except ValueError:
+        allowed = False
+    if not allowed:
+        logger.info("GET /metrics -> 404: peer %s is not in server.metrics_allow", host)
+    return allowed
+
+
 def _metrics_response(
     head: bytes, peer: object, registry: CollectorRegistry, allow: Sequence[IPv4Network | IPv6Network]
 ) -> bytes:
     method, _, rest = head.partition(b" ")
     target = rest.partition(b" ")[0].partition(b"?")[0]
     host = peer[0] if isinstance(peer, tuple) and peer else ""
-    try:
-        allowed = any(ip_address(host) in network for network in allow)
-    except ValueError:
-        allowed = False
-    if method != b"GET" or target != b"/metrics" or not allowed:
-        if not allowed:
-            logger.info("GET /metrics -> 404: peer %s is not in server.metrics_allow", host)
+    if method != b"GET" or target != b"/metrics" or not may_scrape(host, allow):
         return _http(b"404 Not Found", b"application/json", b'{"error":"not found"}')
     return _http(b"200 OK", CONTENT_TYPE.encode(), render(registry))
 

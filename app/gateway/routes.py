@@ -6,7 +6,6 @@ import logging
 import math
 import re
 import time
-from ipaddress import ip_address
 
 import orjson
 from starlette.requests import Request
@@ -20,7 +19,7 @@ from app.errors import AuthError, RequestError
 from app.gateway.context import client_of, gateway_of
 from app.gateway.errors import handler_for
 from app.gateway.eventstream import EventStream, audit_fields
-from app.gateway.metrics import CONTENT_TYPE, render
+from app.gateway.metrics import CONTENT_TYPE, may_scrape, render
 from app.models import Principal, Selection, StreamId, Topic, is_valid_id
 from app.streams.codec import single_line_json
 
@@ -269,13 +268,7 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     # No token (a scraper has none), but only for the configured peers: it names tenants.
     peer = request.client.host if request.client else ""
-    try:
-        address = ip_address(peer)
-    except ValueError:
-        address = None
-    allowed = gateway_of(request).settings.server.metrics_allow
-    if address is None or not any(address in network for network in allowed):
-        logger.info("GET /metrics -> 404: peer %s is not in server.metrics_allow", peer)
+    if not may_scrape(peer, gateway_of(request).settings.server.metrics_allow):
         return JSONResponse({"error": "not found"}, status_code=404)
     return Response(render(request.app.metrics), media_type=CONTENT_TYPE)
 
