@@ -44,12 +44,9 @@ def client_address(request: Request, trusted: Sequence[str]) -> str:
     return peer
 
 
-def _ticket_key(ticket: str) -> str:
-    return hashlib.sha256(ticket.encode()).hexdigest()
-
-
-def session_key(session_id: str) -> str:
-    return hashlib.sha256(session_id.encode()).hexdigest()
+def _stored_as(secret: str) -> str:
+    """The key a ticket or session id is stored under: its SHA-256, so the store never holds one that works."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class Guard:
@@ -144,7 +141,7 @@ class Guard:
             raise AuthError("token expired")
         ticket = secrets.token_urlsafe(32)
         bound = principal if wells is None else principal.model_copy(update={"wells": frozenset(wells)})
-        await self._tickets.put(_ticket_key(ticket), bound.model_dump_json().encode(), ttl_s)
+        await self._tickets.put(_stored_as(ticket), bound.model_dump_json().encode(), ttl_s)
         audit("ticket-issued", sub=principal.subject, tenant=principal.tenant, wells=sorted(wells or ["*"]))
         return ticket
 
@@ -155,7 +152,7 @@ class Guard:
         if ttl_s < 1:
             raise AuthError("token expired")
         session_id = secrets.token_urlsafe(32)
-        key = session_key(session_id)
+        key = _stored_as(session_id)
         stored = principal.model_copy(update={"session": key})
         await self._sessions.put(key, stored.model_dump_json().encode(), ttl_s)
         return session_id
@@ -164,7 +161,7 @@ class Guard:
         """End the session on every gateway, its live streams included; its caller, if it was one."""
         if len(session_id) > 128:
             return None
-        key = session_key(session_id)
+        key = _stored_as(session_id)
         payload = await self._sessions.get(key)
         if payload is None:
             return None
@@ -176,7 +173,7 @@ class Guard:
     async def _session(self, session_id: str) -> Principal:
         if len(session_id) > 128:
             raise AuthError("invalid session")
-        payload = await self._sessions.get(session_key(session_id))
+        payload = await self._sessions.get(_stored_as(session_id))
         if payload is None:
             raise AuthError("session ended or expired: sign in again")
         principal = _stored_principal(payload, "session")
@@ -187,7 +184,7 @@ class Guard:
     async def redeem_ticket(self, ticket: str) -> Principal:
         if len(ticket) > 128:
             raise AuthError("invalid ticket")
-        payload = await self._tickets.take(_ticket_key(ticket))
+        payload = await self._tickets.take(_stored_as(ticket))
         if payload is None:
             raise AuthError("invalid, expired or already used ticket")
         principal = _stored_principal(payload, "ticket")
