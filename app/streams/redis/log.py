@@ -20,6 +20,7 @@ from app.streams.codec import MalformedValues, decode_event, decode_latest, show
 from app.streams.redis.client import redis_errors, script
 from app.streams.redis.feed import RedisFeed
 from app.streams.redis.keys import channel_name, clock_key, latest_key, log_key, producer_key, tenant_prefix, wells_key
+from app.streams.redis.stores import well_member
 from app.streams.seams import Deliver, LiveFeed
 
 logger = logging.getLogger(__name__)
@@ -93,11 +94,10 @@ class RedisStreamLog:
         clock_raw, *per_well = result
         reads = {}
         for raw_well, truncated, complete, entries, flat in per_well:
-            try:
-                topic = Topic(tenant, raw_well.decode())
-            except ValueError as exc:  # a member another producer added to the wells set
-                self._malformed.skip("wells", f"{wells_key(tenant)} member {shown(raw_well)}", exc)
+            well = well_member(tenant, raw_well, self._malformed)
+            if well is None:
                 continue
+            topic = Topic(tenant, well)
             events = self._events(topic, entries)
             latest = self._latest(topic, flat) if after is None or truncated else None
             reads[topic.well] = WellRead(events, bool(complete), bool(truncated), latest)

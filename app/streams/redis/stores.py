@@ -15,6 +15,20 @@ RENEW_CHUNK = 500  # leases per renew script call: keeps one call short while th
 RELEASE_CHUNK = 1000  # ZREMs per pipeline
 
 
+def well_member(tenant: str, member: bytes | str, malformed: MalformedValues) -> str | None:
+    """A member of the tenant's wells set as a well id; None (skipped and noted) if it is none:
+    another producer may have added anything there, and it must not be served or break a read."""
+    raw = member.encode() if isinstance(member, str) else member
+    try:
+        well = raw.decode()
+        if not is_valid_id(well):
+            raise ValueError("not a well id")
+    except ValueError as exc:
+        malformed.skip("wells", f"{wells_key(tenant)} member {shown(raw)}", exc)
+        return None
+    return well
+
+
 class RedisRegistry:
     def __init__(self, client: Redis, malformed: MalformedValues | None = None) -> None:
         self._client = client
@@ -23,19 +37,7 @@ class RedisRegistry:
     async def wells(self, tenant: str) -> list[str]:
         with redis_errors("list wells"):
             members = await self._client.smembers(wells_key(tenant))
-        return sorted(well for member in members if (well := self._well(tenant, member)) is not None)
-
-    def _well(self, tenant: str, member: bytes | str) -> str | None:
-        # Another producer may have added anything: a member that is no well id is skipped, not served.
-        raw = member.encode() if isinstance(member, str) else member
-        try:
-            well = raw.decode()
-            if not is_valid_id(well):
-                raise ValueError("not a well id")
-        except ValueError as exc:
-            self._malformed.skip("wells", f"{wells_key(tenant)} member {shown(raw)}", exc)
-            return None
-        return well
+        return sorted(well for member in members if (well := well_member(tenant, member, self._malformed)) is not None)
 
     async def has_well(self, tenant: str, well: str) -> bool:
         with redis_errors("check well"):
