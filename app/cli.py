@@ -22,7 +22,7 @@ from app.auth.revocation import subject_hash
 from app.auth.tokens import mint_token
 from app.errors import ServiceError, SiteError, SpoolError
 from app.gateway import devcert, server, workers
-from app.gateway.app import create_app
+from app.gateway.app import build_verifier, create_app
 from app.ingest.publisher import Publisher
 from app.ingest.sitefile import Site, load_site
 from app.ingest.worker import run_ingest
@@ -87,19 +87,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     toml = args.hypercorn_config
     if toml is not None and (args.server != "hypercorn" or not toml.is_file()):
         sys.exit(f"wellstream: --hypercorn-config needs --server hypercorn and an existing file: {toml}")
+    if args.workers > 1:
+        options = workers.ServeOptions(args.host, args.port, args.server, args.log_level, toml, args.metrics_port)
+        try:
+            build_verifier(settings)  # the key check create_app makes: the supervisor serves no app itself
+            workers.preflight(settings, options)
+        except ValueError as exc:
+            sys.exit(f"wellstream: cannot serve: {exc}")
+        sys.exit(workers.supervise(settings, options, args.workers))
     try:
         # Any one key source is enough (a public key needs no secret); a missing or unusable one,
         # or a public key without an audience, stops here with the reason.
         app = create_app(settings)
     except ValueError as exc:
         sys.exit(f"wellstream: cannot serve: {exc}")
-    if args.workers > 1:
-        options = workers.ServeOptions(args.host, args.port, args.server, args.log_level, toml, args.metrics_port)
-        try:
-            workers.preflight(settings, options)
-        except ValueError as exc:
-            sys.exit(f"wellstream: cannot serve: {exc}")
-        sys.exit(workers.supervise(settings, options, args.workers))
     if args.supervisor_pid is not None and not workers.die_with(args.supervisor_pid):
         sys.exit("wellstream: the supervisor of this worker is gone")
     reuse_port = worker is not None
