@@ -51,6 +51,7 @@ SUBSCRIBE_TIMEOUT_S = 5.0
 GOODBYES = {
     "drain": "server shutting down",
     "stalled": "stream stalled, resume (on any gateway)",
+    "silent": "stream stalled, resume (on any gateway)",
     "upstream-gap": "live feed interrupted, resume from history",
     "max-age": "stream reached its maximum age, resume (on any gateway)",
 }
@@ -143,8 +144,9 @@ class EventStream:
                 async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
                     expires_at = self.principal.expires_at if self.principal else None
                     selection = self.selection
+                    held_back_s = 1 / selection.max_rate if selection.max_rate is not None else 0.0
                     self._sub = await self.hub.subscribe(
-                        selection.tenant, selection.wells, selection.tags, expires_at, self._interrupt
+                        selection.tenant, selection.wells, selection.tags, expires_at, self._interrupt, held_back_s
                     )
             except TimeoutError:
                 raise BrokerError("subscribe", f"no confirmation within {SUBSCRIBE_TIMEOUT_S} s") from None

@@ -7,7 +7,10 @@ never blocks the hub: when its queue is full it is ended (and counted), and its 
 resumes from history by Last-Event-ID.
 
 Timers are not per connection: one sweeper marks heartbeats due and ends streams whose send
-has been stuck longer than the send timeout, whose token expired, or that reached their age.
+has been stuck longer than the send timeout, whose token expired, that reached their age, or
+that are open but silent: a reading of their wells waited unsent, or was fanned out and never
+reached them (see Subscriber). The hop before the hub, Redis to this process, is checked by
+the feed audit (app/gateway/feedaudit.py).
 
 When the live feed drops and comes back, open streams stay open (heartbeats go on) and the
 hub fills the gap in place (app/gateway/gapfill.py).
@@ -25,6 +28,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 
 from app.errors import BrokerError
+from app.gateway.feedaudit import FeedAudit
 from app.gateway.gapfill import GapFill
 from app.gateway.sse import reading_frame
 from app.gateway.stats import HubStats
@@ -52,7 +56,19 @@ class Channel:
     registered after they opened).
     """
 
-    __slots__ = ("by_well", "everything", "floor", "held", "last_id", "members", "ready", "stats", "tenant")
+    __slots__ = (
+        "by_well",
+        "everything",
+        "floor",
+        "held",
+        "last_id",
+        "last_published",
+        "members",
+        "published",
+        "ready",
+        "stats",
+        "tenant",
+    )
 
     def __init__(self, tenant: str, stats: HubStats) -> None:
         self.tenant = tenant
@@ -66,6 +82,10 @@ class Channel:
         # After a fill, live messages already sent from history may still be in flight on the
         # Pub/Sub connection (history answered first): they are dropped up to here.
         self.floor: StreamId | None = None
+        # Loop time each well last had a reading fanned out (and any well): what the sweeper holds
+        # each stream's sends against, so a stream the fan-out never reached is noticed too.
+        self.published: dict[str, float] = {}
+        self.last_published = 0.0
 
     def add(self, sub: Subscriber) -> None:
         self.members.add(sub)
@@ -91,6 +111,15 @@ class Channel:
         """The wells a gap fill must read: None when some stream wants every well."""
         return None if self.everything else sorted(self.by_well)
 
+    def published_for(self, sub: Subscriber) -> float:
+        """When a reading this stream wants was last fanned out; 0 for a stream of some tags only."""
+        if sub.tags is not None:
+            return 0.0
+        if sub.wells is None:
+            return self.last_published
+        published = self.published
+        return max([published.get(well, 0.0) for well in sub.wells], default=0.0)
+
     def subscribers_of(self, wells: set[str]) -> set[Subscriber]:
         found = set(self.everything)
         for well in wells:
@@ -113,7 +142,9 @@ class Channel:
 
     def fan_out(self, event: StreamEvent) -> None:
         self.last_id = event.id
-        frame = Frame(event.id, reading_frame(event), event.ts, time.monotonic(), event.well, event.tag)
+        now = time.monotonic()
+        self.published[event.well] = self.last_published = now
+        frame = Frame(event.id, reading_frame(event), event.ts, now, event.well, event.tag)
         subs = self.by_well.get(event.well)
         if subs:
             self._offer(subs, frame, event.tag)
@@ -156,7 +187,8 @@ class Hub:
         queue_size: frames a subscriber may have queued before it is ended as slow.
         heartbeat_s: a stream that sent nothing for this long gets a heartbeat.
         send_timeout_s: a send stuck this long ends the stream (a peer that stopped reading).
-        stall_s: a reading queued this long without being sent ends the stream (see Subscriber.sweep).
+        stall_s: a reading queued this long without being sent ends the stream (see Subscriber.sweep);
+            also the round of the feed audit (app/gateway/feedaudit.py).
         replay_page: history entries read per round trip when a gap is filled.
         max_age_s: streams end (with a goodbye and retry) after 75-100 % of this, so clients
             rebalance onto gateways added since; None keeps streams open for as long as they last.
@@ -194,6 +226,10 @@ class Hub:
         self._gap_fill = GapFill(self._log, self._feed, self._channels, self._replay_page, self.stats)
         self._feed.on_gap = self._gap_fill.start
         self._stack.push_async_callback(self._gap_fill.aclose)
+        fill = self._gap_fill
+        audit = FeedAudit(self._log, self._feed, self._channels, self.stats, lambda: fill.running, self.stall_s)
+        audit.start()
+        self._stack.push_async_callback(audit.aclose)
         self._sweeper = asyncio.create_task(self._sweep(), name="hub-sweeper")
         self._stack.push_async_callback(self._stop_sweeper)
         return self
@@ -248,11 +284,13 @@ class Hub:
         tags: frozenset[str] | None = None,
         expires_at: float | None = None,
         interrupt: Callable[[], object] | None = None,
+        grace_s: float = 0.0,
     ) -> Subscriber:
         """A new subscriber; returns once live delivery is guaranteed.
 
         `expires_at` (epoch seconds): the stream is ended with reason "auth-expired" then.
         `interrupt`: how to break off the stream's send when it must end while the send is stuck.
+        `grace_s`: how long the stream holds a reading back on purpose (a conflated stream's interval).
 
         Raises BrokerError when the upstream subscription fails. The upstream subscribe runs in
         a task owned by the hub: one caller going away cannot fail the others waiting on it.
@@ -261,7 +299,7 @@ class Hub:
         now = asyncio.get_running_loop().time()
         # Jittered so streams opened together (after a restart) do not all retire together.
         retire_at = now + self.max_age_s * random.uniform(0.75, 1.0) if self.max_age_s else math.inf
-        sub = Subscriber(tenant, wells, tags, self.queue_for(wells), now, expires_at, retire_at, interrupt)
+        sub = Subscriber(tenant, wells, tags, self.queue_for(wells), now, expires_at, retire_at, interrupt, grace_s)
         self._idle.clear()
         channel = self._channels.get(tenant)
         if channel is None:
@@ -348,7 +386,8 @@ class Hub:
             now, wall = loop.time(), time.time()
             for channel in list(self._channels.values()):
                 for sub in list(channel.members):
-                    reason = sub.sweep(now, wall, self.heartbeat_s, self.send_timeout_s, self.stall_s)
+                    published_at = channel.published_for(sub)
+                    reason = sub.sweep(now, wall, self.heartbeat_s, self.send_timeout_s, self.stall_s, published_at)
                     if reason == "send-timeout":
                         self.stats.send_timeouts += 1
                         logger.warning("stream on %s ended: send stuck for %.1f s", sub.tenant, sub.stuck_for(now))
@@ -358,6 +397,14 @@ class Hub:
                             "stream on %s ended: a reading waited %.1f s unsent (a silent stream; it resumes)",
                             sub.tenant,
                             sub.waiting_for(now),
+                        )
+                    elif reason == "silent":
+                        self.stats.silent += 1
+                        logger.error(
+                            "stream on %s ended: its wells published %.1f s ago and nothing reached it"
+                            " (an open but silent stream; it resumes)",
+                            sub.tenant,
+                            sub.silent_for(now),
                         )
                     if reason is not None:
                         sub.end(reason, now)

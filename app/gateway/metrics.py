@@ -79,6 +79,18 @@ class GatewayCollector(Collector):
             stats.stalled,
         )
         yield counter(
+            "wellstream_silent_streams",
+            "Streams ended because their wells published and no reading reached them within stream.stall_s:"
+            " should stay 0",
+            stats.silent,
+        )
+        yield counter(
+            "wellstream_feed_silences",
+            "Times the live feed had not delivered what the log's clock said was published, and was reconnected:"
+            " should stay 0",
+            stats.feed_silences,
+        )
+        yield counter(
             "wellstream_stale_marked",
             "Tags this gateway marked stale because the ingest worker feeding them stopped renewing its lease",
             stats.stale_marked,

@@ -49,6 +49,8 @@ class HubStats:
     slow_disconnects: int = 0
     send_timeouts: int = 0
     stalled: int = 0  # streams ended because a reading waited unsent past stream.stall_s: should stay 0
+    silent: int = 0  # streams ended because their wells published and nothing reached them: should stay 0
+    feed_silences: int = 0  # times the live feed fell behind the log's clock and was reconnected: should stay 0
     stale_marked: int = 0  # tags this gateway's lease sweeps marked stale (their ingest worker stopped)
     gap_fills: int = 0  # gaps filled from history after the live feed came back
     gap_events: int = 0  # events fanned out from history when the live feed came back

@@ -5,6 +5,11 @@ stream's writer takes them. Every other field is written only by this class's me
 writer reports its sends (`sending`, `sent`) and its catch-up (`caught_up`), the hub's sweeper
 asks `sweep()`, and anyone may `end()` the stream. Nothing here cancels a task on its own:
 ending a stream whose send is stuck calls the `interrupt` its owner gave it.
+
+Two checks keep a stream from being open and silent. One looks at the queue: a frame that
+waited unsent past `stall_s` ("stalled"). The other does not trust the queue: the hub says
+when the stream's wells last published, and a publish that no completed send has covered
+within `stall_s` ends the stream ("silent"), whatever kept the frame from the queue.
 """
 
 from __future__ import annotations
@@ -42,9 +47,13 @@ class Subscriber:
         "_last_send",
         "_sending_since",
         "_skip_through",
+        "_taken_through",
+        "_uncovered_since",
+        "delivered_through",
         "end_reason",
         "expires_at",
         "frames",
+        "grace_s",
         "max_queued",
         "retire_at",
         "tags",
@@ -63,6 +72,7 @@ class Subscriber:
         expires_at: float | None = None,
         retire_at: float = math.inf,
         interrupt: Callable[[], object] | None = None,
+        grace_s: float = 0.0,
     ) -> None:
         self.tenant = tenant
         self.wells = wells  # None: every well of the tenant, including wells registered later
@@ -79,6 +89,12 @@ class Subscriber:
         self._last_send = now
         self._sending_since = 0.0
         self._ended_at = 0.0
+        # Loop times of fan-outs: every frame queued up to `delivered_through` has gone out (or was
+        # covered by the catch-up); `_taken_through` is the newest taken, going out with the send.
+        self.delivered_through = now
+        self._taken_through = now
+        self._uncovered_since = 0.0  # a publish the sweeper saw after delivered_through, until covered
+        self.grace_s = grace_s  # how long this stream may hold a reading back on purpose (conflation)
 
     # The writer's side.
 
@@ -89,6 +105,7 @@ class Subscriber:
         heartbeat, self._heartbeat_due = self._heartbeat_due, False
         if not frames:
             return [], 0.0, heartbeat
+        self._taken_through = frames[-1][3]
         skip = self._skip_through
         # Unpacked, not by field name: this runs once per event per stream.
         if skip is None:
@@ -97,17 +114,23 @@ class Subscriber:
             chunks = [frame[1] for frame in frames if frame[0] > skip]
             if chunks:
                 self._skip_through = None  # ids only grow: once one passes, all later ones do
+            else:
+                self.delivered_through = self._taken_through  # the catch-up sent them all
         return chunks, frames[0][2], heartbeat
 
     def take_frames(self) -> tuple[list[Frame], bool]:
         """Like `take`, but the frames themselves (a conflating writer keys them by well and tag)."""
         frames, self.frames = self.frames, []
         heartbeat, self._heartbeat_due = self._heartbeat_due, False
+        if frames:
+            self._taken_through = frames[-1].queued_at
         skip = self._skip_through
         if skip is not None:
             frames = [frame for frame in frames if frame.id > skip]
             if frames:
                 self._skip_through = None
+            else:
+                self.delivered_through = self._taken_through  # the catch-up sent them all
         return frames, heartbeat
 
     async def wait(self, timeout_s: float | None = None) -> None:
@@ -135,6 +158,7 @@ class Subscriber:
         self._sending_since = 0.0
         self._ended_at = 0.0
         self._last_send = now
+        self.delivered_through = self._taken_through
 
     @property
     def caught_up_to(self) -> StreamId | None:
@@ -143,8 +167,19 @@ class Subscriber:
 
     # The hub's side.
 
-    def sweep(self, now: float, wall: float, heartbeat_s: float, send_timeout_s: float, stall_s: float) -> str | None:
+    def sweep(
+        self,
+        now: float,
+        wall: float,
+        heartbeat_s: float,
+        send_timeout_s: float,
+        stall_s: float,
+        published_at: float = 0.0,
+    ) -> str | None:
         """The sweeper's look at this stream: the reason it must end now, if any; marks a heartbeat due.
+
+        `published_at`: when the hub last fanned out a reading of this stream's wells (0: unknown,
+        as for a stream of some tags only, which its wells' other tags would not reach).
 
         The invariant it keeps: an open stream delivers every reading of its wells, or it is
         ended (with a retry hint) within `stall_s` of the first reading it failed to send, and a
@@ -162,6 +197,13 @@ class Subscriber:
             return "send-timeout"
         if self.waiting_for(now) > stall_s:
             return "stalled"
+        if published_at > self.delivered_through:
+            # The sweeper sees only each well's latest publish, so it keeps the first one it saw
+            # uncovered: at most one sweep later than the publish that was really missed.
+            if self._uncovered_since <= self.delivered_through:
+                self._uncovered_since = published_at
+            elif self.silent_for(now) > stall_s + self.grace_s:
+                return "silent"
         if now - self._last_send >= heartbeat_s and not self._heartbeat_due:
             self._heartbeat_due = True
             self.wake()
@@ -169,6 +211,12 @@ class Subscriber:
 
     def stuck_for(self, now: float) -> float:
         return now - self._sending_since if self._sending_since else 0.0
+
+    def silent_for(self, now: float) -> float:
+        """How long since its wells published a reading that no completed send has covered (as the
+        sweeper saw it)."""
+        since = self._uncovered_since
+        return now - since if since > self.delivered_through else 0.0
 
     def waiting_for(self, now: float) -> float:
         """How long the oldest reading queued for this stream has waited to be sent."""

@@ -65,6 +65,12 @@ class _MemoryFeed:
     async def unsubscribe(self, tenant: str) -> None:
         self.tenants.discard(tenant)
 
+    async def restart(self, why: str) -> None:
+        # Nothing in process can be lost, but the hub's repair path is the same: a gap to fill.
+        self.reconnects += 1
+        if self.on_gap is not None:
+            self.on_gap()
+
 
 class MemoryRegistry:
     def __init__(self) -> None:
@@ -161,6 +167,9 @@ class MemoryStreamLog:
             complete = len(events) < count
             reads[well] = WellRead(events, complete, truncated, dict(log.latest) if truncated else None)
         return TenantRead(clock, reads)
+
+    async def clocks(self, tenants: Sequence[str]) -> dict[str, StreamId]:
+        return {tenant: self._clocks.get(tenant, ZERO_ID) for tenant in tenants}
 
     def latest(self, topic: Topic) -> dict[str, bytes]:
         """Tag -> the latest reading's JSON, for the worker leases' stale verdict."""

@@ -55,6 +55,10 @@ class LiveFeed(Protocol):
     async def unsubscribe(self, tenant: str) -> None:
         """Stop delivery for a tenant."""
 
+    async def restart(self, why: str) -> None:
+        """Start over on a new connection: resubscribe every tenant, then `on_gap` (the feed was
+        found to have lost events while connected)."""
+
 
 class StreamLog(Protocol):
     """Stores readings per well and announces them.
@@ -91,6 +95,10 @@ class StreamLog(Protocol):
         snapshot (each well's latest values, no events); else up to `count` entries of each
         well after `after`, and the latest values of the wells found truncated.
         """
+
+    async def clocks(self, tenants: Sequence[str]) -> dict[str, StreamId]:
+        """Each tenant's newest id issued (0-0 for none yet): every id up to it has been announced.
+        A tenant whose clock holds no id (another producer wrote it) is left out."""
 
     async def range(self, topic: Topic, after: StreamId, upto: StreamId, limit: int) -> History:
         """Up to `limit` entries of one well with `after` < id <= `upto`, oldest first (a follow-up

@@ -92,12 +92,39 @@ async def test_a_stream_that_stops_sending_while_its_well_publishes_is_ended_not
             await broker.log.publish([reading(1.0)])
             while silent.end_reason is None:
                 flowing.take()  # this one's writer keeps up
+                flowing.sent(asyncio.get_running_loop().time())
                 await broker.log.publish([reading(2.0)])
                 await asyncio.sleep(0.05)
             assert silent.end_reason == "stalled"
             assert flowing.end_reason is None, "a stream that keeps sending is left alone"
             assert hub.stats.stalled == 1
             await hub.unsubscribe(silent)
+            await hub.unsubscribe(flowing)
+
+
+@pytest.mark.parametrize("wells", [frozenset({"w1"}), frozenset({"w1", "w2"}), None], ids=["well", "wells", "all"])
+async def test_a_stream_the_fan_out_no_longer_reaches_is_ended_not_left_silent(wells: frozenset[str] | None) -> None:
+    # Nothing in the hub drops a stream from its index on purpose; a bug that did would leave the
+    # stream with an empty queue, which the stalled check cannot see. The sweeper holds each
+    # stream's completed sends against its wells' publishes instead of trusting the queue.
+    broker = memory_broker()
+    with anyio.fail_after(10):
+        async with Hub(broker.log, heartbeat_s=0.4, stall_s=0.5) as hub:
+            lost = await hub.subscribe("acme", wells)
+            flowing = await hub.subscribe("acme", wells)
+            channel = hub._channels["acme"]
+            for subs in (channel.everything, *channel.by_well.values()):
+                subs.discard(lost)
+            while lost.end_reason is None:
+                flowing.take()  # this one's writer keeps up and its sends complete
+                flowing.sent(asyncio.get_running_loop().time())
+                await broker.log.publish([reading(2.0)])
+                await asyncio.sleep(0.05)
+            assert lost.end_reason == "silent"
+            assert not lost.frames, "nothing ever reached it: the queue check alone would have left it open"
+            assert flowing.end_reason is None, "a stream whose sends keep up is left alone"
+            assert (hub.stats.silent, hub.stats.stalled) == (1, 0)
+            await hub.unsubscribe(lost)
             await hub.unsubscribe(flowing)
 
 

@@ -170,6 +170,31 @@ async def test_live_feed_delivers_subscribed_tenants_only_in_id_order(backend: B
                 assert len(got) == 22, "after unsubscribing, only the marker came"
 
 
+async def test_clocks_give_each_tenants_newest_id_and_zero_for_a_tenant_with_none(backend: Backend) -> None:
+    with anyio.fail_after(5):
+        async with backend.open() as broker:
+            assert await broker.log.clocks([]) == {}
+            acme = await broker.log.publish([reading(1.0), reading(2.0, well="w2")])
+            globex = await broker.log.publish([reading(3.0, tenant="globex")])
+            clocks = await broker.log.clocks(["acme", "globex", "initech"])
+            assert clocks == {"acme": acme[-1], "globex": globex[-1], "initech": ZERO_ID}
+
+
+async def test_a_restarted_feed_reports_a_gap_and_delivers_again(backend: Backend) -> None:
+    with anyio.fail_after(10):
+        async with backend.open() as broker:
+            got: list[StreamEvent] = []
+            gaps: list[int] = []
+            async with broker.log.live_feed(lambda tenant, event: got.append(event)) as feed:
+                feed.on_gap = lambda: gaps.append(feed.reconnects)
+                await feed.subscribe("acme")
+                await feed.restart("the test asks for it")
+                await wait_until(lambda: gaps == [1] and feed.connected)
+                await feed.confirmed("acme")
+                [stream_id] = await broker.log.publish([reading(1.0)])
+                await wait_until(lambda: [event.id for event in got] == [stream_id])
+
+
 async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
     with anyio.fail_after(5):
         async with connect_redis(redis_url) as broker:

@@ -140,6 +140,14 @@ class RedisFeed:
         if self._topics.pop(channel, None) is not None:
             self._commands.put_nowait((self._generation, b"UNSUBSCRIBE", channel))
 
+    async def restart(self, why: str) -> None:
+        # Closing the socket under the reader breaks its read: it reconnects, resubscribes every
+        # topic and calls on_gap, the same path as a connection Redis dropped.
+        conn = self._conn
+        if conn is not None and self._connected.is_set():
+            logger.warning("redis pubsub connection restarted: %s", why)
+            await conn.disconnect()
+
     async def _write_forever(self) -> None:
         while not self._closing:  # redis-py may swallow our cancel inside send_command
             generation, *command = await self._commands.get()

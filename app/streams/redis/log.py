@@ -120,6 +120,20 @@ class RedisStreamLog:
         text = raw.decode() if isinstance(raw, bytes) else raw
         return StreamId.parse(text) if text else StreamId(0, 0)
 
+    async def clocks(self, tenants: Sequence[str]) -> dict[str, StreamId]:
+        if not tenants:
+            return {}
+        with redis_errors("read clocks"):
+            raw = await self._client.mget([clock_key(tenant) for tenant in tenants])
+        clocks = {}
+        for tenant, value in zip(tenants, raw, strict=True):
+            try:
+                text = value.decode() if isinstance(value, bytes) else value
+                clocks[tenant] = StreamId.parse(text) if text else StreamId(0, 0)
+            except (UnicodeDecodeError, ValueError):
+                continue  # not an id (another producer wrote it): nothing to check that tenant against
+        return clocks
+
     async def range(self, topic: Topic, after: StreamId, upto: StreamId, limit: int) -> History:
         if not after < upto:
             return History([], False, after, more=False)
