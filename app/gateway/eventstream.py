@@ -196,6 +196,7 @@ class EventStream:
         return retry_frame(self.stream.retry_ms) + chunk
 
     async def _catch_up(self, sub: Subscriber) -> AsyncIterator[bytes]:
+        sub.catching_up()
         stats = self.hub.stats
         selection = self.selection
         wells = sorted(selection.wells) if selection.wells is not None else None
@@ -213,6 +214,7 @@ class EventStream:
             frames = [reading_frame(e) for e in events if selection.tags is None or e.tag in selection.tags]
             self.events_sent += len(frames)
             yield b"".join(frames)
+            sub.catching_up()  # the next page's read: what queues meanwhile waits on it, not on a send
         sub.caught_up(merge.clock)
         if merge.interrupted:  # a slow replay overtaken by trimming: start over from the last id sent
             sub.end("upstream-gap")

@@ -45,6 +45,7 @@ class Subscriber:
         "_heartbeat_due",
         "_interrupt",
         "_last_send",
+        "_live_from",
         "_sending_since",
         "_skip_through",
         "_taken_through",
@@ -94,6 +95,9 @@ class Subscriber:
         self.delivered_through = now
         self._taken_through = now
         self._uncovered_since = 0.0  # a publish the sweeper saw after delivered_through, until covered
+        # Monotonic time (Frame.queued_at's clock) from which the writer can send what is queued:
+        # 0 for a stream that sends from the start, inf while a catch-up reads (see catching_up).
+        self._live_from = 0.0
         self.grace_s = grace_s  # how long this stream may hold a reading back on purpose (conflation)
 
     # The writer's side.
@@ -147,9 +151,22 @@ class Subscriber:
             if timer is not None:
                 timer.cancel()
 
+    def catching_up(self) -> None:
+        """A catch-up read (the snapshot, a page of replay) starts: until it answers, what queues
+        or publishes meanwhile is not held against this stream.
+
+        The writer cannot send before the read answers, and a stream's 200 goes out with its first
+        chunk, so its client is not looking at an open, silent stream; each read is bounded by the
+        broker's own timeouts (a 503 before the 200, else the stream ends). Counting that wait ended
+        streams admitted under load, whose snapshot read waited past `stall_s` for a pooled Redis
+        connection, as "stalled" right after their 200 and snapshot (docs/performance.md).
+        """
+        self._live_from = math.inf
+
     def caught_up(self, cursor: StreamId) -> None:
         """The catch-up sent everything up to `cursor`: queued frames up to it are not sent again."""
         self._skip_through = cursor
+        self._live_from = time.monotonic()
 
     def sending(self, now: float) -> None:
         self._sending_since = now
@@ -214,14 +231,15 @@ class Subscriber:
 
     def silent_for(self, now: float) -> float:
         """How long since its wells published a reading that no completed send has covered (as the
-        sweeper saw it)."""
+        sweeper saw it), counted as `waiting_for` is."""
         since = self._uncovered_since
-        return now - since if since > self.delivered_through else 0.0
+        return now - max(since, self._live_from) if since > self.delivered_through else 0.0
 
     def waiting_for(self, now: float) -> float:
-        """How long the oldest reading queued for this stream has waited to be sent."""
+        """How long the oldest reading queued for this stream has waited to be sent, counted from when
+        the writer could send it: never more than since the catch-up answered (none while it reads)."""
         frames = self.frames
-        return now - frames[0][3] if frames else 0.0
+        return now - max(frames[0][3], self._live_from) if frames else 0.0
 
     def end(self, reason: str, now: float = 0.0) -> None:
         """Ask the stream to end. 'drain' and 'max-age' end it cleanly, after the send in progress;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 
 import anyio
 import pytest
@@ -11,7 +12,7 @@ from starlette.types import Message
 
 from app.gateway.eventstream import EventStream
 from app.gateway.hub import Hub
-from app.models import Selection, StreamId, Topic
+from app.models import Selection, StreamId, TenantRead, Topic
 from app.settings import HistorySettings, StreamSettings
 from app.streams.memory import memory_broker
 from tests.conftest import wait_until
@@ -184,3 +185,52 @@ async def test_a_burst_across_a_field_is_not_taken_for_a_slow_client() -> None:
             assert one.end_reason == "slow", "a per-well stream keeps its own queue size"
             await hub.unsubscribe(field)
             await hub.unsubscribe(one)
+
+
+async def test_a_stream_whose_catch_up_read_waits_is_not_ended_as_stalled() -> None:
+    # As under a burst of opens, when the snapshot read waits for a pooled Redis connection longer
+    # than stall_s: the stream has no 200 yet, so it is not silent; it used to get its 200 and snapshot
+    # and then at once "stream stalled" (docs/performance.md, admission while publishing).
+    broker = memory_broker()
+    read = broker.log.read
+    reading_now = asyncio.Event()
+
+    async def slow_read(tenant: str, wells: Sequence[str] | None, after: StreamId | None, count: int) -> TenantRead:
+        reading_now.set()
+        await asyncio.sleep(1.0)
+        return await read(tenant, wells, after, count)
+
+    broker.log.read = slow_read  # type: ignore[method-assign]
+    with anyio.fail_after(10):
+        async with Hub(broker.log, heartbeat_s=0.2, stall_s=0.3) as hub:
+            stream = EventStream(hub, broker.log, W1, None, StreamSettings(), HistorySettings())
+            sub = await hub.subscribe("acme", W1.wells)
+            pages = stream._catch_up(sub)
+
+            async def first_page() -> bytes:
+                return await anext(pages)
+
+            snapshot = asyncio.create_task(first_page())
+            await reading_now.wait()
+            await broker.log.publish([reading(1.0)])  # queued while the read waits
+            assert b"event: snapshot" in await snapshot
+            assert sub.end_reason is None, "a catch-up that waits on the broker is not a stalled stream"
+            chunks, _, _ = sub.take()
+            assert chunks == [], "the snapshot, read after it was published, already holds it"
+            await asyncio.sleep(0.6)  # nothing queued now: the sweeper still has nothing to end
+            assert sub.end_reason is None
+            await hub.unsubscribe(sub)
+
+
+async def test_a_reading_queued_after_the_catch_up_and_never_sent_still_ends_the_stream() -> None:
+    broker = memory_broker()
+    with anyio.fail_after(10):
+        async with Hub(broker.log, heartbeat_s=0.2, stall_s=0.3) as hub:
+            stream = EventStream(hub, broker.log, W1, None, StreamSettings(), HistorySettings())
+            sub = await hub.subscribe("acme", W1.wells)
+            async for _ in stream._catch_up(sub):
+                pass
+            await broker.log.publish([reading(1.0)])  # nobody takes it: a writer that stopped
+            await wait_until(lambda: sub.end_reason is not None)
+            assert sub.end_reason == "stalled"
+            await hub.unsubscribe(sub)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from importlib import resources
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from app.errors import BrokerError
@@ -33,12 +37,48 @@ def script(client: Redis, name: str, *, after: tuple[str, ...] = ()) -> AsyncScr
     return client.register_script(source)
 
 
+class FairConnectionPool(aioredis.BlockingConnectionPool):
+    """redis-py's blocking pool, handing its connections out in the order they were asked for.
+
+    redis-py's own lets a caller that arrives just as a connection comes back take it ahead of
+    those already waiting, and a waiter it woke that lost that race waits again at the back. Under
+    a burst of stream opens (5,000 at once while readings flow, three round trips each) most
+    callers got a connection at once while hundreds waited out the pool's 10 s timeout and their
+    streams were refused with a 503 (docs/performance.md, admission while publishing). A FIFO
+    semaphore in front lets at most `max_connections` callers into the pool, so it never blocks
+    and no caller is passed: the longest wait is the queue ahead of it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(self.max_connections)  # FIFO: no barging since Python 3.11.1
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("No connection available.") from None  # what the pool itself raises
+        try:
+            connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self._turns.release()
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            self._turns.release()
+
+
 def open_client(url: str, max_connections: int, timeout_s: float) -> Redis:
     """`timeout_s` bounds every command and connect, so a frozen Redis (SIGSTOP, a dead host
     without a RST) turns into a BrokerError instead of a request that hangs for ever."""
-    # A blocking pool: a burst of stream opens waits for one of a bounded set of connections
-    # instead of failing with "Too many connections".
-    pool = aioredis.BlockingConnectionPool.from_url(
+    # A blocking pool: a burst of stream opens waits, in turn, for one of a bounded set of
+    # connections instead of failing with "Too many connections".
+    pool = FairConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=10,
