@@ -47,6 +47,12 @@ class StreamSettings(BaseModel):
 class RedisSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    cluster: bool = Field(
+        False, description="redis_url names any one node of a Redis Cluster (sharded Pub/Sub; slot moves followed)"
+    )
+    min_replicas_ack: int | None = Field(
+        None, ge=0, description="replicas that must have a published batch before it counts as stored; None: 1 if any"
+    )
     timeout_s: float = Field(5, gt=0, description="bound on every Redis command and connect (a frozen Redis)")
     ping_interval_s: float = Field(
         5, gt=0, description="live feed health check; three missed pongs and it reconnects and fills the gap"

@@ -31,6 +31,7 @@ from app.gateway.hub import Hub
 from app.gateway.server import serve_until
 from app.settings import Settings
 from app.streams.seams import Broker
+from tests.cluster import LocalCluster
 
 
 @pytest.fixture
@@ -93,7 +94,9 @@ def stop_process(process: subprocess.Popen[bytes] | None) -> None:
 class RedisServer:
     """A redis-server subprocess on a free loopback port, data in a temp dir."""
 
-    def __init__(self, workdir: Path, appendonly: bool = False, appendfsync: str = "everysec") -> None:
+    def __init__(
+        self, workdir: Path, appendonly: bool = False, appendfsync: str = "everysec", replica_of: int | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run `make test`, which installs it")
@@ -109,6 +112,8 @@ class RedisServer:
             "--dir",
             str(workdir),
         ]
+        if replica_of is not None:  # a replica of the redis-server on that port
+            self._cmd += ["--replicaof", "127.0.0.1", str(replica_of)]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -177,6 +182,25 @@ def redis_url(redis_server: RedisServer) -> str:
     with redis_server.client() as client:
         client.flushall()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One six-node Redis Cluster for the session (about 3-4 s to start); tests get it through `redis_cluster`."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(cluster_servers: LocalCluster) -> LocalCluster:
+    """The session's cluster, healthy and empty: a node an earlier test killed is restarted (it
+    rejoins as a replica, well under a second) and every primary is flushed. Slots may sit anywhere: a test
+    asks `owner_of(key)` instead of assuming the initial layout."""
+    cluster_servers.heal()
+    cluster_servers.flushall()
+    return cluster_servers
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -31,6 +31,7 @@ class PacedPublisher:
     acknowledged: dict[str, list[StreamId]] = field(default_factory=dict)
     refused: int = 0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    gate: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by a test: no batch is in flight
     _n: int = 0
 
     async def run(self) -> None:
@@ -43,7 +44,8 @@ class PacedPublisher:
                 batch.append(make_reading(float(self._n), well=well))
                 self._n += 1
             try:
-                ids = await asyncio.wait_for(self.broker.log.publish(batch), 2)
+                async with self.gate:
+                    ids = await asyncio.wait_for(self.broker.log.publish(batch), 2)
             except (BrokerError, TimeoutError):
                 self.refused += 1
             else:

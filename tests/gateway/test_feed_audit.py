@@ -42,7 +42,7 @@ async def test_a_subscription_lost_while_connected_is_repaired_and_no_reading_is
             assert feed._conn is not None
             # What a slot moving on Redis Cluster does to a sharded subscription (and what a
             # bookkeeping bug could do): the subscription is gone, the connection stays up.
-            await feed._conn.send_command("UNSUBSCRIBE", channel_name("audit"))
+            await feed._conn.send_command("SUNSUBSCRIBE", channel_name("audit"))
             for value in range(1, 40):
                 published += await broker.log.publish([make_reading(float(value), tenant="audit")])
                 await asyncio.sleep(0.1)

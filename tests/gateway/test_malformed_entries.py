@@ -83,7 +83,7 @@ class Intruder:
         await self.client.hset(latest_key(topic), mapping=values)  # type: ignore[arg-type]
 
     async def append(self, topic: Topic, payloads: list[bytes], live: bool = True) -> list[str]:
-        """XADD (and PUBLISH, if `live`) each payload with the tenant's next id, as the layout says."""
+        """XADD (and SPUBLISH, if `live`) each payload with the tenant's next id, as the layout says."""
         raw = await self.client.get(clock_key(topic.tenant))
         text = raw.decode() if isinstance(raw, bytes) else raw
         clock = StreamId.parse(text) if text else StreamId(0, 0)
@@ -91,13 +91,13 @@ class Intruder:
         for stream_id, payload in zip(ids, payloads, strict=True):
             await self.client.xadd(log_key(topic), {"r": payload}, id=stream_id)
             if live:
-                await self.client.publish(channel_name(topic.tenant), stream_id.encode() + b" " + payload)
+                await self.client.spublish(channel_name(topic.tenant), stream_id.encode() + b" " + payload)
         await self.client.set(clock_key(topic.tenant), ids[-1])
         return ids
 
     async def announce(self, tenant: str, message: bytes) -> None:
         """A live message only: nothing in the log."""
-        await self.client.publish(channel_name(tenant), message)
+        await self.client.spublish(channel_name(tenant), message)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Each seam's conformance suite runs on both backends: the memory broker and a real redis-server.
+"""Each seam's conformance suite runs on every backend: the memory broker, a real redis-server and a
+real six-node Redis Cluster (tests/cluster.py).
 
 `backend.advance(s)` moves time on: the memory broker's injected clocks jump, Redis (whose TTLs and
 trimming use the server's own clock) is waited for. An assertion that something expired can then
@@ -18,6 +19,7 @@ import pytest
 from app.streams.memory import memory_broker
 from app.streams.redis import connect_redis
 from app.streams.seams import Broker
+from tests.cluster import LocalCluster
 
 
 class FakeClock:
@@ -46,13 +48,28 @@ class Backend:
             await asyncio.sleep(seconds)
 
 
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def kind(request: pytest.FixtureRequest) -> str:
+    """Every seam's suite runs on the memory broker, one redis-server, and a six-node Redis Cluster."""
+    return str(request.param)
+
+
+@pytest.fixture
+def url(kind: str, request: pytest.FixtureRequest) -> str:
+    """Only the variant that needs a server starts (and flushes) it."""
+    if kind == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        return cluster.startup_url
+    return str(request.getfixturevalue("redis_url")) if kind == "redis" else ""
+
+
 @pytest.fixture
 def backend(kind: str, url: str) -> Backend:
-    if kind == "redis":
+    if kind in ("redis", "cluster"):
 
         @contextlib.asynccontextmanager
         async def open_redis(max_len: int = 10_000, max_age_s: float = 0) -> AsyncIterator[Broker]:
-            async with connect_redis(url, max_len=max_len, max_age_s=max_age_s) as broker:
+            async with connect_redis(url, max_len=max_len, max_age_s=max_age_s, cluster=kind == "cluster") as broker:
                 yield broker
 
         return Backend(kind, open_redis, None)

@@ -200,11 +200,12 @@ async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
         async with connect_redis(redis_url) as broker:
             client = redis.asyncio.Redis.from_url(redis_url)
             pubsub = client.pubsub()
-            await pubsub.subscribe(channel_name("acme"))
+            await pubsub.ssubscribe(channel_name("acme"))  # sharded: the channel lives in the tenant's slot
             await pubsub.get_message(timeout=1)  # the subscribe confirmation
-            [stream_id] = await broker.log.publish([reading(4.5, "p")])
+            [stream_id] = await broker.log.publish([reading(4.5, "p")], Origin("a1b2c3d4", (7,)))
             message = await pubsub.get_message(timeout=2)
             assert message is not None
+            assert message["type"] == "smessage"
             raw_id, _, data = message["data"].partition(b" ")
             assert raw_id.decode() == str(stream_id)
             assert Reading.from_json(data).value == 4.5
@@ -217,6 +218,7 @@ async def test_redis_layout_is_the_documented_contract(redis_url: str) -> None:
             assert await client.hget("scada:{acme}:latest:w1", "p") == data
             assert await client.smembers("scada:{acme}:wells") == {b"w1"}
             assert await client.get("scada:{acme}:clock") == str(stream_id).encode()
+            assert await client.get("scada:{acme}:producer:a1b2c3d4") == b"7", "a producer's seq is kept per tenant"
             assert channel_name("acme") == "scada:{acme}:live"
             await pubsub.aclose()
             await client.aclose()

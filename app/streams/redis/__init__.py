@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from redis.asyncio.client import Redis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from app.streams.codec import MalformedValues
-from app.streams.redis.client import open_client
+from app.streams.redis.client import RedisClient, open_client
 from app.streams.redis.credentials import RedisRevocations, RedisSessions
 from app.streams.redis.log import RedisStreamLog
 from app.streams.redis.stores import RedisLeases, RedisRegistry, RedisTickets, RedisWorkerLeases
@@ -24,13 +24,18 @@ __all__ = ["RedisHealth", "RedisStreamLog", "connect_redis"]
 
 
 class RedisHealth:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
 
     async def ready(self) -> bool:
+        client = self._client
         try:
-            return bool(await asyncio.wait_for(self._client.ping(), timeout=2))
-        except (RedisError, OSError, TimeoutError):
+            if isinstance(client, RedisCluster):
+                # Every primary, so a lost one (its slots unserved until a replica takes over) shows.
+                answers = await asyncio.wait_for(client.ping(target_nodes=RedisCluster.PRIMARIES), timeout=2)
+                return bool(answers)
+            return bool(await asyncio.wait_for(client.ping(), timeout=2))
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
             return False
 
 
@@ -42,15 +47,19 @@ async def connect_redis(
     max_connections: int = 32,
     timeout_s: float = 5.0,
     ping_interval_s: float = 5.0,
+    cluster: bool = False,
+    min_replicas_ack: int | None = None,
 ) -> AsyncIterator[Broker]:
     """Every store on one connection pool, closed (live feeds first) on exit.
 
     `timeout_s` bounds every command and connect; `ping_interval_s` is the live feed's health
-    check (three missed pongs: reconnect).
+    check (three missed pongs: reconnect). `cluster`: `url` names any one node of a Redis Cluster.
+    `min_replicas_ack`: replicas that must have a published batch before it counts as stored
+    (None: 1 where the primary has replicas; replicas.py).
     """
-    client = open_client(url, max_connections, timeout_s)
+    client = open_client(url, max_connections, timeout_s, cluster)
     malformed = MalformedValues()
-    log = RedisStreamLog(client, max_len, max_age_s, ping_interval_s, malformed)
+    log = RedisStreamLog(client, max_len, max_age_s, ping_interval_s, malformed, min_replicas_ack, timeout_s / 2)
     try:
         yield Broker(
             log=log,
@@ -64,4 +73,7 @@ async def connect_redis(
         )
     finally:
         await log.aclose()
-        await client.aclose(close_connection_pool=True)
+        if isinstance(client, RedisCluster):
+            await client.aclose()
+        else:
+            await client.aclose(close_connection_pool=True)

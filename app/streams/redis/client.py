@@ -10,12 +10,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from app.errors import BrokerError
+
+# Either kind: every store speaks to both, keeping each call inside one hash slot.
+RedisClient = Redis | RedisCluster
 
 
 @contextlib.contextmanager
@@ -23,11 +27,11 @@ def redis_errors(action: str) -> Iterator[None]:
     """A redis-py or socket error leaves app/streams/ only as BrokerError."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:  # the cluster's own errors are no RedisError
         raise BrokerError(action, str(exc)) from exc
 
 
-def script(client: Redis, name: str, *, after: tuple[str, ...] = ()) -> AsyncScript:
+def script(client: RedisClient, name: str, *, after: tuple[str, ...] = ()) -> AsyncScript:
     """The Lua script `<name>.lua` next to this module, registered on `client` (EVALSHA, loaded on demand).
 
     `after`: scripts whose definitions it uses (clock.lua, say), placed before it in one source.
@@ -73,9 +77,23 @@ class FairConnectionPool(aioredis.BlockingConnectionPool):
             self._turns.release()
 
 
-def open_client(url: str, max_connections: int, timeout_s: float) -> Redis:
+def open_client(url: str, max_connections: int, timeout_s: float, cluster: bool = False) -> RedisClient:
     """`timeout_s` bounds every command and connect, so a frozen Redis (SIGSTOP, a dead host
-    without a RST) turns into a BrokerError instead of a request that hangs for ever."""
+    without a RST) turns into a BrokerError instead of a request that hangs for ever.
+
+    `cluster`: `url` names any one node of a Redis Cluster; the client finds the rest and
+    follows slot moves and failovers for commands (MOVED, ASK, a refreshed slot map).
+    """
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            # Per node, and over it redis-py fails a command instead of waiting: a burst of stream
+            # opens must not turn into 503s, so the bound is generous.
+            max_connections=max(max_connections, 1024),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            decode_responses=False,
+        )
     # A blocking pool: a burst of stream opens waits, in turn, for one of a bounded set of
     # connections instead of failing with "Too many connections".
     pool = FairConnectionPool.from_url(

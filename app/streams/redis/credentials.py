@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import cast
 
-from redis.asyncio.client import Redis
-
-from app.streams.redis.client import redis_errors
+from app.streams.redis.client import RedisClient, redis_errors
 from app.streams.redis.keys import REVOCATIONS, revoked_subject_key, revoked_token_key, session_key
 from app.streams.seams import Kind, Revocation
 
@@ -20,7 +18,7 @@ def token_hash(token_id: str) -> str:
 
 
 class RedisSessions:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
 
     async def put(self, key: str, payload: bytes, ttl_s: float) -> None:
@@ -38,20 +36,22 @@ class RedisSessions:
 
 
 class RedisRevocations:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
 
     async def revoke(self, revocation: Revocation, ttl_s: float) -> None:
+        # Two commands, in this order, not one transaction: the marker and the stream sit in
+        # different slots on Redis Cluster. Once the marker is set no new request gets through;
+        # the stream entry then ends the open streams. A failure between them is raised, and
+        # revoking again repeats both harmlessly.
         with redis_errors("revoke"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                if ttl_s > 0 and revocation.kind == "token":
-                    key = revoked_token_key(revocation.tenant, token_hash(revocation.key))
-                    pipe.set(key, b"1", px=max(1, int(ttl_s * 1000)))
-                elif ttl_s > 0 and revocation.kind == "subject":
-                    key = revoked_subject_key(revocation.tenant, revocation.key)
-                    pipe.set(key, repr(revocation.before), px=max(1, int(ttl_s * 1000)))
-                pipe.xadd(REVOCATIONS, _fields(revocation), maxlen=REVOCATIONS_KEPT, approximate=True)
-                await pipe.execute()
+            if ttl_s > 0 and revocation.kind == "token":
+                key = revoked_token_key(revocation.tenant, token_hash(revocation.key))
+                await self._client.set(key, b"1", px=max(1, int(ttl_s * 1000)))
+            elif ttl_s > 0 and revocation.kind == "subject":
+                key = revoked_subject_key(revocation.tenant, revocation.key)
+                await self._client.set(key, repr(revocation.before), px=max(1, int(ttl_s * 1000)))
+            await self._client.xadd(REVOCATIONS, _fields(revocation), maxlen=REVOCATIONS_KEPT, approximate=True)
 
     async def is_revoked(self, tenant: str, token_id: str | None, subject_key: str, issued_at: float | None) -> bool:
         token_key = revoked_token_key(tenant, token_hash(token_id)) if token_id else None

@@ -1,4 +1,9 @@
-"""The process's one Pub/Sub connection to Redis: the live feed behind the gateway's hub."""
+"""One sharded Pub/Sub connection to one Redis node: the live feed behind the gateway's hub.
+
+On a standalone Redis it is the whole feed; on Redis Cluster (clusterfeed.py) there is one per
+primary that owns a subscribed tenant's slot. Channels are sharded (SSUBSCRIBE, SPUBLISH in the
+publish script), so a message goes to the subscribers of its slot's node, not to every node.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio.client import Redis
 from redis.asyncio.connection import Connection
+from redis.exceptions import ResponseError
 
 from app.backoff import Backoff
 from app.errors import BrokerError
@@ -28,8 +33,17 @@ def _release(waiters: deque[asyncio.Future[None]], _: asyncio.Future[None]) -> N
             waiter.set_result(None)
 
 
+class TenantMoved(Exception):
+    """The tenant's slot is served by another node now: subscribe there (clusterfeed.py)."""
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class RedisFeed:
-    """The process's one Pub/Sub connection: one reader task, one writer task.
+    """One sharded Pub/Sub connection: one reader task, one writer task.
 
     Request tasks never write to the connection: they queue SUBSCRIBE/UNSUBSCRIBE for the
     writer, so a client that disconnects mid-subscribe cannot interrupt a half-written
@@ -42,18 +56,27 @@ class RedisFeed:
     (or stops answering pings), the feed reconnects with jittered backoff and resubscribes;
     events published meanwhile were not on the wire, so `on_gap` tells the hub, which awaits
     `confirmed(tenant)` and then fills the gap from history.
+
+
+    Two hooks serve Redis Cluster: `on_moved(tenant)` when the node unsubscribed a tenant we
+    still want (its slot moved) or refused a command (MOVED: `tenant` None), and `on_lost()`
+    after the connection dropped and after each failed reconnect (the node may be gone for good).
     """
 
     def __init__(
         self,
-        client: Redis,
+        connect: Callable[[], Connection],
         deliver: Deliver,
         on_close: Callable[[RedisFeed], None],
         malformed: MalformedValues,
         on_gap: Callable[[], None] | None = None,
         ping_interval_s: float = 5.0,
+        on_moved: Callable[[str | None], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
-        self._client = client
+        self._make_connection = connect
+        self._on_moved = on_moved
+        self._on_lost = on_lost
         self._deliver = deliver
         self._on_close = on_close
         self._malformed = malformed
@@ -68,11 +91,17 @@ class RedisFeed:
         self._connected = asyncio.Event()
         self._confirmations: dict[bytes, asyncio.Future[None]] = {}
         self._closing = False
+        self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs we sent, not yet answered
         self.reconnects = 0
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def topics(self) -> int:
+        """Tenants subscribed (or being subscribed) on this connection."""
+        return len(self._topics)
 
     async def start(self) -> None:
         await self._connect()
@@ -82,7 +111,7 @@ class RedisFeed:
         ]
 
     async def _connect(self) -> None:
-        conn: Connection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        conn = self._make_connection()
         try:
             with redis_errors("connect pubsub"):
                 await conn.connect()  # type: ignore[no-untyped-call]
@@ -91,8 +120,9 @@ class RedisFeed:
                 # reply can confirm a later subscriber early.
                 self._generation += 1
                 self._realign_waiters()  # also with no topics: stale waiters must not stay in line
-                if self._topics:
-                    await conn.send_command("SUBSCRIBE", *self._topics)
+                self._unsubscribing.clear()  # their answers died with the old connection
+                for channel in self._topics:  # one command per channel: a cluster refuses two slots in one
+                    await conn.send_command("SSUBSCRIBE", channel)
         except BaseException:
             await conn.disconnect()
             raise
@@ -132,13 +162,29 @@ class RedisFeed:
         self._topics[channel] = tenant
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(channel, deque()).append(waiter)
-        self._commands.put_nowait((self._generation, b"SUBSCRIBE", channel))
+        self._commands.put_nowait((self._generation, b"SSUBSCRIBE", channel))
         await waiter
 
     async def unsubscribe(self, tenant: str) -> None:
         channel = channel_name(tenant).encode()
         if self._topics.pop(channel, None) is not None:
-            self._commands.put_nowait((self._generation, b"UNSUBSCRIBE", channel))
+            self._commands.put_nowait((self._generation, b"SUNSUBSCRIBE", channel))
+
+    def drop(self, tenant: str) -> None:
+        """Forget a tenant whose slot moved to another node: its waiting subscribers get
+        TenantMoved (and subscribe there), and whatever this node still sends for it is ignored."""
+        channel = channel_name(tenant).encode()
+        # No SUNSUBSCRIBE: the node already let go of the slot (or the connection is gone), and
+        # would answer MOVED. Anything it still sends for the tenant is ignored.
+        self._topics.pop(channel, None)
+        for waiter in self._pending.pop(channel, ()):
+            if not waiter.done():
+                waiter.set_exception(TenantMoved(tenant))
+                waiter.add_done_callback(_retrieved)  # its caller may be gone
+        confirmation = self._confirmations.pop(channel, None)
+        if confirmation is not None and not confirmation.done():
+            confirmation.set_exception(BrokerError("resubscribe", f"{tenant} moved to another node"))
+            confirmation.add_done_callback(_retrieved)
 
     async def restart(self, why: str) -> None:
         # Closing the socket under the reader breaks its read: it reconnects, resubscribes every
@@ -155,6 +201,8 @@ class RedisFeed:
             if generation != self._generation:
                 continue  # queued for a connection that is gone: the reconnect covered it
             assert self._conn is not None
+            if command[0] == b"SUNSUBSCRIBE":
+                self._unsubscribing[command[1]] = self._unsubscribing.get(command[1], 0) + 1
             try:
                 await self._conn.send_command(*[part for part in command if part])
             except Exception as exc:  # redis-py raises AttributeError, not ConnectionError, on a closed socket
@@ -179,6 +227,8 @@ class RedisFeed:
                 await self._conn.disconnect()
             backoff.reset()
             while True:
+                if self._on_lost is not None:
+                    self._on_lost()
                 await asyncio.sleep(backoff.next())
                 try:
                     await self._connect()
@@ -204,7 +254,11 @@ class RedisFeed:
         try:
             while True:
                 # Pongs arrive every ping interval, so silence for three of them means a frozen peer.
-                response = await conn.read_response(timeout=self._ping_interval_s * 3, push_request=True)
+                try:
+                    response = await conn.read_response(timeout=self._ping_interval_s * 3, push_request=True)
+                except ResponseError as exc:  # an error reply: the connection itself is fine
+                    self._refused(exc)
+                    continue
                 if response is None:  # redis-py's answer to a timeout we asked for
                     raise TimeoutError(f"no answer to pings for {self._ping_interval_s * 3:.1f} s")
                 self._handle(response)
@@ -216,9 +270,16 @@ class RedisFeed:
             await asyncio.sleep(self._ping_interval_s)
             self._commands.put_nowait((self._generation, b"PING", b""))
 
+    def _refused(self, exc: ResponseError) -> None:
+        # On a cluster: MOVED (the slot is elsewhere), CLUSTERDOWN, TRYAGAIN. Which command it
+        # answered is not said; the cluster feed rechecks where every tenant lives.
+        logger.warning("redis pubsub command refused: %s", exc)
+        if self._on_moved is not None:
+            self._on_moved(None)
+
     def _handle(self, response: Any) -> None:
         kind = response[0]
-        if kind == b"message":
+        if kind == b"smessage":
             tenant = self._topics.get(response[1])
             if tenant is None:
                 return
@@ -229,7 +290,19 @@ class RedisFeed:
                 self._malformed.skip("live", f"{response[1].decode()} message {shown(raw_id)}", exc)
                 return
             self._deliver(tenant, event)
-        elif kind == b"subscribe":
+        elif kind == b"sunsubscribe":
+            channel = response[1]
+            ours = self._unsubscribing.get(channel, 0)
+            if ours > 1:
+                self._unsubscribing[channel] = ours - 1
+            elif ours == 1:
+                del self._unsubscribing[channel]
+            elif channel in self._topics:  # the node let go of a tenant we want: its slot moved
+                tenant = self._topics[channel]
+                logger.warning("redis unsubscribed %s (its slot moved)", tenant)
+                if self._on_moved is not None:
+                    self._on_moved(tenant)
+        elif kind == b"ssubscribe":
             waiters = self._pending.get(response[1])
             if not waiters:
                 return

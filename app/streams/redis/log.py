@@ -8,18 +8,22 @@ is skipped and noted (`malformed`), never raised: one bad value must not fail a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
-from redis.asyncio.client import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 
 from app.models import History, Origin, Reading, StreamEvent, StreamId, TenantRead, Topic, WellRead
 from app.streams.codec import MalformedValues, decode_event, decode_latest, shown
-from app.streams.redis.client import redis_errors, script
+from app.streams.redis.client import RedisClient, redis_errors, script
+from app.streams.redis.clusterfeed import ClusterFeed
 from app.streams.redis.feed import RedisFeed
 from app.streams.redis.keys import channel_name, clock_key, latest_key, log_key, producer_key, tenant_prefix, wells_key
+from app.streams.redis.replicas import ReplicatedPublish
 from app.streams.redis.stores import well_member
 from app.streams.seams import Deliver, LiveFeed
 
@@ -27,28 +31,31 @@ logger = logging.getLogger(__name__)
 
 
 class RedisStreamLog:
-    """The stream log on one standalone Redis.
+    """The stream log on a standalone Redis or a Redis Cluster.
 
-    A tenant's keys share one hash slot, but a batch may span tenants (and the producer's key),
-    so Redis Cluster would need batches grouped by slot first (not done).
+    Every call stays inside one tenant's hash slot (its keys, its producer key and its sharded
+    channel share the tag `{tenant}`), so the same scripts run on both.
     """
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         max_len: int = 10_000,
         max_age_s: float = 0,
         ping_interval_s: float = 5.0,
         malformed: MalformedValues | None = None,
+        min_replicas_ack: int | None = None,
+        replica_timeout_s: float = 1.0,
     ):
         self._client = client
+        self._replicated = ReplicatedPublish(client, min_replicas_ack, replica_timeout_s)
         self._max_len = max_len
         self._max_age_ms = int(max_age_s * 1000)
         self._ping_interval_s = ping_interval_s
         self._publish_script = script(client, "publish", after=("clock",))
         self._read_script = script(client, "read")
         self._range_script = script(client, "stream_state")
-        self.feeds: set[RedisFeed] = set()
+        self.feeds: set[RedisFeed | ClusterFeed] = set()
         self.rejected = 0  # readings Redis refused for good (a key of the wrong type)
         # Shared with the feeds and the registry: one count and one log budget per broker.
         self._malformed = malformed if malformed is not None else MalformedValues()
@@ -63,26 +70,48 @@ class RedisStreamLog:
         seqs = origin.seqs if origin is not None else (0,) * len(readings)
         if len(seqs) != len(readings):
             raise ValueError("an origin needs one seq per reading")
+        by_tenant: dict[str, list[int]] = {}
+        for index, reading in enumerate(readings):
+            by_tenant.setdefault(reading.tenant_id, []).append(index)
+        # One script call per tenant, each inside the tenant's slot (so it runs on Redis Cluster),
+        # all of them at once: on a cluster they go to different primaries in parallel.
+        parts = await asyncio.gather(
+            *(
+                self._publish_tenant(tenant, [(readings[i], seqs[i]) for i in at], origin)
+                for tenant, at in by_tenant.items()
+            )
+        )
+        ids: list[StreamId | None] = [None] * len(readings)
+        for at, part in zip(by_tenant.values(), parts, strict=True):
+            for index, stream_id in zip(at, part, strict=True):
+                ids[index] = stream_id
+        return [stream_id for stream_id in ids if stream_id is not None]
+
+    async def _publish_tenant(
+        self, tenant: str, batch: list[tuple[Reading, int]], origin: Origin | None
+    ) -> list[StreamId | None]:
         keys: list[str] = []
         args: list[str | bytes | int] = [self._max_len, self._max_age_ms, origin.producer if origin else ""]
-        for reading, seq in zip(readings, seqs, strict=True):
-            topic = Topic(reading.tenant_id, reading.well_id)
-            keys += [log_key(topic), latest_key(topic), wells_key(topic.tenant), clock_key(topic.tenant)]
-            args += [reading.well_id, reading.tag_name, channel_name(topic.tenant), reading.to_json(), seq]
+        wells, clock, channel = wells_key(tenant), clock_key(tenant), channel_name(tenant)
+        for reading, seq in batch:
+            topic = Topic(tenant, reading.well_id)
+            keys += [log_key(topic), latest_key(topic), wells, clock]
+            args += [reading.well_id, reading.tag_name, channel, reading.to_json(), seq]
         if origin is not None:
-            keys.append(producer_key(origin.producer))
+            keys.append(producer_key(origin.producer, tenant))
         with redis_errors("publish"):
-            ids, problems = await self._publish_script(keys=keys, args=args)
+            ids, problems = await self._replicated.run(self._publish_script, clock, keys, args)
         if problems:
             # Not retryable (the same keys would refuse again): said loudly, counted, never repeated.
             self.rejected += sum(1 for p in problems if p.startswith(b"rejected"))
             logger.error(
-                "publish: %d problems in a batch of %d readings, first: %s",
+                "publish: %d problems in a batch of %d readings of %s, first: %s",
                 len(problems),
-                len(readings),
+                len(batch),
+                tenant,
                 problems[0].decode(errors="replace"),
             )
-        return [StreamId.parse(raw.decode()) for raw in ids]
+        return [StreamId.parse(raw.decode()) if raw else None for raw in ids]
 
     async def read(self, tenant: str, wells: Sequence[str] | None, after: StreamId | None, count: int) -> TenantRead:
         if wells is not None and not wells:  # the script takes "no wells" as "every well"
@@ -124,7 +153,10 @@ class RedisStreamLog:
         if not tenants:
             return {}
         with redis_errors("read clocks"):
-            raw = await self._client.mget([clock_key(tenant) for tenant in tenants])
+            keys = [clock_key(tenant) for tenant in tenants]
+            client = self._client
+            # Tenants sit in different slots: a cluster splits the read per node (no atomicity needed).
+            raw = await (client.mget_nonatomic(keys) if isinstance(client, RedisCluster) else client.mget(keys))
         clocks = {}
         for tenant, value in zip(tenants, raw, strict=True):
             try:
@@ -163,10 +195,15 @@ class RedisStreamLog:
 
     @contextlib.asynccontextmanager
     async def live_feed(self, deliver: Deliver) -> AsyncIterator[LiveFeed]:
-        on_close: Callable[[RedisFeed], None] = self.feeds.discard
-        feed = RedisFeed(
-            self._client, deliver, on_close=on_close, malformed=self._malformed, ping_interval_s=self._ping_interval_s
-        )
+        client = self._client
+        feed: RedisFeed | ClusterFeed
+        if isinstance(client, RedisCluster):
+            feed = ClusterFeed(client, deliver, self.feeds.discard, self._malformed, self._ping_interval_s)
+        else:
+            connect: Callable[[], Connection] = client.connection_pool.make_connection
+            feed = RedisFeed(
+                connect, deliver, self.feeds.discard, malformed=self._malformed, ping_interval_s=self._ping_interval_s
+            )
         self.feeds.add(feed)
         try:
             await feed.start()
@@ -177,3 +214,4 @@ class RedisStreamLog:
     async def aclose(self) -> None:
         for feed in list(self.feeds):
             await feed.aclose()
+        await self._replicated.aclose()

@@ -1,8 +1,10 @@
--- One batch of readings: per reading an id from its tenant's clock, XADD + XTRIM + HSET + SADD +
--- PUBLISH, then each tenant's clock and the producer's highest applied seq, in one atomic step
--- (history and live never disagree, and a tenant's live order is its id order).
+-- One tenant's part of a batch of readings (every key in the tenant's slot): per reading an id
+-- from the tenant's clock, XADD + XTRIM + HSET + SADD + SPUBLISH, then the clock and the
+-- producer's highest applied seq for the tenant, in one atomic step (history and live never
+-- disagree, and a tenant's live order is its id order).
 -- KEYS: per reading log, latest, wells, clock; then the producer's key when there is a producer.
 -- ARGV: maxlen, age_ms, producer ('' = no dedupe), then per reading: well, tag, channel, json, seq.
+-- Returns {per reading its id or '', problems}.
 -- clock.lua comes first: now, advance(), append().
 local maxlen, age_ms = ARGV[1], tonumber(ARGV[2])
 local minid = nil
@@ -19,6 +21,7 @@ local top = applied
 local ids, problems, issued = {}, {}, {}
 for i = 0, (n / 4) - 1 do
   local seq = tonumber(ARGV[5 * i + 8])
+  ids[i + 1] = ''  -- one entry per reading: its id, or '' when it was skipped or refused
   if producer == nil or seq > applied then
     local log, latest, wells, clock = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]
     local well, tag, channel, json = ARGV[5 * i + 4], ARGV[5 * i + 5], ARGV[5 * i + 6], ARGV[5 * i + 7]
@@ -32,8 +35,8 @@ for i = 0, (n / 4) - 1 do
       ok = redis.pcall('SADD', wells, well)
       if type(ok) == 'table' then problems[#problems + 1] = 'not registered ' .. wells .. ': ' .. ok.err end
       issued[clock] = id
-      redis.call('PUBLISH', channel, id .. ' ' .. json)
-      ids[#ids + 1] = id
+      redis.call('SPUBLISH', channel, id .. ' ' .. json)
+      ids[i + 1] = id
     end
     if seq > top then top = seq end
   end

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from redis.asyncio.client import Redis
-
 from app.models import is_valid_id
 from app.streams.codec import MalformedValues, shown
-from app.streams.redis.client import redis_errors, script
-from app.streams.redis.keys import channel_name, clock_key, lease_key, tenant_prefix, ticket_key, wells_key, workers_key
+from app.streams.redis.client import RedisClient, redis_errors, script
+from app.streams.redis.keys import (
+    channel_name,
+    clock_key,
+    hash_tag,
+    lease_key,
+    tenant_prefix,
+    ticket_key,
+    wells_key,
+    workers_key,
+)
 
 RENEW_CHUNK = 500  # leases per renew script call: keeps one call short while thousands renew
 RELEASE_CHUNK = 1000  # ZREMs per pipeline
@@ -30,7 +37,7 @@ def well_member(tenant: str, member: bytes | str, malformed: MalformedValues) ->
 
 
 class RedisRegistry:
-    def __init__(self, client: Redis, malformed: MalformedValues | None = None) -> None:
+    def __init__(self, client: RedisClient, malformed: MalformedValues | None = None) -> None:
         self._client = client
         self._malformed = malformed if malformed is not None else MalformedValues()
 
@@ -50,7 +57,7 @@ class RedisRegistry:
 
 
 class RedisTickets:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
 
     async def put(self, key: str, payload: bytes, ttl_s: float) -> None:
@@ -64,7 +71,7 @@ class RedisTickets:
 
 
 class RedisLeases:
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._client = client
         self._acquire_script = script(client, "acquire")
         self._renew_script = script(client, "renew")
@@ -84,12 +91,17 @@ class RedisLeases:
                     await pipe.execute()
 
     async def renew(self, leases: Sequence[tuple[str, str]], ttl_s: float) -> None:
-        for start in range(0, len(leases), RENEW_CHUNK):
-            chunk = leases[start : start + RENEW_CHUNK]
-            with redis_errors("renew stream counts"):
-                await self._renew_script(
-                    keys=[lease_key(key) for key, _ in chunk], args=[int(ttl_s * 1000), *(m for _, m in chunk)]
-                )
+        # One script call reaches one slot: counters are grouped by their tenant's hash tag.
+        by_slot: dict[str, list[tuple[str, str]]] = {}
+        for key, member in leases:
+            by_slot.setdefault(hash_tag(key), []).append((key, member))
+        for group in by_slot.values():
+            for start in range(0, len(group), RENEW_CHUNK):
+                chunk = group[start : start + RENEW_CHUNK]
+                with redis_errors("renew stream counts"):
+                    await self._renew_script(
+                        keys=[lease_key(key) for key, _ in chunk], args=[int(ttl_s * 1000), *(m for _, m in chunk)]
+                    )
 
 
 class RedisWorkerLeases:
@@ -98,7 +110,7 @@ class RedisWorkerLeases:
     The sweep appends to the logs as publishing does, with the same clock and trimming.
     """
 
-    def __init__(self, client: Redis, max_len: int, max_age_s: float) -> None:
+    def __init__(self, client: RedisClient, max_len: int, max_age_s: float) -> None:
         self._client = client
         self._max_len = max_len
         self._max_age_ms = int(max_age_s * 1000)

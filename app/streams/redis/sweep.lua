@@ -27,7 +27,7 @@ for _, worker in ipairs(redis.call('ZRANGEBYSCORE', workers, '-inf', now)) do
       if type(id) ~= 'table' then
         if minid then redis.pcall('XTRIM', log, 'MINID', '~', minid) end
         redis.call('HSET', latest, tag, stale)
-        redis.call('PUBLISH', channel, id .. ' ' .. stale)
+        redis.call('SPUBLISH', channel, id .. ' ' .. stale)
         marked, last = marked + 1, id
       end
     end
