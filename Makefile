@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 APT_PACKAGES := redis-server mosquitto curl nginx caddy chromium
 
-.PHONY: run test check pytest bench system-deps clean
+.PHONY: run test check pytest bench bench-deps system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ pytest: $(STAMP) system-deps
 
 test: check pytest
 
+# nchan, the benchmark's peer system (bench/nchan.py), is nginx's module from Debian; nothing else needs it.
+NCHAN_MODULE := /usr/lib/nginx/modules/ngx_nchan_module.so
+bench-deps: system-deps
+	@if [ ! -f $(NCHAN_MODULE) ]; then \
+		echo "installing libnginx-mod-nchan"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libnginx-mod-nchan; \
+	fi
+
 # The fan-out benchmark (about 12 minutes; BENCH_ARGS=--quick for about 3). Pins to cores 0 and 1.
-bench: $(STAMP) system-deps
+bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

@@ -2,7 +2,7 @@
 
 What a first version usually looks like, and what the design card's "per-request Redis
 subscription" means taken literally: every SSE request opens its own redis-py Pub/Sub
-connection on the well's channel and relays each message through sse-starlette's
+connection on its tenant's channel, keeps its well's messages and relays each through sse-starlette's
 `EventSourceResponse`. Same URL, same wire format as wellstream; no auth, no history.
 
     python -m bench.baseline --redis-url URL --port P        (Hypercorn, uvloop, one process)
@@ -11,6 +11,7 @@ connection on the well's channel and relays each message through sse-starlette's
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
@@ -23,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+from app.streams.redis.keys import channel_name
+
 
 def create_app(redis_url: str) -> Starlette:
     # One connection per open stream: the pool must not cap them (redis-py's default is 100).
@@ -31,12 +34,15 @@ def create_app(redis_url: str) -> Starlette:
     async def events(tenant: str, well: str) -> AsyncIterator[ServerSentEvent]:
         client = aioredis.Redis(connection_pool=pool)
         pubsub = client.pubsub()
-        await pubsub.subscribe(f"scada:readings:{tenant}:{well}")
+        # The tenant's one sharded channel (docs/design.md); each request keeps its own well's messages.
+        await pubsub.ssubscribe(channel_name(tenant))
         try:
             async for message in pubsub.listen():
-                if message["type"] != "message":
+                if message["type"] != "smessage":
                     continue
                 stream_id, _, data = message["data"].partition(b" ")
+                if json.loads(data).get("wellId") != well:
+                    continue
                 yield ServerSentEvent(id=stream_id.decode(), event="reading", data=data.decode())
         finally:
             await pubsub.aclose()

@@ -4,9 +4,14 @@ Run by bench/run.py as worker processes; talks to it over stdin/stdout, one JSON
     -> {"cmd": "measure"}      start counting (resets counters)
     -> {"cmd": "report"}       print a report and exit
     <- {"opened": n, "failed": n, "seconds": s}    once every connection answered (or timed out)
-    <- {"events": n, "chunks": n, "dropped": n, "per_stream_min": n, "silent": n, ...}
+    <- {"events": n, "chunks": n, "dropped": n, "per_stream_min": n, "silent": n, "ended_before_measuring": n, ...}
 A stream is silent when it was opened (200) and is still open, yet received no reading while
 measuring: the failure an operator must never see (a stream that says live and shows old values).
+A stream is over when the server ends its response (the last chunk, after a goodbye such as
+"stream stalled") even if the connection stays open for keep-alive: a browser's EventSource
+reconnects then, so it ends there (dropped inside the measuring window, else counted in
+ended_before_measuring), never open. A stream still unanswered after
+--open-timeout is given up (closed), as a client would, so `events` only counts opened streams.
 Latency: each received chunk's first reading carries its publish time; now minus that is the
 device-to-client latency of the oldest event in the chunk, so the figures are an upper
 bound of per-event latency. Samples are written to `--samples FILE` as float64 seconds.
@@ -26,6 +31,9 @@ from pathlib import Path
 from typing import cast
 
 MARKER = b"event: reading"
+# The terminating chunk of a chunked response, after the previous chunk's CRLF. SSE frames use
+# bare LF, so this cannot occur inside one.
+END = b"\r\n0\r\n\r\n"
 STAMP = b'"timestamp":"'
 
 
@@ -66,8 +74,14 @@ class StreamProtocol(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.close()
                 return
-            data = self.head[end + 4 :]
+            data = self.head[end + 2 :]  # from the head's last CRLF: an empty body is then END too
         buf = self.tail + data
+        if END in buf:
+            # The server ended this stream. Without this it stayed "open" until the server closed
+            # the idle keep-alive connection (granian: 10 s later, Hypercorn: 75 s), so it counted
+            # as dropped or not by where that fell against the measuring window, or as silent.
+            assert self.transport is not None
+            self.transport.close()
         found = buf.count(MARKER)
         self.tail = buf[-(len(MARKER) - 1) :]
         if not found:
@@ -119,6 +133,10 @@ async def run(args: argparse.Namespace) -> None:
             await asyncio.sleep(0)  # let responses in while still connecting
     done, _ = await asyncio.wait(futures, timeout=args.open_timeout)
     ok = sum(1 for f in done if f.result())
+    for stream in streams:
+        if not stream.opened.done() and stream.transport is not None:
+            # Given up: its late 200 would add events to a run that counts it as not opened.
+            stream.transport.close()
     emit({"opened": ok, "failed": len(futures) - ok, "seconds": round(time.monotonic() - started, 2)})
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -134,6 +152,9 @@ async def run(args: argparse.Namespace) -> None:
             counters.measuring = False
             per_stream = [s.events for s in streams] or [0]
             silent = sum(1 for s in streams if s.ok and not s.closed and s.events == 0)
+            # Got their 200, then ended (or were closed) before the measuring window: neither dropped
+            # nor silent, yet the rows count them as opened, so they show only as loss without this.
+            ended_early = sum(1 for s in streams if s.ok and s.closed) - counters.dropped
             await asyncio.to_thread(Path(args.samples).write_bytes, counters.latencies.tobytes())
             emit(
                 {
@@ -143,6 +164,7 @@ async def run(args: argparse.Namespace) -> None:
                     "per_stream_min": min(per_stream),
                     "per_stream_max": max(per_stream),
                     "silent": silent,
+                    "ended_before_measuring": ended_early,
                 }
             )
             return

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 
 from app.models import Reading, utc_now_iso
@@ -34,30 +35,39 @@ class PublishStats:
     per_well: int
 
 
+Sink = Callable[[list[Reading]], Awaitable[object]]
+
+
 async def publish(redis_url: str, tenant: str, wells: int, rate: float, duration_s: float) -> PublishStats:
     """Publish `rate` readings/s spread evenly over `wells`, for `duration_s`, in 10 ms batches."""
+    async with connect_redis(redis_url) as broker:
+        return await paced(broker.log.publish, tenant, wells, rate, duration_s)
+
+
+async def paced(sink: Sink, tenant: str, wells: int, rate: float, duration_s: float) -> PublishStats:
+    """The one pacing loop for every system's publisher (bench/nchan.py's too), so each gets the
+    same readings at the same moments: `rate` readings/s over `wells`, handed to `sink` every 10 ms,
+    each batch awaited before the next (a slow sink shows as lag, then as larger batches)."""
     names = well_names(wells)
     sequence = 0
     max_lag = 0.0
-    async with connect_redis(redis_url) as broker:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        tick = 0
-        while True:
-            tick += 1
-            due_at = start + tick * TICK_S
-            await asyncio.sleep(max(0.0, due_at - loop.time()))
-            now = loop.time()
-            max_lag = max(max_lag, now - due_at)
-            elapsed = min(now - start, duration_s)
-            target = int(rate * elapsed)
-            if target > sequence:
-                stamp = utc_now_iso()
-                batch = [_reading(tenant, names[i % wells], i // wells, stamp) for i in range(sequence, target)]
-                await broker.log.publish(batch)
-                sequence = target
-            if elapsed >= duration_s:
-                break
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tick = 0
+    while True:
+        tick += 1
+        due_at = start + tick * TICK_S
+        await asyncio.sleep(max(0.0, due_at - loop.time()))
+        now = loop.time()
+        max_lag = max(max_lag, now - due_at)
+        elapsed = min(now - start, duration_s)
+        target = int(rate * elapsed)
+        if target > sequence:
+            stamp = utc_now_iso()
+            await sink([_reading(tenant, names[i % wells], i // wells, stamp) for i in range(sequence, target)])
+            sequence = target
+        if elapsed >= duration_s:
+            break
     return PublishStats(sequence, duration_s, round(max_lag * 1000, 2), sequence // wells)
 
 

@@ -7,6 +7,10 @@ the publisher and the load generator share core 0. 100 wells; N streams spread e
 them; R readings/s published through wellstream's own broker code. Each scenario gets a
 fresh gateway process. All traffic stays on 127.0.0.1; every phase is bounded in time.
 
+`nchan` is nginx's pub/sub module on the same Redis, pinned to core 1 like the gateways (one
+worker), fed the same readings over HTTP (bench/nchan.py): the peer wellstream's per-event cost
+and admission are compared with in the same run (the "against nchan" table after the results).
+
 The `-2w` systems run `serve --workers 2` on cores 0 and 1: one worker per core, so one of
 them shares core 0 with redis-server, the publisher and the load generator (whose CPU the
 table shows). Measured against a one-worker row, that is a floor of what a second core adds.
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from array import array
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -48,7 +53,12 @@ SYSTEMS: dict[str, tuple[list[str], dict[str, str]]] = {
     "wellstream-uvicorn": (["-m", "app", "serve", "--server", "uvicorn"], {}),
     "wellstream-granian": (["-m", "app", "serve", "--server", "granian"], {}),
     "baseline": (["-m", "bench.baseline"], {}),
+    # Becomes nginx (exec): the pid gateway() pins and measures is nginx's master, its worker the child.
+    "nchan": (["-m", "bench.nchan", "serve"], {}),
 }
+# Not wellstream: no twin from a --before checkout, and no stream of many wells (nchan's would be
+# a multiplexed subscriber of at most 255 channels, configured per well list: not set up here).
+PEERS = ("baseline", "nchan")
 SYSTEMS["wellstream-granian-h2"] = (SYSTEMS["wellstream-granian"][0], {"WELLSTREAM_SERVER__GRANIAN_HTTP2": "true"})
 for _name in ("hypercorn", "uvicorn", "granian"):
     SYSTEMS[f"wellstream-{_name}-2w"] = ([*SYSTEMS[f"wellstream-{_name}"][0], "--workers", "2"], {})
@@ -90,6 +100,13 @@ class Result:
     while_publishing: bool = False
     wells: int = WELLS
     multi: bool = False
+    # redis-server's CPU over the same window: not in `cpu_pct` for any system, and nchan keeps
+    # more of its work there (a script call per message published, its message store).
+    redis_cpu_pct: float = math.nan
+    # CPU time per event received, from one window's CPU and event count: a publisher that fell
+    # behind (its readings spread past `duration_s`) must not make a system look cheaper.
+    cpu_us_per_event: float = math.nan
+    redis_us_per_event: float = math.nan
 
 
 def clean_env() -> dict[str, str]:
@@ -132,13 +149,13 @@ def wait_for_workers(process: psutil.Process, count: int, port: int, timeout_s: 
 
 
 @contextlib.contextmanager
-def redis_server(workdir: Path) -> Iterator[str]:
+def redis_server(workdir: Path) -> Iterator[tuple[str, psutil.Process]]:
     port = free_port()
     cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(pinned(0, [*cmd, "--dir", str(workdir)]), stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port, 10)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://127.0.0.1:{port}/0", psutil.Process(proc.pid)  # taskset execs: this is redis-server
     finally:
         proc.terminate()
         proc.wait(10)
@@ -165,7 +182,9 @@ def wait_healthy(port: int, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def gateway(system: str, redis_url: str, secret: str, wells: int = WELLS) -> Iterator[tuple[int, psutil.Process]]:
+def gateway(
+    system: str, redis_url: str, secret: str, wells: int = WELLS, log_name: str | None = None
+) -> Iterator[tuple[int, psutil.Process]]:
     # "NAME@DIR": the same system run from another checkout (`python -m app` imports the app of its cwd),
     # so a change is measured against the code before it in one run.
     name, _, tree_dir = system.partition("@")
@@ -194,19 +213,57 @@ def gateway(system: str, redis_url: str, secret: str, wells: int = WELLS) -> Ite
         cmd += ["--redis-url", redis_url]
     workers = workers_of(args)
     cores = 1 if workers == 1 else ",".join(str(core) for core in range(workers))
-    proc = subprocess.Popen(pinned(cores, cmd), cwd=tree_dir or ROOT, env=env, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(port, 30)
-        if workers > 1:
-            wait_for_workers(psutil.Process(proc.pid), workers, port, 30)
-        yield port, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
+    # BENCH_GATEWAY_LOGS=DIR keeps the gateway's output (<system>-<scenario>.log) and a last /metrics scrape per run:
+    # a row's `dropped` or `silent` only says that streams ended, the gateway's counters say why.
+    logs_dir = Path(os.environ["BENCH_GATEWAY_LOGS"]) if os.environ.get("BENCH_GATEWAY_LOGS") else None
+    log_path = None
+    if logs_dir is not None and log_name is not None:
+        log_path = unused_path(logs_dir, f"{system.replace('/', '_')}-{log_name}")
+    with contextlib.ExitStack() as files:
+        log = files.enter_context(Path(f"{log_path}.log").open("wb")) if log_path else None
+        # Our log goes to stderr; granian writes its own lines (e.g. "ASGI transport error") to stdout.
+        proc = subprocess.Popen(
+            pinned(cores, cmd), cwd=tree_dir or ROOT, env=env, stdout=log, stderr=log or subprocess.DEVNULL
+        )
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            wait_healthy(port, 30)
+            if workers > 1:
+                wait_for_workers(psutil.Process(proc.pid), workers, port, 30)
+            yield port, psutil.Process(proc.pid)
+        finally:
+            if log_path is not None:
+                # Before the stop: a drain ends every stream, which would blur the counts of the run itself.
+                save_metrics(port, Path(f"{log_path}.metrics"))
+            stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def unused_path(directory: Path, stem: str) -> Path:
+    """DIR/STEM, or DIR/STEM-2, -3 ... (to be suffixed .log, .metrics): runs into one directory keep every run."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path, n = directory / stem, 1
+    while Path(f"{path}.log").exists():
+        n += 1
+        path = directory / f"{stem}-{n}"
+    return path
+
+
+def save_metrics(port: int, path: Path) -> None:
+    """The gateway's /metrics (served to loopback peers without a token) into `path`; a failed
+    scrape is written there instead of failing the run. With --workers a scrape reaches one worker."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            path.write_bytes(response.read())
+    except OSError as exc:
+        path.write_text(f"# scrape failed: {exc!r}\n")
 
 
 def tree(process: psutil.Process) -> list[psutil.Process]:
@@ -242,9 +299,14 @@ def start_profile(
     return subprocess.Popen(pinned(0, cmd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def publisher(redis_url: str, rate: int, duration_s: float, wells: int = WELLS) -> list[str]:
-    return pinned(0, [sys.executable, "-m", "bench.publish", "--redis-url", redis_url, "--tenant", TENANT,
-                      "--wells", str(wells), "--rate", str(rate), "--duration", str(duration_s)])  # fmt: skip
+def publisher(system: str, port: int, redis_url: str, rate: int, duration_s: float, wells: int = WELLS) -> list[str]:
+    if system == "nchan":
+        # nchan takes messages only over HTTP: the same readings at the same moments, POSTed to it.
+        cmd = [sys.executable, "-m", "bench.nchan", "publish", "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "bench.publish", "--redis-url", redis_url]
+    return pinned(0, [*cmd, "--tenant", TENANT, "--wells", str(wells), "--rate", str(rate),
+                      "--duration", str(duration_s)])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -269,19 +331,21 @@ def run_scenario(
     duration_s: float,
     workdir: Path,
     profile_dir: Path | None = None,
+    redis: psutil.Process | None = None,
 ) -> Result:
     streams, rate, wells, while_publishing = scenario.streams, scenario.rate, scenario.wells, scenario.while_publishing
     # The readings come from the system's own checkout too: the Redis layout may differ between them.
     tree = system.partition("@")[2] or ROOT
     token = mint_token(secret, TENANT, "bench", ttl_s=3600)
-    with gateway(system, redis_url, secret, wells) as (port, server):
+    label = f"{streams}-{rate}" + (f"-{wells}w-multi" if scenario.multi else "") + ("-wp" if while_publishing else "")
+    with gateway(system, redis_url, secret, wells, label) as (port, server):
         time.sleep(0.5)
         rss_before = rss(server)
         workers = []
         background = None
         if while_publishing:
             background = subprocess.Popen(
-                publisher(redis_url, rate, 3600, wells), cwd=tree, stdout=subprocess.DEVNULL, text=True
+                publisher(system, port, redis_url, rate, 3600, wells), cwd=tree, stdout=subprocess.DEVNULL, text=True
             )
             time.sleep(1)  # readings flow before the first stream connects
         started = time.monotonic()
@@ -307,12 +371,13 @@ def run_scenario(
             w.stdin.flush()  # type: ignore[union-attr]
         loadgens = [psutil.Process(w.pid) for w in workers]
         load_before = sum(cpu_seconds(p) for p in loadgens)
+        redis_before = cpu_seconds(redis) if redis is not None else math.nan
         cpu_before, t0 = cpu_seconds(server), time.monotonic()
         profiler = start_profile(profile_dir, system, streams, rate, server.pid, duration_s)
         if background is None:
             pub = subprocess.run(
-                publisher(redis_url, rate, duration_s, wells), cwd=tree, capture_output=True, text=True, check=True,
-                timeout=duration_s + 60,
+                publisher(system, port, redis_url, rate, duration_s, wells), cwd=tree, capture_output=True, text=True,
+                check=True, timeout=duration_s + 60,
             )  # fmt: skip
             published = json.loads(pub.stdout)
             time.sleep(1.0)  # let queued frames arrive
@@ -321,6 +386,7 @@ def run_scenario(
             published = {"published": rate * duration_s, "max_lag_ms": math.nan}
         cpu_after, t1 = cpu_seconds(server), time.monotonic()
         load_after = sum(cpu_seconds(p) for p in loadgens)
+        redis_after = cpu_seconds(redis) if redis is not None else math.nan
         if profiler is not None:
             profiler.wait(60)
         reports = []
@@ -362,6 +428,9 @@ def run_scenario(
         while_publishing=while_publishing,
         wells=wells,
         multi=scenario.multi,
+        redis_cpu_pct=round(100 * (redis_after - redis_before) / (t1 - t0), 1),
+        cpu_us_per_event=round(1e6 * (cpu_after - cpu_before) / events, 2) if events else math.nan,
+        redis_us_per_event=round(1e6 * (redis_after - redis_before) / events, 2) if events else math.nan,
     )
 
 
@@ -370,7 +439,10 @@ COLUMNS = [
     ("expected_eps", "ev/s expected"), ("delivered_eps", "ev/s delivered"), ("loss_pct", "loss %"),
     ("dropped", "dropped"), ("p50_ms", "p50 ms"), ("p99_ms", "p99 ms"), ("max_ms", "max ms"),
     ("rss_mib", "RSS MiB"), ("kib_per_stream", "KiB/stream"), ("cpu_pct", "CPU %"),
-    ("loadgen_cpu_pct", "loadgen CPU %"), ("silent", "silent streams"), ("while_publishing", "opened while publishing"),
+    ("loadgen_cpu_pct", "loadgen CPU %"), ("redis_cpu_pct", "redis CPU %"),
+    ("cpu_us_per_event", "CPU µs/event"), ("redis_us_per_event", "redis µs/event"), ("publisher_lag_ms", "pub lag ms"),
+    ("silent", "silent streams"),
+    ("while_publishing", "opened while publishing"),
     ("wells", "wells"), ("multi", "one stream of every well"),
 ]  # fmt: skip
 
@@ -381,6 +453,50 @@ def table(results: list[Result]) -> str:
         row = asdict(result)
         lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def per_event_us(result: Result, with_redis: bool = False) -> float:
+    """CPU microseconds per event received: the gateway's, or the gateway's and redis-server's."""
+    return result.cpu_us_per_event + (result.redis_us_per_event if with_redis else 0.0)
+
+
+def ratio(ours: float, theirs: float) -> float:
+    return round(ours / theirs, 2) if theirs and not math.isnan(theirs) else math.nan
+
+
+def against(results: list[Result], peer: str = "nchan") -> str:
+    """Each other system's row beside `peer`'s row of the same scenario, as ratios (< 1: cheaper or
+    faster than the peer). Empty without the peer in the run."""
+
+    def key(r: Result) -> tuple[int, int, int, bool, bool]:
+        return (r.streams, r.rate, r.wells, r.multi, r.while_publishing)
+
+    peers = {key(r): r for r in results if r.system == peer}
+    lines = [
+        f"Against {peer} (same run; ratio = system / {peer}; CPU µs per event received)",
+        "",
+        f"| system | N | R/s | wells | opened while publishing | µs/event | {peer} µs/event | ratio "
+        f"| µs/event with redis | {peer} with redis | ratio | opened | {peer} opened | open s | {peer} open s | ratio "
+        f"| KiB/stream ratio | p99 ratio |",
+        "|" + "---|" * 18,
+    ]
+    rows = 0
+    for r in results:
+        theirs = peers.get(key(r))
+        if r.system == peer or theirs is None:
+            continue
+        rows += 1
+        ours_us, their_us = per_event_us(r), per_event_us(theirs)
+        ours_all, their_all = per_event_us(r, with_redis=True), per_event_us(theirs, with_redis=True)
+        cells = [
+            r.system, r.streams, r.rate, r.wells, r.while_publishing,
+            round(ours_us, 1), round(their_us, 1), ratio(ours_us, their_us),
+            round(ours_all, 1), round(their_all, 1), ratio(ours_all, their_all),
+            r.opened, theirs.opened, r.open_s, theirs.open_s, ratio(r.open_s, theirs.open_s),
+            ratio(r.kib_per_stream, theirs.kib_per_stream), ratio(r.p99_ms, theirs.p99_ms),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines) if rows else ""
 
 
 def machine() -> str:
@@ -403,7 +519,9 @@ def pairs(text: str | None) -> list[tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--systems", default="baseline,wellstream-hypercorn,wellstream-uvicorn,wellstream-granian")
+    parser.add_argument(
+        "--systems", default="baseline,nchan,wellstream-hypercorn,wellstream-uvicorn,wellstream-granian"
+    )
     parser.add_argument("--scenarios", default=None, help="N:R pairs, e.g. 1000:100,10000:1000")
     parser.add_argument("--quick", action="store_true", help="small scenarios only (a few minutes)")
     parser.add_argument(
@@ -439,12 +557,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.before is not None:
         if not (args.before / "app" / "__main__.py").is_file():
             parser.error(f"--before {args.before}: not a wellstream checkout")
-        systems = [twin for s in systems for twin in ((s, f"{s}@{args.before}") if s != "baseline" else (s,))]
+        systems = [twin for s in systems for twin in ((s, f"{s}@{args.before}") if s not in PEERS else (s,))]
     secret = secrets.token_urlsafe(32)
     results: list[Result] = []
     header = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {machine()}; `python -m bench {' '.join(argv or sys.argv[1:])}`"
     print(header, flush=True)
-    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as redis_url:
+    with tempfile.TemporaryDirectory() as tmp, redis_server(Path(tmp)) as (redis_url, redis):
         runs = [Scenario(n, r) for n, r in scenarios]
         # Named scenarios mean "just these"; otherwise the default set includes the other kinds of row.
         chosen = args.scenarios is not None
@@ -464,10 +582,17 @@ def main(argv: list[str] | None = None) -> None:
             for system in systems:
                 if system == "baseline" and (scenario.streams > BASELINE_MAX_STREAMS or scenario.multi):
                     continue
-                result = run_scenario(system, scenario, redis_url, secret, args.duration, Path(tmp), args.profile)
+                if system == "nchan" and scenario.multi:
+                    print(f"nchan: no row for {scenario} (streams of many wells: see PEERS)", file=sys.stderr)
+                    continue
+                result = run_scenario(
+                    system, scenario, redis_url, secret, args.duration, Path(tmp), args.profile, redis
+                )
                 results.append(result)
                 print(json.dumps(asdict(result)), flush=True)
     output = header + "\n\n" + table(results) + "\n"
+    if peer := against(results):
+        output += "\n" + peer + "\n"
     print(output)
     if args.out:
         args.out.write_text(output)
