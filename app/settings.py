@@ -175,7 +175,10 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    redis_url: str | None = Field(None, description="redis://…; unset means the embedded memory broker")
+    redis_url: str | None = Field(
+        None,
+        description="redis://… or redis+sentinel://host:port,…/<service>[/<db>]; unset: the embedded memory broker",
+    )
     # The flat variable the README documents; it takes precedence over auth.jwt_secret.
     jwt_secret: SecretStr | None = None
     history: HistorySettings = HistorySettings()

@@ -14,7 +14,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from app.streams.codec import MalformedValues
-from app.streams.redis.client import RedisClient, open_client
+from app.streams.redis.client import RedisClient, close_client, open_client
 from app.streams.redis.credentials import RedisRevocations, RedisSessions
 from app.streams.redis.log import RedisStreamLog
 from app.streams.redis.stores import RedisLeases, RedisRegistry, RedisTickets, RedisWorkerLeases
@@ -73,7 +73,4 @@ async def connect_redis(
         )
     finally:
         await log.aclose()
-        if isinstance(client, RedisCluster):
-            await client.aclose()
-        else:
-            await client.aclose(close_connection_pool=True)
+        await close_client(client)

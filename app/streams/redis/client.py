@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
@@ -83,7 +84,13 @@ def open_client(url: str, max_connections: int, timeout_s: float, cluster: bool 
 
     `cluster`: `url` names any one node of a Redis Cluster; the client finds the rest and
     follows slot moves and failovers for commands (MOVED, ASK, a refreshed slot map).
+    `redis+sentinel://host:port,host:port/<service>[/<db>]`: a primary watched by Redis
+    Sentinel; every new connection asks the sentinels where the primary is now.
     """
+    if url.startswith(SENTINEL_SCHEME):
+        if cluster:
+            raise ValueError("a redis+sentinel:// URL names one primary, not a cluster: unset redis.cluster")
+        return _sentinel_client(url, max_connections, timeout_s)
     if cluster:
         return RedisCluster.from_url(
             url,
@@ -104,3 +111,51 @@ def open_client(url: str, max_connections: int, timeout_s: float, cluster: bool 
         socket_connect_timeout=timeout_s,
     )
     return aioredis.Redis(connection_pool=pool, decode_responses=False, health_check_interval=10)
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """`redis+sentinel://[:password@]host:port,host:port/<service>[/<db>]` -> (sentinels, service,
+    db, password); ValueError saying what is wrong."""
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = credentials.partition(":")[2] or None
+    hosts, _, path = rest.partition("/")
+    service, _, db = path.partition("/")
+    if not hosts or not service:
+        raise ValueError("a sentinel URL is redis+sentinel://host:port[,host:port...]/<service>[/<db>]")
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"sentinel {item!r} is not host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+    return sentinels, service, int(db or 0), password
+
+
+def _sentinel_client(url: str, max_connections: int, timeout_s: float) -> Redis:
+    sentinels, service, db, password = parse_sentinel_url(url)
+    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    sentinel = Sentinel(sentinels, sentinel_kwargs=options, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    # redis-py's Sentinel pool (not the fair one above): it finds the primary anew on every
+    # connect and drops connections to a primary that was demoted (READONLY).
+    client: Redis = sentinel.master_for(service, db=db, password=password, max_connections=max_connections)
+    return client
+
+
+async def close_client(client: RedisClient) -> None:
+    """Every connection of the client, its sentinels' included."""
+    if isinstance(client, RedisCluster):
+        await client.aclose()
+        return
+    pool = client.connection_pool
+    await client.aclose(close_connection_pool=True)
+    if isinstance(pool, SentinelConnectionPool):
+        for sentinel in pool.sentinel_manager.sentinels:
+            await sentinel.aclose(close_connection_pool=True)
