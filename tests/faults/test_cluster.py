@@ -69,7 +69,8 @@ class Scene:
         await wait_until(lambda: sum(map(len, acked.values())) > before + 200)
         self.publisher.stop.set()
         for stream in self.streams:
-            last = self.publisher.last_acknowledged(stream.well)
+            wells = WELLS if stream.well == FIELD else [stream.well]
+            last = max(self.publisher.last_acknowledged(well) for well in wells)
             await wait_until(lambda: bool(stream.ids) and stream.ids[-1] >= last)  # noqa: B023 - awaited at once
         for gateway in self.gateways:
             await wait_for_status(gateway.url + "/readyz")
@@ -87,10 +88,11 @@ async def flowing(cluster: LocalCluster, secret: str, token: str) -> AsyncIterat
         httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client,
         recording_streams(client, first.url, WELLS, 2, headers) as on_first,
         recording_streams(client, second.url, WELLS, 2, headers) as on_second,
+        tenant_streams(client, [first.url, second.url], headers) as whole_field,
     ):
         publisher = PacedPublisher(broker, WELLS)  # 10 readings every 50 ms: 200/s
         publishing = asyncio.create_task(publisher.run())
-        streams = on_first + on_second
+        streams = on_first + on_second + whole_field
         try:
             await wait_until(lambda: all(len(s.ids) >= 10 for s in streams))
             yield Scene([first, second], streams, publisher, cluster)
@@ -102,8 +104,32 @@ async def flowing(cluster: LocalCluster, secret: str, token: str) -> AsyncIterat
 def check(scene: Scene, logs: dict[str, list[StreamId]]) -> None:
     for stream in scene.streams:
         assert not stream.ended, "the stream stayed open"
-        assert_exactly_the_log(stream, logs[stream.well])
-        assert set(scene.publisher.acknowledged[stream.well]) <= set(stream.ids), "every acknowledged reading"
+        wells = WELLS if stream.well == FIELD else [stream.well]
+        assert_exactly_the_log(stream, sorted(i for well in wells for i in logs[well]))
+        for well in wells:
+            assert set(scene.publisher.acknowledged[well]) <= set(stream.ids), "every acknowledged reading"
+
+
+FIELD = "*"  # the `well` of a recording of the tenant's one stream of every well
+
+
+@contextlib.asynccontextmanager
+async def tenant_streams(
+    client: httpx.AsyncClient, bases: list[str], headers: dict[str, str]
+) -> AsyncIterator[list[RecordingStream]]:
+    """The one-screen stream (every well of the tenant, one connection) on each gateway."""
+    streams = [RecordingStream(FIELD) for _ in bases]
+    tasks = [
+        asyncio.create_task(s.run(client, f"{base}/tenants/acme/stream", headers))
+        for s, base in zip(streams, bases, strict=True)
+    ]
+    try:
+        await asyncio.gather(*(s.opened.wait() for s in streams))
+        yield streams
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_the_tenants_slot_moved_under_load_loses_nothing_on_two_gateways(
