@@ -116,12 +116,29 @@ def assert_exactly_the_log(stream: RecordingStream, log: list[StreamId]) -> None
     assert len(received) == len(expected), f"{stream.well}: {len(expected) - len(received)} readings missing"
 
 
+FIELD = "*"  # the `well` of a recording of the tenant's one stream of every well
+
+# Fast health checks so a fault test sees an outage in about a second; production keeps the defaults.
+FAST_FEED = {
+    "WELLSTREAM_REDIS__PING_INTERVAL_S": "0.3",
+    "WELLSTREAM_REDIS__TIMEOUT_S": "1",
+    "WELLSTREAM_STREAM__HEARTBEAT_S": "0.5",
+}
+
+
 @contextlib.asynccontextmanager
 async def recording_streams(
     client: httpx.AsyncClient, base: str, wells: list[str], per_well: int, headers: dict[str, str]
 ) -> AsyncIterator[list[RecordingStream]]:
+    """`per_well` streams of each well (a well of FIELD: the tenant's one stream of every well)."""
     streams = [RecordingStream(well) for well in wells for _ in range(per_well)]
-    tasks = [asyncio.create_task(s.run(client, f"{base}/tenants/acme/wells/{s.well}/stream", headers)) for s in streams]
+
+    def url(stream: RecordingStream) -> str:
+        return (
+            f"{base}/tenants/acme/stream" if stream.well == FIELD else f"{base}/tenants/acme/wells/{stream.well}/stream"
+        )
+
+    tasks = [asyncio.create_task(s.run(client, url(s), headers)) for s in streams]
     try:
         await asyncio.gather(*(s.opened.wait() for s in streams))
         yield streams

@@ -32,19 +32,21 @@ from tests.conftest import (
     wait_for_status,
     wait_until,
 )
-from tests.faults.streams import PacedPublisher, RecordingStream, assert_exactly_the_log, recording_streams
+from tests.faults.streams import (
+    FAST_FEED,
+    FIELD,
+    PacedPublisher,
+    RecordingStream,
+    assert_exactly_the_log,
+    recording_streams,
+)
 from tests.faults.test_ingest_outage import WELLS as SIMULATED
 from tests.faults.test_ingest_outage import assert_whole_prefix, log_line, site_file
 
 pytestmark = pytest.mark.anyio
 
 WELLS = [f"w{i:02d}" for i in range(5)]
-FAST = {
-    "WELLSTREAM_REDIS__CLUSTER": "true",
-    "WELLSTREAM_REDIS__PING_INTERVAL_S": "0.3",
-    "WELLSTREAM_REDIS__TIMEOUT_S": "1",
-    "WELLSTREAM_STREAM__HEARTBEAT_S": "0.5",
-}
+FAST = {"WELLSTREAM_REDIS__CLUSTER": "true", **FAST_FEED}
 
 
 def cluster_log(cluster: LocalCluster, well: str) -> list[StreamId]:
@@ -88,11 +90,12 @@ async def flowing(cluster: LocalCluster, secret: str, token: str) -> AsyncIterat
         httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client,
         recording_streams(client, first.url, WELLS, 2, headers) as on_first,
         recording_streams(client, second.url, WELLS, 2, headers) as on_second,
-        tenant_streams(client, [first.url, second.url], headers) as whole_field,
+        recording_streams(client, first.url, [FIELD], 1, headers) as field_on_first,
+        recording_streams(client, second.url, [FIELD], 1, headers) as field_on_second,
     ):
         publisher = PacedPublisher(broker, WELLS)  # 10 readings every 50 ms: 200/s
         publishing = asyncio.create_task(publisher.run())
-        streams = on_first + on_second + whole_field
+        streams = on_first + on_second + field_on_first + field_on_second
         try:
             await wait_until(lambda: all(len(s.ids) >= 10 for s in streams))
             yield Scene([first, second], streams, publisher, cluster)
@@ -108,28 +111,6 @@ def check(scene: Scene, logs: dict[str, list[StreamId]]) -> None:
         assert_exactly_the_log(stream, sorted(i for well in wells for i in logs[well]))
         for well in wells:
             assert set(scene.publisher.acknowledged[well]) <= set(stream.ids), "every acknowledged reading"
-
-
-FIELD = "*"  # the `well` of a recording of the tenant's one stream of every well
-
-
-@contextlib.asynccontextmanager
-async def tenant_streams(
-    client: httpx.AsyncClient, bases: list[str], headers: dict[str, str]
-) -> AsyncIterator[list[RecordingStream]]:
-    """The one-screen stream (every well of the tenant, one connection) on each gateway."""
-    streams = [RecordingStream(FIELD) for _ in bases]
-    tasks = [
-        asyncio.create_task(s.run(client, f"{base}/tenants/acme/stream", headers))
-        for s, base in zip(streams, bases, strict=True)
-    ]
-    try:
-        await asyncio.gather(*(s.opened.wait() for s in streams))
-        yield streams
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_the_tenants_slot_moved_under_load_loses_nothing_on_two_gateways(

@@ -19,6 +19,7 @@ from app.models import StreamId
 from app.streams.redis import connect_redis
 from tests.conftest import GatewayProcess, RedisServer, gateway_process, wait_for_status, wait_until
 from tests.faults.streams import (
+    FAST_FEED,
     PacedPublisher,
     RecordingStream,
     assert_exactly_the_log,
@@ -29,12 +30,6 @@ from tests.faults.streams import (
 pytestmark = pytest.mark.anyio
 
 WELLS = [f"w{i:02d}" for i in range(10)]
-# Fast health checks so the test sees an outage in about a second; production keeps the defaults.
-FAST = {
-    "WELLSTREAM_REDIS__PING_INTERVAL_S": "0.3",
-    "WELLSTREAM_REDIS__TIMEOUT_S": "1",
-    "WELLSTREAM_STREAM__HEARTBEAT_S": "0.5",
-}
 
 
 async def readyz(client: httpx.AsyncClient, base: str) -> int:
@@ -72,7 +67,7 @@ class Scene:
 async def flowing(redis: RedisServer, secret: str, token: str, wells: list[str], per_well: int) -> AsyncIterator[Scene]:
     headers = {"Authorization": f"Bearer {token}"}
     async with (
-        gateway_process(secret, WELLSTREAM_REDIS_URL=redis.url, **FAST) as gateway,
+        gateway_process(secret, WELLSTREAM_REDIS_URL=redis.url, **FAST_FEED) as gateway,
         connect_redis(redis.url, timeout_s=1) as broker,
         httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client,
         recording_streams(client, gateway.url, wells, per_well, headers) as streams,

@@ -20,17 +20,12 @@ from app.streams.redis import connect_redis
 from app.streams.redis.client import parse_sentinel_url
 from app.streams.redis.keys import log_key
 from tests.conftest import gateway_process, wait_for_status, wait_until
-from tests.faults.streams import PacedPublisher, assert_exactly_the_log, recording_streams
+from tests.faults.streams import FAST_FEED, PacedPublisher, assert_exactly_the_log, recording_streams
 from tests.sentinel import SentinelGroup
 
 pytestmark = pytest.mark.anyio
 
 WELLS = [f"w{i:02d}" for i in range(5)]
-FAST = {
-    "WELLSTREAM_REDIS__PING_INTERVAL_S": "0.3",
-    "WELLSTREAM_REDIS__TIMEOUT_S": "1",
-    "WELLSTREAM_STREAM__HEARTBEAT_S": "0.5",
-}
 
 
 def log_of(port: int, well: str) -> list[StreamId]:
@@ -57,7 +52,7 @@ async def test_the_primary_killed_9_under_load_fails_over_through_sentinel_and_l
     headers = {"Authorization": f"Bearer {token('acme')}"}
     with SentinelGroup(tmp_path / "redis") as group, anyio.fail_after(90):
         async with (
-            gateway_process(secret, WELLSTREAM_REDIS_URL=group.url, **FAST) as gateway,
+            gateway_process(secret, WELLSTREAM_REDIS_URL=group.url, **FAST_FEED) as gateway,
             connect_redis(group.url, timeout_s=1) as broker,
             httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client,
             recording_streams(client, gateway.url, WELLS, 2, headers) as streams,
