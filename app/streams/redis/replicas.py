@@ -25,6 +25,7 @@ from redis.asyncio.client import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from app.errors import BrokerError
 from app.streams.redis.client import RedisClient, redis_errors
@@ -64,13 +65,23 @@ class ReplicatedPublish:
             return await script(keys=keys, args=args, client=node)
         target = node if node is not None else self._client
         assert isinstance(target, Redis)
-        async with target.pipeline(transaction=False) as pipe:
-            await script(keys=keys, args=args, client=pipe)  # queued: a pipeline answers on execute
-            pipe.execute_command("WAIT", want, self._timeout_ms)
-            result, acked = await pipe.execute()
+        try:
+            result, acked = await self._with_wait(target, script.sha, keys, args, want)
+        except NoScriptError:  # a node that never ran it, or a promoted replica (SCRIPT LOAD is not replicated)
+            await target.script_load(script.script)
+            result, acked = await self._with_wait(target, script.sha, keys, args, want)
         if int(acked) < want:
             raise BrokerError("publish", f"{acked} of {want} replicas confirmed it within {self._timeout_ms} ms")
         return result
+
+    async def _with_wait(self, target: Redis, sha: str, keys: list[str], args: list[Any], want: int) -> list[Any]:
+        # EVALSHA itself, not the script object: redis-py sends a SCRIPT EXISTS before every
+        # pipeline that holds a script object, one more round trip per batch.
+        async with target.pipeline(transaction=False) as pipe:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", want, self._timeout_ms)
+            answers: list[Any] = await pipe.execute()
+        return answers
 
     async def _target(self, key: str) -> tuple[str, Redis | None]:
         client = self._client
