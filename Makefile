@@ -42,7 +42,7 @@ bench-deps: system-deps
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libnginx-mod-nchan; \
 	fi
 
-# The fan-out benchmark (about 12 minutes; BENCH_ARGS=--quick for about 3). Pins to cores 0 and 1.
+# The fan-out benchmark (about 30 minutes, estimated from its rows; BENCH_ARGS=--quick for a few). Pins to cores 0 and 1.
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

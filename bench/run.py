@@ -41,6 +41,7 @@ from pathlib import Path
 import psutil
 
 from app.auth.tokens import mint_token
+from bench import ingestrate
 
 ROOT = Path(__file__).resolve().parent.parent
 WELLS = 100
@@ -536,6 +537,13 @@ def main(argv: list[str] | None = None) -> None:
         help="N:R pairs opened while R readings/s already flow (admission under load), e.g. 10000:500; "
         "'' for none (default without --scenarios or --quick: 5000:500)",
     )
+    parser.add_argument(
+        "--storm",
+        default=None,
+        help="N:R reconnect storms (bench/storm.py): N streams on gateway A while R readings/s flow, A gets SIGTERM, "
+        "all resume on gateway B; '' for none (default without --scenarios or --quick: 10000:500)",
+    )
+    ingestrate.add_arguments(parser)  # --ingest T:K,... (readings/s into one redis-server against a cluster)
     parser.add_argument("--duration", type=float, default=15, help="seconds of publishing per scenario")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("--profile", type=Path, default=None, help="write py-spy flame graphs of each gateway here")
@@ -590,7 +598,19 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 results.append(result)
                 print(json.dumps(asdict(result)), flush=True)
+        # Imported here: bench.storm builds on this module's gateway(), so a top-level import would be circular.
+        from bench import storm
+
+        storms = pairs(args.storm) if args.storm is not None else ([] if args.quick or chosen else storm.FULL_STORM)
+        storm_results = storm.storm_rows(systems, storms, redis_url, secret)
+    # After the fan-out rows, on servers of its own (a redis-server and a cluster): nothing else is measured meanwhile.
+    ingest_cases = ingestrate.cases_of(args.ingest, args.quick, chosen=args.scenarios is not None)
+    ingest_results = ingestrate.run_ingest(ingest_cases, args.ingest_duration, args.ingest_rounds, args.ingest_batch)
     output = header + "\n\n" + table(results) + "\n"
+    if ingest_results:
+        output += "\n" + ingestrate.table(ingest_results, args.ingest_duration, args.ingest_rounds) + "\n"
+    if storm_results:
+        output += "\n" + storm.table(storm_results) + "\n"
     if peer := against(results):
         output += "\n" + peer + "\n"
     print(output)
