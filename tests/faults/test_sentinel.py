@@ -20,6 +20,7 @@ from app.streams.redis import connect_redis
 from app.streams.redis.client import parse_sentinel_url
 from app.streams.redis.keys import log_key
 from tests.conftest import gateway_process, wait_for_status, wait_until
+from tests.factories import make_reading
 from tests.faults.streams import FAST_FEED, PacedPublisher, assert_exactly_the_log, recording_streams
 from tests.sentinel import SentinelGroup
 
@@ -87,3 +88,12 @@ async def test_the_primary_killed_9_under_load_fails_over_through_sentinel_and_l
         assert not stream.ended, "the stream stayed open through the failover"
         assert_exactly_the_log(stream, logs[stream.well])
         assert set(publisher.acknowledged[stream.well]) <= set(stream.ids)
+
+
+async def test_a_burst_through_sentinel_waits_its_turn_instead_of_failing(tmp_path: Path) -> None:
+    # redis-py's Sentinel pool fails a command past max_connections; opens in a burst would get 503s.
+    with SentinelGroup(tmp_path / "redis") as group, anyio.fail_after(30):
+        async with connect_redis(group.url, timeout_s=5) as broker:
+            await broker.log.publish([make_reading(1.0)])
+            reads = await asyncio.gather(*(broker.log.read("acme", ["w1"], None, 0) for _ in range(200)))
+    assert all("w1" in read.wells for read in reads)

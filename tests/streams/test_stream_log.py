@@ -278,3 +278,27 @@ async def test_a_lost_clock_moves_past_the_logs_it_finds(redis_url: str) -> None
             assert after[0] > StreamId(before[-1].ms + 60_000, 0), "the clock jumped past the newest entry it met"
             assert after == sorted(after)
             assert len(after) == 2
+
+
+async def test_streams_that_open_while_the_feed_resubscribes_do_not_stop_it(redis_url: str) -> None:
+    # Each SSUBSCRIBE of the resubscribe yields; subscribes meanwhile changed the topics under the
+    # loop, whose RuntimeError ended the reader for good (connected False, no gap fill ever).
+    with anyio.fail_after(20):
+        async with connect_redis(redis_url) as broker:
+            gaps: list[int] = []
+            async with broker.log.live_feed(lambda tenant, event: None) as feed:
+                for n in range(50):
+                    await feed.subscribe(f"t{n}")
+                feed.on_gap = lambda: gaps.append(1)
+                churning: list[asyncio.Task[None]] = []
+
+                async def churn() -> None:  # a stream opening on every turn of the loop
+                    while not gaps:
+                        churning.append(asyncio.create_task(feed.subscribe(f"x{len(churning)}")))
+                        await asyncio.sleep(0)
+
+                opening = asyncio.create_task(churn())
+                await feed.restart("the test asks for it")
+                await wait_until(lambda: feed.connected and gaps == [1])
+                await opening
+                await asyncio.gather(*churning)

@@ -42,7 +42,41 @@ def script(client: RedisClient, name: str, *, after: tuple[str, ...] = ()) -> As
     return client.register_script(source)
 
 
-class FairConnectionPool(aioredis.BlockingConnectionPool):
+class _InTurn:
+    """A FIFO semaphore in front of a redis-py pool: at most `max_connections` callers inside, served
+    in the order they asked (see FairConnectionPool), each waiting at most `turn_timeout_s`."""
+
+    max_connections: int
+    turn_timeout_s = 10.0
+
+    def _turns(self) -> asyncio.Semaphore:
+        turns: asyncio.Semaphore | None = getattr(self, "_turn_semaphore", None)
+        if turns is None:
+            turns = self._turn_semaphore = asyncio.Semaphore(self.max_connections)  # FIFO since Python 3.11.1
+        return turns
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        turns = self._turns()
+        try:
+            async with asyncio.timeout(self.turn_timeout_s):
+                await turns.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("No connection available.") from None  # what the pool itself raises
+        try:
+            connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            turns.release()
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        try:
+            await super().release(connection)  # type: ignore[misc]
+        finally:
+            self._turns().release()
+
+
+class FairConnectionPool(_InTurn, aioredis.BlockingConnectionPool):
     """redis-py's blocking pool, handing its connections out in the order they were asked for.
 
     redis-py's own lets a caller that arrives just as a connection comes back take it ahead of
@@ -54,28 +88,10 @@ class FairConnectionPool(aioredis.BlockingConnectionPool):
     and no caller is passed: the longest wait is the queue ahead of it.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._turns = asyncio.Semaphore(self.max_connections)  # FIFO: no barging since Python 3.11.1
 
-    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self._turns.acquire()
-        except TimeoutError:
-            raise RedisConnectionError("No connection available.") from None  # what the pool itself raises
-        try:
-            connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except BaseException:
-            self._turns.release()
-            raise
-        return connection
-
-    async def release(self, connection: AbstractConnection) -> None:
-        try:
-            await super().release(connection)
-        finally:
-            self._turns.release()
+class FairSentinelPool(_InTurn, SentinelConnectionPool):
+    """redis-py's Sentinel pool fails the command past `max_connections` ("Too many connections"):
+    the same turns in front make a burst wait in order instead of answering 503."""
 
 
 def open_client(url: str, max_connections: int, timeout_s: float, cluster: bool = False) -> RedisClient:
@@ -143,9 +159,11 @@ def _sentinel_client(url: str, max_connections: int, timeout_s: float) -> Redis:
     sentinels, service, db, password = parse_sentinel_url(url)
     options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     sentinel = Sentinel(sentinels, sentinel_kwargs=options, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-    # redis-py's Sentinel pool (not the fair one above): it finds the primary anew on every
-    # connect and drops connections to a primary that was demoted (READONLY).
-    client: Redis = sentinel.master_for(service, db=db, password=password, max_connections=max_connections)
+    # redis-py's Sentinel pool, taken in turn: it finds the primary anew on every connect and
+    # drops connections to a primary that was demoted (READONLY).
+    client: Redis = sentinel.master_for(
+        service, connection_pool_class=FairSentinelPool, db=db, password=password, max_connections=max_connections
+    )
     return client
 
 

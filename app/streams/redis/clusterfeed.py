@@ -191,8 +191,13 @@ class ClusterFeed:
 
     async def _move_tenants(self) -> None:
         await self._client.nodes_manager.initialize()
+        # A tenant still moving is tried again even where its home already names the new node:
+        # the last attempt may have failed to open that node's connection.
+        owners = {tenant: self._owner(tenant) for tenant in list(self._home)}
         moves = {
-            tenant: node for tenant in list(self._home) if (node := self._owner(tenant)).name != self._home[tenant]
+            tenant: node
+            for tenant, node in owners.items()
+            if node.name != self._home.get(tenant) or tenant in self._moving
         }
         if moves:
             loop = asyncio.get_running_loop()

@@ -121,7 +121,9 @@ class RedisFeed:
                 self._generation += 1
                 self._realign_waiters()  # also with no topics: stale waiters must not stay in line
                 self._unsubscribing.clear()  # their answers died with the old connection
-                for channel in self._topics:  # one command per channel: a cluster refuses two slots in one
+                # One command per channel (a cluster refuses two slots in one), over a copy: each
+                # send yields, and streams that open or close meanwhile change the topics.
+                for channel in list(self._topics):
                     await conn.send_command("SSUBSCRIBE", channel)
         except BaseException:
             await conn.disconnect()
@@ -235,6 +237,8 @@ class RedisFeed:
                     break
                 except (BrokerError, TimeoutError) as exc:
                     logger.warning("redis pubsub reconnect failed: %s", exc or "timed out")
+                except Exception:  # a bug here must not end the reader: the feed would stay down for good
+                    logger.exception("redis pubsub reconnect failed")
             self.reconnects += 1
             logger.info("redis pubsub reconnected, %d channels resubscribed", len(self._topics))
             if self.on_gap is not None:

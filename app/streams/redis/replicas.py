@@ -106,7 +106,14 @@ class ReplicatedPublish:
         if cached is None or now - cached[0] > REPLICAS_CACHE_S:
             target = node if node is not None else self._client
             info: dict[str, Any] = await target.info("replication")
-            cached = self._replicas[name] = (now, int(info.get("connected_slaves", 0)))
+            # Only replicas in sync: one still loading a full sync (a failed primary rejoining)
+            # would hold every publish to the WAIT timeout until it is done.
+            online = sum(
+                1
+                for key, value in info.items()
+                if key.startswith("slave") and isinstance(value, dict) and value.get("state") == "online"
+            )
+            cached = self._replicas[name] = (now, online)
         return 1 if cached[1] > 0 else 0
 
     async def _refresh(self) -> None:
