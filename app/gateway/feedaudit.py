@@ -99,7 +99,9 @@ class FeedAudit:
             if mark is None or mark.channel is not channel:
                 marks[tenant] = _Mark(channel, clock, clock)
                 continue
-            seen = channel.last_id if channel.last_id is not None and channel.last_id > mark.base else mark.base
+            # What arrived: fanned out, or skipped as malformed (another producer's message).
+            arrived = [i for i in (channel.last_id, self._feed.heard(tenant)) if i is not None]
+            seen = max([mark.base, *arrived])
             if seen < mark.expected and channel.held is None:
                 lost.append((tenant, mark.expected, channel.last_id))
             marks[tenant] = _Mark(channel, mark.base, clock)

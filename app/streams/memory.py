@@ -65,6 +65,9 @@ class _MemoryFeed:
     async def unsubscribe(self, tenant: str) -> None:
         self.tenants.discard(tenant)
 
+    def heard(self, tenant: str) -> StreamId | None:
+        return None  # it delivers only readings it stored itself: nothing is ever skipped
+
     async def restart(self, why: str) -> None:
         # Nothing in process can be lost, but the hub's repair path is the same: a gap to fill.
         self.reconnects += 1

@@ -55,6 +55,10 @@ class LiveFeed(Protocol):
     async def unsubscribe(self, tenant: str) -> None:
         """Stop delivery for a tenant."""
 
+    def heard(self, tenant: str) -> StreamId | None:
+        """The newest id of a tenant's message that arrived but was skipped as malformed (None: none):
+        it was not lost, though the hub never saw it."""
+
     async def restart(self, why: str) -> None:
         """Start over on a new connection: resubscribe every tenant, then `on_gap` (the feed was
         found to have lost events while connected)."""

@@ -6,13 +6,14 @@ import asyncio
 
 import anyio
 import pytest
+import redis.asyncio
 
 from app.gateway.hub import Hub
 from app.gateway.subscriber import Subscriber
 from app.models import StreamId
 from app.streams.redis import connect_redis
 from app.streams.redis.feed import RedisFeed
-from app.streams.redis.keys import channel_name
+from app.streams.redis.keys import channel_name, clock_key
 from tests.conftest import wait_until
 from tests.factories import make_reading
 
@@ -75,3 +76,24 @@ async def test_a_feed_that_delivers_is_left_alone_by_the_audit(redis_url: str) -
             await asyncio.gather(*tasks)
             for sub in subs:
                 await hub.unsubscribe(sub)
+
+
+async def test_a_malformed_message_of_another_producer_is_not_taken_for_a_lost_subscription(redis_url: str) -> None:
+    # Another producer following the layout: the clock moved past an id whose live message the
+    # gateway skipped as malformed. It arrived; restarting the feed for it would refill every tenant.
+    with anyio.fail_after(30):
+        async with connect_redis(redis_url) as broker, Hub(broker.log, stall_s=0.3, heartbeat_s=10) as hub:
+            sub = await hub.subscribe("foreign", frozenset({"w1"}))
+            [good] = await broker.log.publish([make_reading(1.0, tenant="foreign")])
+            await wait_until(lambda: bool(sub.frames))
+            await asyncio.sleep(0.7)  # the audit has read this tenant's clock: what follows is checked
+            client = redis.asyncio.Redis.from_url(redis_url)
+            bad = StreamId(good.ms + 1, 0)
+            await client.set(clock_key("foreign"), str(bad))
+            await client.spublish(channel_name("foreign"), f"{bad} not a reading")
+            await wait_until(lambda: hub.malformed.get("live", 0) >= 1)
+            await asyncio.sleep(1.5)  # several audit rounds after it: each must count it as arrived
+            assert (hub.stats.feed_silences, hub.feed_reconnects) == (0, 0)
+            await client.aclose()
+            sub.end("client-closed")
+            await hub.unsubscribe(sub)

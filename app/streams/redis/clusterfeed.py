@@ -30,6 +30,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from app.backoff import Backoff
 from app.errors import BrokerError
+from app.models import StreamId
 from app.streams.codec import MalformedValues
 from app.streams.redis.client import redis_errors
 from app.streams.redis.feed import RedisFeed, TenantMoved
@@ -120,6 +121,10 @@ class ClusterFeed:
         shard = self._shards.get(name) if name is not None else None
         if shard is not None:
             await shard.confirmed(tenant)
+
+    def heard(self, tenant: str) -> StreamId | None:
+        found = [heard for shard in self._shards.values() if (heard := shard.heard(tenant)) is not None]
+        return max(found, default=None)
 
     async def restart(self, why: str) -> None:
         self._rehome()  # a stale slot map is one way a subscription goes quiet

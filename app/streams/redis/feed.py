@@ -8,6 +8,7 @@ publish script), so a message goes to the subscribers of its slot's node, not to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections import deque
@@ -19,6 +20,7 @@ from redis.exceptions import ResponseError
 
 from app.backoff import Backoff
 from app.errors import BrokerError
+from app.models import StreamId
 from app.streams.codec import MalformedValues, decode_event, shown
 from app.streams.redis.client import redis_errors
 from app.streams.redis.keys import channel_name
@@ -92,6 +94,7 @@ class RedisFeed:
         self._confirmations: dict[bytes, asyncio.Future[None]] = {}
         self._closing = False
         self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs we sent, not yet answered
+        self._heard: dict[str, StreamId] = {}  # by tenant: the newest id of a skipped message
         self.reconnects = 0
 
     @property
@@ -274,6 +277,16 @@ class RedisFeed:
             await asyncio.sleep(self._ping_interval_s)
             self._commands.put_nowait((self._generation, b"PING", b""))
 
+    def heard(self, tenant: str) -> StreamId | None:
+        """The newest id of a message this connection skipped as malformed (see the feed audit)."""
+        return self._heard.get(tenant)
+
+    def _note_heard(self, tenant: str, raw_id: bytes) -> None:
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            stream_id = StreamId.parse(raw_id.decode())
+            if (heard := self._heard.get(tenant)) is None or stream_id > heard:
+                self._heard[tenant] = stream_id
+
     def _refused(self, exc: ResponseError) -> None:
         # On a cluster: MOVED (the slot is elsewhere), CLUSTERDOWN, TRYAGAIN. Which command it
         # answered is not said; the cluster feed rechecks where every tenant lives.
@@ -292,6 +305,7 @@ class RedisFeed:
                 event = decode_event(raw_id, data, tenant)  # any well of the channel's tenant, none of another's
             except ValueError as exc:
                 self._malformed.skip("live", f"{response[1].decode()} message {shown(raw_id)}", exc)
+                self._note_heard(tenant, raw_id)  # it arrived: the feed audit must not take it for lost
                 return
             self._deliver(tenant, event)
         elif kind == b"sunsubscribe":
