@@ -40,8 +40,12 @@ def test_a_sentinel_url_names_its_sentinels_service_and_database() -> None:
         [("10.0.0.1", 26379), ("::1", 26380)],
         "main",
         2,
+        None,
         "pw",
     )
+    # An ACL user, and a password with characters a URL must encode.
+    target = parse_sentinel_url("redis+sentinel://ingest:p%40ss%2Fw%3Ard@h:26379/main")
+    assert (target.username, target.password, target.db) == ("ingest", "p@ss/w:rd", 0)
     for bad in ("redis+sentinel://h:1", "redis+sentinel://h/main", "redis+sentinel://h:1/main/x"):
         with pytest.raises(ValueError, match=r"sentinel|database"):
             parse_sentinel_url(bad)

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Redis
@@ -132,14 +133,23 @@ def open_client(url: str, max_connections: int, timeout_s: float, cluster: bool 
 SENTINEL_SCHEME = "redis+sentinel://"
 
 
-def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
-    """`redis+sentinel://[:password@]host:port,host:port/<service>[/<db>]` -> (sentinels, service,
-    db, password); ValueError saying what is wrong."""
+class SentinelTarget(NamedTuple):
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int = 0
+    username: str | None = None  # the primary's ACL user and password (the sentinels take none)
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """`redis+sentinel://[user:password@]host:port,host:port/<service>[/<db>]`, the user and
+    password percent-encoded as in any URL; ValueError saying what is wrong."""
     rest = url.removeprefix(SENTINEL_SCHEME)
-    password = None
+    username = password = None
     if "@" in rest:
         credentials, rest = rest.rsplit("@", 1)
-        password = credentials.partition(":")[2] or None
+        user, _, secret = credentials.partition(":")
+        username, password = unquote(user) or None, unquote(secret) or None
     hosts, _, path = rest.partition("/")
     service, _, db = path.partition("/")
     if not hosts or not service:
@@ -152,17 +162,24 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, int, str |
         sentinels.append((host.strip("[]"), int(port)))
     if db and not db.isdigit():
         raise ValueError(f"database {db!r} is not a number")
-    return sentinels, service, int(db or 0), password
+    return SentinelTarget(sentinels, unquote(service), int(db or 0), username, password)
 
 
 def _sentinel_client(url: str, max_connections: int, timeout_s: float) -> Redis:
-    sentinels, service, db, password = parse_sentinel_url(url)
+    target = parse_sentinel_url(url)
     options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-    sentinel = Sentinel(sentinels, sentinel_kwargs=options, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    sentinel = Sentinel(
+        target.sentinels, sentinel_kwargs=options, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
     # redis-py's Sentinel pool, taken in turn: it finds the primary anew on every connect and
     # drops connections to a primary that was demoted (READONLY).
     client: Redis = sentinel.master_for(
-        service, connection_pool_class=FairSentinelPool, db=db, password=password, max_connections=max_connections
+        target.service,
+        connection_pool_class=FairSentinelPool,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        max_connections=max_connections,
     )
     return client
 
