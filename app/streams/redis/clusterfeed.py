@@ -20,7 +20,6 @@ confirms it (../shared/research and tests/streams/test_cluster_facts.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -92,9 +91,10 @@ class ClusterFeed:
                 shard = await self._shard(node)
                 try:
                     await shard.subscribe(tenant)
-                    return
                 except TenantMoved:
                     continue  # the slot map changed while we waited: where it lives now
+                await self._unless_left(tenant, node, shard)
+                return
         except BaseException:
             self._home.pop(tenant, None)  # a tenant we never subscribed must not count against `connected`
             raise
@@ -223,9 +223,17 @@ class ClusterFeed:
         self._home[tenant] = node.name
         shard = await self._shard(node)
         await shard.subscribe(tenant)
+        await self._unless_left(tenant, node, shard)
         moving = self._moving.pop(tenant, None)
         if moving is not None and not moving.done():
             moving.set_result(None)
+
+    async def _unless_left(self, tenant: str, node: ClusterNode, shard: RedisFeed) -> None:
+        """Undo a subscription whose tenant was unsubscribed (its last stream left) while the
+        node's connection was opening: nothing would ever unsubscribe it, and it would keep that
+        connection from closing."""
+        if self._home.get(tenant) != node.name:
+            await shard.unsubscribe(tenant)
 
     async def _close_dead_shards(self) -> None:
         # A shard no tenant lives on and that lost its node (a failed primary) only retries for ever.
@@ -238,8 +246,8 @@ class ClusterFeed:
         self._closing = True
         if self._rehoming is not None:
             self._rehoming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rehoming
+            # Whatever it ended with (cancelled, or a failure of its own), the shards still close.
+            await asyncio.gather(self._rehoming, return_exceptions=True)
         for opening in self._opening.values():
             opening.cancel()
         for shard in list(self._shards.values()):
