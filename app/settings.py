@@ -53,6 +53,9 @@ class RedisSettings(BaseModel):
     min_replicas_ack: int | None = Field(
         None, ge=0, description="replicas that must have a published batch before it counts as stored; None: 1 if any"
     )
+    max_connections: int = Field(
+        32, ge=1, le=10_000, description="pooled command connections per process; a burst of opens waits its turn"
+    )
     timeout_s: float = Field(5, gt=0, description="bound on every Redis command and connect (a frozen Redis)")
     ping_interval_s: float = Field(
         5, gt=0, description="live feed health check; three missed pongs and it reconnects and fills the gap"

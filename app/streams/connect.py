@@ -25,6 +25,7 @@ async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
         history.max_age_s,
         timeout_s=redis.timeout_s,
         ping_interval_s=redis.ping_interval_s,
+        max_connections=redis.max_connections,
         cluster=redis.cluster,
         min_replicas_ack=redis.min_replicas_ack,
     ) as broker:
