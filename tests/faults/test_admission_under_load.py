@@ -82,12 +82,7 @@ async def test_every_stream_admitted_while_readings_flow_receives_its_wells_read
     loop = asyncio.get_running_loop()
     authorization = f"Bearer {token('acme')}"
     with anyio.fail_after(90):
-        # Two pooled Redis connections and a short stall bound: the opens of the burst wait their
-        # turn for a connection, longer than stall_s, while their well's readings queue. Such a
-        # stream was taken for stalled and ended the moment it opened (the cause of the dropped and
-        # silent streams of make bench's admission row, docs/performance.md).
-        scarce = {"WELLSTREAM_REDIS__MAX_CONNECTIONS": "2", "WELLSTREAM_STREAM__STALL_S": "0.5"}
-        async with gateway_process(secret, redis_url=redis_url, **scarce) as gateway, publishing(redis_url):
+        async with gateway_process(secret, redis_url=redis_url) as gateway, publishing(redis_url):
             host, port = gateway.url.removeprefix("http://").split(":")
             readers: list[Reader] = []
             for n in range(STREAMS):  # opened one after another while the gateway fans out
