@@ -82,7 +82,7 @@ class Channel:
         # After a fill, live messages already sent from history may still be in flight on the
         # Pub/Sub connection (history answered first): they are dropped up to here.
         self.floor: StreamId | None = None
-        # Loop time each well last had a reading fanned out (and any well): what the sweeper holds
+        # time.monotonic() each well last had a reading fanned out (and any well): what the sweeper holds
         # each stream's sends against, so a stream the fan-out never reached is noticed too.
         self.published: dict[str, float] = {}
         self.last_published = 0.0

@@ -90,11 +90,11 @@ class Subscriber:
         self._last_send = now
         self._sending_since = 0.0
         self._ended_at = 0.0
-        # Loop times of fan-outs: every frame queued up to `delivered_through` has gone out (or was
-        # covered by the catch-up); `_taken_through` is the newest taken, going out with the send.
-        # time.monotonic(), the fan-out's clock (Frame.queued_at), not the loop's: uvloop's loop
-        # time is cut to the millisecond, and a stream opened just after a publish of its quiet
-        # well would count that publish as never delivered.
+        # Fan-out times (Frame.queued_at): every frame queued up to `delivered_through` has gone
+        # out (or was covered by the catch-up); `_taken_through` is the newest taken, going out
+        # with the send. time.monotonic(), the fan-out's clock, not the loop's: uvloop's loop time
+        # is cut to the millisecond, and a stream opened just after a publish of its quiet well
+        # would count that publish as never delivered.
         self.delivered_through = self._taken_through = time.monotonic()
         self._uncovered_since = 0.0  # a publish the sweeper saw after delivered_through, until covered
         # Monotonic time (Frame.queued_at's clock) from which the writer can send what is queued:
