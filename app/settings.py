@@ -56,6 +56,9 @@ class RedisSettings(BaseModel):
     max_connections: int = Field(
         32, ge=1, le=10_000, description="pooled command connections per process; a burst of opens waits its turn"
     )
+    pool_timeout_s: float = Field(
+        10, gt=0, description="a command waits this long, in turn, for a pooled connection; then a stream open gets 503"
+    )
     timeout_s: float = Field(5, gt=0, description="bound on every Redis command and connect (a frozen Redis)")
     ping_interval_s: float = Field(
         5, gt=0, description="live feed health check; three missed pongs and it reconnects and fills the gap"

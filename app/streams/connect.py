@@ -26,6 +26,7 @@ async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
         timeout_s=redis.timeout_s,
         ping_interval_s=redis.ping_interval_s,
         max_connections=redis.max_connections,
+        pool_timeout_s=redis.pool_timeout_s,
         cluster=redis.cluster,
         min_replicas_ack=redis.min_replicas_ack,
     ) as broker:

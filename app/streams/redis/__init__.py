@@ -46,18 +46,20 @@ async def connect_redis(
     max_age_s: float = 0,
     max_connections: int = 32,
     timeout_s: float = 5.0,
+    pool_timeout_s: float = 10.0,
     ping_interval_s: float = 5.0,
     cluster: bool = False,
     min_replicas_ack: int | None = None,
 ) -> AsyncIterator[Broker]:
     """Every store on one connection pool, closed (live feeds first) on exit.
 
-    `timeout_s` bounds every command and connect; `ping_interval_s` is the live feed's health
+    `timeout_s` bounds every command and connect; `pool_timeout_s` a command's wait for its turn
+    at one of the `max_connections` pooled connections; `ping_interval_s` is the live feed's health
     check (three missed pongs: reconnect). `cluster`: `url` names any one node of a Redis Cluster.
     `min_replicas_ack`: replicas that must have a published batch before it counts as stored
     (None: 1 where the primary has replicas; replicas.py).
     """
-    client = open_client(url, max_connections, timeout_s, cluster)
+    client = open_client(url, max_connections, timeout_s, cluster, pool_timeout_s)
     malformed = MalformedValues()
     log = RedisStreamLog(client, max_len, max_age_s, ping_interval_s, malformed, min_replicas_ack, timeout_s / 2)
     try:

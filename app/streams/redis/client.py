@@ -95,10 +95,14 @@ class FairSentinelPool(_InTurn, SentinelConnectionPool):
     the same turns in front make a burst wait in order instead of answering 503."""
 
 
-def open_client(url: str, max_connections: int, timeout_s: float, cluster: bool = False) -> RedisClient:
+def open_client(
+    url: str, max_connections: int, timeout_s: float, cluster: bool = False, pool_timeout_s: float = 10.0
+) -> RedisClient:
     """`timeout_s` bounds every command and connect, so a frozen Redis (SIGSTOP, a dead host
     without a RST) turns into a BrokerError instead of a request that hangs for ever.
 
+    `pool_timeout_s`: how long a command waits, in turn, for one of `max_connections` pooled
+    connections before it fails (a stream open then answers 503 with a retry hint).
     `cluster`: `url` names any one node of a Redis Cluster; the client finds the rest and
     follows slot moves and failovers for commands (MOVED, ASK, a refreshed slot map).
     `redis+sentinel://host:port,host:port/<service>[/<db>]`: a primary watched by Redis
@@ -107,7 +111,7 @@ def open_client(url: str, max_connections: int, timeout_s: float, cluster: bool 
     if url.startswith(SENTINEL_SCHEME):
         if cluster:
             raise ValueError("a redis+sentinel:// URL names one primary, not a cluster: unset redis.cluster")
-        return _sentinel_client(url, max_connections, timeout_s)
+        return _sentinel_client(url, max_connections, timeout_s, pool_timeout_s)
     if cluster:
         return RedisCluster.from_url(
             url,
@@ -123,10 +127,11 @@ def open_client(url: str, max_connections: int, timeout_s: float, cluster: bool 
     pool = FairConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=10,
+        timeout=pool_timeout_s,  # never reached: the turns in front let only max_connections in
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
     )
+    pool.turn_timeout_s = pool_timeout_s
     return aioredis.Redis(connection_pool=pool, decode_responses=False, health_check_interval=10)
 
 
@@ -165,7 +170,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(sentinels, unquote(service), int(db or 0), username, password)
 
 
-def _sentinel_client(url: str, max_connections: int, timeout_s: float) -> Redis:
+def _sentinel_client(url: str, max_connections: int, timeout_s: float, pool_timeout_s: float) -> Redis:
     target = parse_sentinel_url(url)
     options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     sentinel = Sentinel(
@@ -181,6 +186,9 @@ def _sentinel_client(url: str, max_connections: int, timeout_s: float) -> Redis:
         password=target.password,
         max_connections=max_connections,
     )
+    pool = client.connection_pool
+    assert isinstance(pool, FairSentinelPool)
+    pool.turn_timeout_s = pool_timeout_s
     return client
 
 
