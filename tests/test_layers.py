@@ -7,7 +7,7 @@
 - app/streams/ and app/auth/ know nothing of the gateway (no SSE encoder, no hub);
 - each third-party library stays in its layer (`redis` in app/streams/redis/, `joserfc` in
   app/auth/, each field protocol library in its own adapter file, the web stack in the gateway);
-- the shared vocabulary (models, errors, settings, logs, backoff) imports nothing else of ours;
+- the shared vocabulary (models, errors, settings, logs, backoff, cancellation) imports nothing else of ours;
 - nothing but app/settings.py reads `os.environ`.
 """
 
@@ -35,10 +35,10 @@ CONFINED = {
     "prometheus_client": ("gateway/metrics.py", "gateway/app.py", "ingest/metrics.py"),
     "cryptography": ("gateway/devcert.py", "auth/"),
 }
-VOCABULARY = ("app.models", "app.errors", "app.settings", "app.logs", "app.backoff")
+VOCABULARY = ("app.models", "app.errors", "app.settings", "app.logs", "app.backoff", "app.cancellation")
 # folder (or file) -> the app modules it may import, besides its own folder
 MAY_IMPORT = {
-    "adapters/": ("app.models", "app.errors", "app.backoff", "app.adapters"),
+    "adapters/": ("app.models", "app.errors", "app.backoff", "app.cancellation", "app.adapters"),
     "streams/": (*VOCABULARY, "app.streams"),
     "auth/": (*VOCABULARY, "app.streams.seams", "app.auth"),
     "ingest/": (*VOCABULARY, "app.streams.seams", "app.adapters", "app.ingest"),
@@ -54,6 +54,7 @@ MAY_IMPORT = {
     "errors.py": (),
     "logs.py": (),
     "backoff.py": (),
+    "cancellation.py": (),
     "settings.py": ("app.models",),
 }
 

@@ -33,6 +33,7 @@ from pymodbus.pdu import ModbusPDU
 from app.adapters.base import PointTarget, ReadingSink
 from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop, describe
 from app.adapters.reporter import STALE_FACTOR, Reporter, Source
+from app.cancellation import pause
 from app.errors import ConnectionLost
 from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
 
@@ -253,7 +254,7 @@ class ModbusAdapter(ReconnectingAdapter):
             next_at += group.interval_s
             if next_at < loop.time():  # fell behind (slow device or sink): don't burst to catch up
                 next_at = loop.time()
-            await asyncio.sleep(next_at - loop.time())
+            await pause(next_at - loop.time())
 
     def _report(self, sample: _Sample) -> Reading | None:
         return self._reporter.sample(sample.point, sample.raw, sample.quality, sample.timestamp, reason=sample.reason)

@@ -27,6 +27,7 @@ from typing import ClassVar, NoReturn, TypeVar
 from app.adapters.base import ReadingSink
 from app.adapters.reporter import Reporter
 from app.backoff import Backoff
+from app.cancellation import pause
 from app.errors import AdapterError, ConnectionLost
 from app.models import Reading
 
@@ -90,7 +91,7 @@ class ReconnectLoop:
                 # Not Task.cancelling(): on Python 3.11 a TaskGroup whose child failed (Modbus polls
                 # in one) leaves it raised, and the adapter would take its own failure for a cancel.
                 delay = self._failed(exc)
-            await asyncio.sleep(delay)
+            await pause(delay)
 
     def secret(self, name: str | None) -> str | None:
         """The credential held by the variable `name`; warns (naming it, never a value) when unset."""
@@ -186,7 +187,7 @@ class ReconnectingAdapter:
 
     async def _watch_vitals(self, sink: ReadingSink) -> NoReturn:
         while True:
-            await asyncio.sleep(_WATCH_S)
+            await pause(_WATCH_S)
             if self._reconnect.connected:
                 if self.connected_is_alive:
                     self._reconnect.contact()

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.adapters.base import ReadingSink
+from app.cancellation import pause
 from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
 
 
@@ -142,4 +143,4 @@ class SimulatorAdapter:
         while True:
             await sink.submit(self.sample())
             next_at += self._interval_s
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await pause(max(0.0, next_at - loop.time()))

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from app.auth.revocation import subject_hash
+from app.cancellation import pause, raise_if_cancelled
 from app.errors import LimitError, ServiceError
 from app.models import Principal
 from app.settings import LimitSettings
@@ -185,6 +186,7 @@ class StreamLimits:
 
     async def _release_forever(self) -> None:
         while True:
+            raise_if_cancelled()
             await self._release_due.wait()
             self._release_due.clear()
             batch, self._releasing = self._releasing, []
@@ -204,7 +206,7 @@ class StreamLimits:
 
     async def _renew_forever(self) -> None:
         while True:
-            await asyncio.sleep(RENEW_EVERY_S)
+            await pause(RENEW_EVERY_S)
             pairs = [(key, lease.member) for lease in list(self._leases.values()) for key in lease.counters]
             try:
                 await self._store.renew(pairs, LEASE_TTL_S)

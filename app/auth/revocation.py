@@ -16,6 +16,7 @@ import itertools
 import logging
 from collections.abc import Callable
 
+from app.cancellation import pause
 from app.errors import ServiceError
 from app.models import Principal
 from app.streams.seams import Revocation, RevocationStore
@@ -87,9 +88,9 @@ class RevocationWatcher:
                 _, cursor = await self._store.since(None)
             except ServiceError as exc:
                 logger.warning("revocations: cannot read the broker yet (%s); retrying", exc)
-                await asyncio.sleep(self._poll_s)
+                await pause(self._poll_s)
         while True:
-            await asyncio.sleep(self._poll_s)
+            await pause(self._poll_s)
             try:
                 revocations, cursor = await self._store.since(cursor)
             except ServiceError as exc:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from app.cancellation import pause
 from app.errors import BrokerError
 from app.gateway.stats import HubStats
 from app.models import StreamId
@@ -69,7 +70,7 @@ class FeedAudit:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await pause(self.interval_s)
             try:
                 await self.round()
             except BrokerError as exc:  # Redis is away: the feed's own reconnect covers that

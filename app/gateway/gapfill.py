@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from app.backoff import Backoff
+from app.cancellation import pause
 from app.errors import BrokerError
 from app.gateway.replay import HistoryMerge
 from app.gateway.stats import HubStats
@@ -93,7 +94,7 @@ class GapFill:
                     channel.reset(f"gap fill failed {backoff.failures} times: {exc}")
                     return
                 logger.warning("gap fill of %s failed, retrying: %s", channel.tenant, exc)
-                await asyncio.sleep(delay)
+                await pause(delay)
             except Exception:  # a bug must not leave the tenant held for ever: its streams resume instead
                 logger.exception("gap fill of %s failed", channel.tenant)
                 channel.reset("gap fill failed")

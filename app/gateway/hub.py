@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 
+from app.cancellation import pause
 from app.errors import BrokerError
 from app.gateway.feedaudit import FeedAudit
 from app.gateway.gapfill import GapFill
@@ -382,7 +383,7 @@ class Hub:
         loop = asyncio.get_running_loop()
         interval = min(1.0, self.heartbeat_s / 2)
         while True:
-            await asyncio.sleep(interval)
+            await pause(interval)
             now, wall = loop.time(), time.time()
             for channel in list(self._channels.values()):
                 for sub in list(channel.members):

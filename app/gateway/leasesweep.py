@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 from types import TracebackType
 
+from app.cancellation import pause
 from app.errors import BrokerError
 from app.gateway.stats import HubStats
 from app.streams.seams import WorkerLeases
@@ -42,7 +43,7 @@ class LeaseSweeper:
     async def _run(self) -> None:
         failing = False
         while True:
-            await asyncio.sleep(SWEEP_S)
+            await pause(SWEEP_S)
             try:
                 for tenant in list(self._tenants()):
                     await self.sweep(tenant)

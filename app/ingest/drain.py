@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from app.backoff import Backoff
+from app.cancellation import pause
 from app.errors import BrokerError, SpoolError
 from app.ingest.counters import IngestCounters
 from app.ingest.spool import Spool
@@ -111,10 +112,10 @@ class SpoolDrain:
                 return
             except SpoolError as exc:
                 logger.error("spool drain: %s; retrying in 1 s", exc)
-                await asyncio.sleep(1)
+                await pause(1)
             except Exception:  # the drain must outlive a bug: a dead drain would spool everything from now on
                 logger.exception("spool drain failed; retrying in 1 s")
-                await asyncio.sleep(1)
+                await pause(1)
 
     async def _drain_until_closed(self) -> None:
         backoff = Backoff()

@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Sequence
 
 from app.backoff import Backoff
+from app.cancellation import pause
 from app.errors import BrokerError, SpoolError
 from app.ingest.counters import IngestCounters
 from app.ingest.drain import SpoolDrain
@@ -117,7 +118,7 @@ class Publisher:
             await self._has_pending.wait()
             self._has_pending.clear()
             if len(self._pending) < self._max_batch and not self._closing:
-                await asyncio.sleep(self._max_delay_s)
+                await pause(self._max_delay_s)
             await self._flush()
 
     async def _flush(self) -> None:
@@ -142,7 +143,7 @@ class Publisher:
                 delay = backoff.next()
                 log = logger.warning if isinstance(exc, BrokerError) else logger.exception
                 log("publish of %d readings failed, retrying in %.2f s: %s", len(batch), delay, exc)
-                await asyncio.sleep(delay)
+                await pause(delay)
 
     async def _publish_or_spool(self, spool: Spool, drain: SpoolDrain, batch: list[Reading], origin: Origin) -> None:
         # The spool only grows here, so while the drain is idle no older batch is waiting:
@@ -221,4 +222,4 @@ class Publisher:
             delay,
             exc,
         )
-        await asyncio.sleep(delay)
+        await pause(delay)

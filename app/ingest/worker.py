@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from app.adapters.base import Adapter, ReadingSink
 from app.adapters.registry import build_adapter
 from app.backoff import Backoff
+from app.cancellation import pause
 from app.errors import BrokerError
 from app.ingest.metrics import ingest_registry, serve_metrics
 from app.ingest.publisher import Publisher
@@ -170,7 +171,7 @@ class WorkerLease:
                 if not failing:
                     logger.warning("cannot renew this worker's lease, its tags may be marked stale: %s", exc)
                 failing = True
-            await asyncio.sleep(LEASE_BEAT_S)
+            await pause(LEASE_BEAT_S)
 
     async def _claim(self, tenant: str, tags: list[tuple[str, str]]) -> None:
         await self._leases.beat(self._worker, tenant, LEASE_TTL_S, tags)
@@ -200,12 +201,12 @@ async def _register_wells(site: Site, registry: WellRegistry) -> None:
             delay = backoff.next()
             if backoff.failures == 1:
                 logger.warning("registering the site's wells failed, retrying: %s", exc)
-            await asyncio.sleep(delay)
+            await pause(delay)
 
 
 async def _log_health(health: list[ConnectionHealth], publisher: Publisher, every_s: float) -> None:
     while True:
-        await asyncio.sleep(every_s)
+        await pause(every_s)
         for connection in health:
             logger.info("connection health", extra={"fields": {"event": "ingest-health", **connection.report()}})
         logger.info("publisher health", extra={"fields": {"event": "publisher-health", **publisher.report()}})

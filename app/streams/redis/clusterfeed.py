@@ -28,6 +28,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import RedisClusterException, RedisError
 
 from app.backoff import Backoff
+from app.cancellation import pause
 from app.errors import BrokerError
 from app.models import StreamId
 from app.streams.codec import MalformedValues
@@ -190,7 +191,7 @@ class ClusterFeed:
                 # The cluster is still changing (a failover under way, a slot moving again): look again soon.
                 logger.warning("cluster live feed: slot map not settled: %s", exc)
                 self._again = True
-                await asyncio.sleep(backoff.next())
+                await pause(backoff.next())
             if not self._again:
                 return
 

@@ -19,6 +19,7 @@ from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 
 from app.backoff import Backoff
+from app.cancellation import pause
 from app.errors import BrokerError
 from app.models import StreamId
 from app.streams.codec import MalformedValues, decode_event, shown
@@ -234,7 +235,7 @@ class RedisFeed:
             while True:
                 if self._on_lost is not None:
                     self._on_lost()
-                await asyncio.sleep(backoff.next())
+                await pause(backoff.next())
                 try:
                     await self._connect()
                     break
@@ -274,7 +275,7 @@ class RedisFeed:
 
     async def _ping(self) -> None:
         while True:
-            await asyncio.sleep(self._ping_interval_s)
+            await pause(self._ping_interval_s)
             self._commands.put_nowait((self._generation, b"PING", b""))
 
     def heard(self, tenant: str) -> StreamId | None:
