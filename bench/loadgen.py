@@ -116,7 +116,7 @@ async def run(args: argparse.Namespace) -> None:
         path = f"/tenants/{args.tenant}/stream" if args.tenant_stream else f"/tenants/{args.tenant}/wells/{well}/stream"
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Authorization: Bearer {args.token}\r\nAccept: text/event-stream\r\n\r\n"
+            f"Authorization: Bearer {args.token}\r\nAccept: text/event-stream, application/json\r\n\r\n"
         ).encode()
         opened: asyncio.Future[bool] = loop.create_future()
         try:

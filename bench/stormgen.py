@@ -262,7 +262,8 @@ class Client:
             well = f"well-{n % args.wells + 1:03d}"
             request = (
                 f"GET /tenants/{args.tenant}/wells/{well}/stream HTTP/1.1\r\nHost: {args.host}\r\n"
-                f"Authorization: Bearer {args.token}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
+                f"Authorization: Bearer {args.token}\r\nAccept: text/event-stream, application/json\r\n"
+                "Cache-Control: no-cache\r\n"
             ).encode()
             stream = Stream(len(self.streams), well, request)
             self.streams.append(stream)

@@ -178,8 +178,10 @@ export class Connection {
       if (!bought.ok) return bought;
       query = `?${new URLSearchParams({ ticket: (await bought.json()).ticket })}`;
     }
+    // JSON too: a refusal then keeps its status (429, 503) and Retry-After, which this page reads;
+    // a client that takes only event streams (EventSource) gets it as a `refused` event instead.
     /** @type {Record<string, string>} */
-    const headers = { Accept: "text/event-stream" };
+    const headers = { Accept: "text/event-stream, application/json" };
     const lastId = position();
     if (lastId) headers["Last-Event-ID"] = lastId;
     return fetch(session.streamPath() + query, { headers, signal, credentials: "same-origin", cache: "no-store" });

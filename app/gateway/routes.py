@@ -17,7 +17,7 @@ from app.auth.audit import audit
 from app.auth.crosssite import request_scheme
 from app.errors import AuthError, RequestError
 from app.gateway.context import client_of, gateway_of
-from app.gateway.errors import handler_for
+from app.gateway.errors import handler_for, in_band
 from app.gateway.eventstream import EventStream, audit_fields
 from app.gateway.metrics import CONTENT_TYPE, may_scrape, render
 from app.models import Principal, Selection, StreamId, Topic, is_valid_id
@@ -300,6 +300,8 @@ async def serve_stream(scope: Scope, receive: Receive, send: Send) -> None:
             response = await handler(request, exc)
         if isinstance(exc, RequestError) and exc.status == 405:
             response.headers["Allow"] = ", ".join(STREAM_METHODS)
+    if isinstance(response, Response):
+        response = in_band(request, response)
     await response(scope, receive, send)
 
 

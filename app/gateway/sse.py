@@ -51,6 +51,13 @@ def goodbye_frame(retry_ms: int, reason: str) -> bytes:
     return b"retry: %d\n: %s\n\n" % (retry_ms, reason.encode())
 
 
+def refused_frame(retry_ms: int, status: int, reason: str, retry_after_s: int) -> bytes:
+    """A transient refusal (429, 503) told in the stream, for a client that reads only event streams
+    (app/gateway/errors.py, in_band)."""
+    data = orjson.dumps({"error": reason, "status": status, "retryAfterS": retry_after_s})
+    return b"retry: %d\nevent: refused\ndata: %s\n\n" % (retry_ms, data)
+
+
 def auth_expired_frame(selection: Selection) -> bytes:
     """`wellId` on a per-well stream; a stream of many wells names only the tenant."""
     fields: dict[str, str] = {"tenantId": selection.tenant}
