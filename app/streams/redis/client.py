@@ -43,6 +43,9 @@ def script(client: RedisClient, name: str, *, after: tuple[str, ...] = ()) -> As
     return client.register_script(source)
 
 
+HEALTH_CHECK_S = 10  # a pooled connection idle this long is PINGed before its next command
+
+
 class _InTurn:
     """A FIFO semaphore in front of a redis-py pool: at most `max_connections` callers inside, served
     in the order they asked (see FairConnectionPool), each waiting at most `turn_timeout_s`."""
@@ -130,9 +133,13 @@ def open_client(
         timeout=pool_timeout_s,  # never reached: the turns in front let only max_connections in
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
+        # A connection setting: given to Redis() beside a pool of our own it was ignored. A
+        # connection idle this long is PINGed before its next command, so one a NAT or firewall
+        # dropped without a word is replaced there, not failing the command it was handed.
+        health_check_interval=HEALTH_CHECK_S,
     )
     pool.turn_timeout_s = pool_timeout_s
-    return aioredis.Redis(connection_pool=pool, decode_responses=False, health_check_interval=10)
+    return aioredis.Redis(connection_pool=pool, decode_responses=False)
 
 
 SENTINEL_SCHEME = "redis+sentinel://"
@@ -185,6 +192,7 @@ def _sentinel_client(url: str, max_connections: int, timeout_s: float, pool_time
         username=target.username,
         password=target.password,
         max_connections=max_connections,
+        health_check_interval=HEALTH_CHECK_S,
     )
     pool = client.connection_pool
     assert isinstance(pool, FairSentinelPool)
