@@ -7,6 +7,9 @@ redis-py puts around each send, returns the result of a call that completes as t
 arrives, CPython gh-86296). A loop cancelled at that moment polled Redis for ever and its owner's
 shutdown hung (a gateway that never exited after SIGTERM). The task still counts the request
 (`Task.cancelling()`), so a loop that checks before each wait stops at its next one.
+
+Not for a task that has run an asyncio.TaskGroup whose child failed: Python 3.11 leaves that
+task's count raised (app/adapters/reconnect.py), and the check would take it for a cancel.
 """
 
 from __future__ import annotations

@@ -91,7 +91,9 @@ class ReconnectLoop:
                 # Not Task.cancelling(): on Python 3.11 a TaskGroup whose child failed (Modbus polls
                 # in one) leaves it raised, and the adapter would take its own failure for a cancel.
                 delay = self._failed(exc)
-            await pause(delay)
+            # asyncio.sleep, not app.cancellation.pause, for the same reason: that TaskGroup's
+            # leftover count would read as a lost cancel and end the loop for good.
+            await asyncio.sleep(delay)
 
     def secret(self, name: str | None) -> str | None:
         """The credential held by the variable `name`; warns (naming it, never a value) when unset."""
