@@ -1,12 +1,17 @@
-"""Modbus TCP: poll holding/input registers and coils, decode them, report by exception.
+"""Modbus TCP: poll holding/input registers, coils and discrete inputs, decode them, report by exception.
 
-Each group of points is polled on its own interval over one shared connection. Values are
+Each group of points is polled on its own interval over one shared connection, in block reads
+(app/adapters/modbusplan.py): adjacent points, and points a small gap apart, of one unit id and
+table share a request, so a scan of 500 adjacent registers is 4 requests, not 500. Values are
 decoded here from the raw 16-bit registers (struct), so every word and byte order a device
-may use is supported, including the byte-swapped ones pymodbus cannot decode. Each value is
-stamped when its own request is answered. A value is reported by exception
+may use is supported, including the byte-swapped ones pymodbus cannot decode. Every value of
+a request is stamped when that request is answered. Each scan is timed: the last scan's
+duration and the scans that took longer than their interval (overruns) are on the adapter's
+`scans`, for the worker's metrics, and an overrun is logged as a warning at most once a minute
+a group. A value is reported by exception
 (app/adapters/reporter.py): when it moved past its deadband, when its quality changed, or
 when `refresh_s` has passed since it was last reported. A Modbus exception response (an
-illegal address, say) turns only the points it concerns BAD (`device_error`); a refused or
+illegal address, say) turns only the points of that request BAD (`device_error`); a refused or
 timed-out request loses the connection, which closes and reconnects
 (app/adapters/reconnect.py) with a short backoff, 0.1 s doubling to 2 s: a PLC is on the
 local network and back quickly. Once the device has not answered for `comm_timeout_s`,
@@ -19,18 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.pdu import ModbusPDU
 
 from app.adapters.base import PointTarget, ReadingSink
+from app.adapters.modbusplan import BIT_TABLES, MAX_BITS, MAX_REGISTERS, Limits, Request, Slot, Span, Table, plan
 from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop, describe
 from app.adapters.reporter import STALE_FACTOR, Reporter, Source
 from app.cancellation import pause
@@ -39,7 +46,9 @@ from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
-PointType = Literal["int16", "uint16", "int32", "uint32", "float32", "float64"]
+OVERRUN_WARNING_EVERY_S = 60.0
+
+PointType = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
 Order = Literal["big", "little"]
 
 # struct format and size in 16-bit registers of each type
@@ -48,41 +57,68 @@ _LAYOUT: dict[PointType, tuple[str, int]] = {
     "uint16": ("H", 1),
     "int32": ("i", 2),
     "uint32": ("I", 2),
+    "int64": ("q", 4),
+    "uint64": ("Q", 4),  # a float holds it exactly only up to 2**53, as it does int64
     "float32": ("f", 2),
     "float64": ("d", 4),
 }
 
 
 class ModbusPoint(PointTarget):
-    """One tag read from one register (or run of registers) or coil.
+    """One tag read from one register (or run of registers), one bit of a register, a coil or a discrete input.
 
-    `type` is ignored for coils, which read as 0.0 or 1.0. `word_order` says which register
-    holds the most significant word; `byte_order` which byte inside each register comes first.
-    The raw value becomes an engineering value by `scale`/`offset` or a raw/EU range (out of
-    range: BAD `out_of_range`). A move of at most `deadband` (with `deadband_percent`, that
-    percent of the EU span) is not reported.
+    `type` is ignored for coils and discrete inputs, and for `bit` (0..15, least significant
+    first) of a holding or input register: they read as 0.0 or 1.0. `word_order` says which
+    register holds the most significant word; `byte_order` which byte inside each register comes
+    first. `unit_id`, when set, overrides the group's and the connection's (several devices
+    behind one gateway). The raw value becomes an engineering value by `scale`/`offset` or a
+    raw/EU range (out of range: BAD `out_of_range`). A move of at most `deadband` (with
+    `deadband_percent`, that percent of the EU span) is not reported.
     """
 
     polled = True
 
-    table: Literal["holding", "input", "coil"]
+    table: Table
     address: int = Field(ge=0, lt=65536)
     type: PointType = "uint16"
     word_order: Order = "big"
     byte_order: Order = "big"
+    bit: int | None = Field(None, ge=0, le=15)
+    unit_id: int | None = Field(None, ge=0, le=255)
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _no_strings(cls, value: object) -> object:
+        if value == "string":
+            # A Reading's value is a finite number (app/models.py): text has no place in it, and a
+            # number made up from the text (its length, a hash) would be reported as if measured.
+            raise ValueError(
+                "type 'string' is not supported: a reading's value is a number, and a string register run has none; "
+                "read the registers as uint16 points if their raw codes are wanted"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _bit_of_a_register(self) -> ModbusPoint:
+        if self.bit is not None and self.table in BIT_TABLES:
+            raise ValueError(f"bit applies to holding and input registers, not to a {self.table}")
+        return self
 
     @property
     def count(self) -> int:
-        """How many registers (or coils) one read of this point takes."""
-        return 1 if self.table == "coil" else _LAYOUT[self.type][1]
+        """How many registers (or bits) one read of this point takes."""
+        if self.table in BIT_TABLES or self.bit is not None:
+            return 1
+        return _LAYOUT[self.type][1]
 
 
 class ModbusGroup(BaseModel):
-    """Points polled together every `interval_s`."""
+    """Points polled together every `interval_s`; `unit_id`, when set, overrides the connection's."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     interval_s: float = Field(gt=0, le=3600)
+    unit_id: int | None = Field(None, ge=0, le=255)
     points: list[ModbusPoint] = Field(min_length=1)
 
 
@@ -91,8 +127,13 @@ class ModbusConnection(BaseModel):
 
     A point's `address` is the zero-based protocol address; `address_offset` is added to every
     point's address before it is read (-1 for a device documented with one-based addresses).
-    An address that looks like Modicon notation (holding 40001-49999, input 30001-39999) is
-    refused unless the connection sets `address_offset`, even to 0: then the file says which it is.
+    An address that looks like Modicon notation (holding 40001-49999, input 30001-39999,
+    discrete input 10001-19999) is refused unless the connection sets `address_offset`, even to 0:
+    then the file says which it is.
+
+    Each scan of a group reads its points in blocks (app/adapters/modbusplan.py): at most
+    `max_registers` registers or `max_bits` coils or discrete inputs a request, joining two points
+    of one unit id and table when at most `max_gap` unasked registers (or bits) lie between them.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -107,7 +148,24 @@ class ModbusConnection(BaseModel):
     timeout_s: float = Field(2.0, gt=0, le=60)
     refresh_s: float = Field(60.0, gt=0)
     comm_timeout_s: float | None = Field(None, gt=0, le=3600)
+    max_registers: int = Field(MAX_REGISTERS, ge=1, le=MAX_REGISTERS)
+    max_bits: int = Field(MAX_BITS, ge=1, le=MAX_BITS)
+    max_gap: int = Field(10, ge=0, le=MAX_BITS)
     groups: list[ModbusGroup] = Field(min_length=1)
+
+    def requests(self, group: ModbusGroup) -> list[Request[ModbusPoint]]:
+        """The requests one scan of `group` sends, at the addresses on the wire."""
+        spans = [
+            Span(point, point.table, self._unit(group, point), point.address + self.address_offset, point.count)
+            for point in group.points
+        ]
+        return plan(spans, Limits(self.max_registers, self.max_bits, self.max_gap))
+
+    def _unit(self, group: ModbusGroup, point: ModbusPoint) -> int:
+        for unit in (point.unit_id, group.unit_id):
+            if unit is not None:
+                return unit
+        return self.unit_id
 
     @property
     def comm_timeout(self) -> float:
@@ -121,7 +179,17 @@ class ModbusConnection(BaseModel):
         """`stale_after_s`, or three polls of the point's group: a polled tag is heard at every poll."""
         if point.stale_after_s is not None:
             return point.stale_after_s
-        return min(STALE_FACTOR * g.interval_s for g in self.groups if point in g.points)
+        return STALE_FACTOR * self._fastest_poll[id(point)]
+
+    @functools.cached_property
+    def _fastest_poll(self) -> dict[int, float]:
+        # By identity, computed once: `point in group.points` compares pydantic models field by
+        # field, and asked for every point it took minutes to start a device of 5,000 points.
+        fastest: dict[int, float] = {}
+        for group in self.groups:
+            for point in group.points:
+                fastest[id(point)] = min(group.interval_s, fastest.get(id(point), math.inf))
+        return fastest
 
     @property
     def wells(self) -> list[str]:
@@ -141,10 +209,17 @@ class ModbusConnection(BaseModel):
             raise ValueError("\n".join(problems))  # one per line, as the site file's errors are
         return self
 
+    @model_validator(mode="after")
+    def _points_fit_in_a_request(self) -> ModbusConnection:
+        widest = max(point.count for group in self.groups for point in group.points)
+        if widest > self.max_registers:
+            raise ValueError(f"max_registers {self.max_registers} is less than a point's {widest} registers")
+        return self
+
     def _address_problem(self, point: ModbusPoint, explicit_offset: bool) -> str | None:
         """Why `point` cannot be read at `address + address_offset`, or None."""
         name = f"point {point.well}/{point.tag}"
-        modicon = {"holding": 40001, "input": 30001}.get(point.table)
+        modicon = {"holding": 40001, "input": 30001, "discrete_input": 10001}.get(point.table)
         if not explicit_offset and modicon is not None and modicon <= point.address < modicon + 9999:
             register = point.address - modicon
             return (
@@ -156,7 +231,7 @@ class ModbusConnection(BaseModel):
         last = first + point.count - 1
         if first >= 0 and last <= 65535:
             return None
-        unit = "coil" if point.table == "coil" else "register"
+        unit = {"coil": "coil", "discrete_input": "discrete input"}.get(point.table, "register")
         span = f"{unit} {first}" if first == last else f"{unit}s {first}..{last}"
         offset = f" + address_offset {self.address_offset}" if self.address_offset else ""
         return f"{name}: {point.table} address {point.address}{offset} reads {span}, outside 0..65535"
@@ -176,6 +251,44 @@ def decode(registers: Sequence[int], point: ModbusPoint) -> float:
     raw = b"".join((word & 0xFFFF).to_bytes(2, byteorder) for word in words)
     value: float = struct.unpack(">" + fmt, raw)[0]
     return float(value)
+
+
+class ScanTimes:
+    """One group's scans: how long the last took and how many overran their interval.
+
+    An overrun is logged as a warning, the first at once and then at most once every
+    `OVERRUN_WARNING_EVERY_S`: a device that is too slow for its interval is slow at every scan.
+    """
+
+    def __init__(self, connection: str, group: str, interval_s: float, points: int, requests: int) -> None:
+        self._connection, self._group, self._interval_s = connection, group, interval_s
+        self._points, self._requests = points, requests
+        self.last_scan_s: float | None = None
+        self.overruns = 0
+        self._warned_at: float | None = None
+        self._unwarned = 0
+
+    def finished(self, took_s: float, now: float) -> None:
+        """A scan took `took_s`; `now` is the monotonic clock, for the warning's rate limit."""
+        self.last_scan_s = took_s
+        if took_s <= self._interval_s:
+            return
+        self.overruns += 1
+        self._unwarned += 1
+        if self._warned_at is not None and now - self._warned_at < OVERRUN_WARNING_EVERY_S:
+            return
+        logger.warning(
+            "modbus %s: scan took %.3g s for a %.3g s interval (%d points in %d requests; group %s, %d overruns since "
+            "the last warning)",
+            self._connection,
+            took_s,
+            self._interval_s,
+            self._points,
+            self._requests,
+            self._group,
+            self._unwarned,
+        )
+        self._warned_at, self._unwarned = now, 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +315,16 @@ class ModbusAdapter(ReconnectingAdapter):
         loop = ReconnectLoop("modbus", connection.id, first_s=0.1, cap_s=2.0, logger=logger)
         super().__init__(loop, reporter, connection.comm_timeout)
         self._connection = connection
+        self._plans = [connection.requests(group) for group in connection.groups]
+        self._scans = {
+            str(index): ScanTimes(connection.id, str(index), group.interval_s, len(group.points), len(requests))
+            for index, (group, requests) in enumerate(zip(connection.groups, self._plans, strict=True))
+        }
+
+    @property
+    def scans(self) -> Mapping[str, ScanTimes]:
+        """Each group's scan times, by the group's index in the file (read-only: the group's poll writes them)."""
+        return self._scans
 
     async def run(self, sink: ReadingSink) -> None:
         await self._run_watched(sink, self._session, lambda client: self._poll_groups(client, sink))
@@ -216,7 +339,7 @@ class ModbusAdapter(ReconnectingAdapter):
             # the kernel completes the TCP handshake for a frozen device, and so does a Modbus TCP
             # gateway whose serial device is gone, so a mere connect would keep such a device
             # looking alive forever. An exception response is an answer too.
-            await self._read(client, self._connection.groups[0].points[0])
+            await self._read(client, self._plans[0][0])
             logger.info("modbus %s connected to %s", self.name, self._address)
             yield client
         finally:
@@ -240,18 +363,28 @@ class ModbusAdapter(ReconnectingAdapter):
     async def _poll_groups(self, client: AsyncModbusTcpClient, sink: ReadingSink) -> None:
         """Poll every group until one loses the connection (which ends them all)."""
         async with asyncio.TaskGroup() as tasks:
-            for group in self._connection.groups:
-                tasks.create_task(self._poll(client, group, sink))
+            for group, requests, scan in zip(self._connection.groups, self._plans, self._scans.values(), strict=True):
+                tasks.create_task(self._poll(client, group.interval_s, requests, scan, sink))
 
-    async def _poll(self, client: AsyncModbusTcpClient, group: ModbusGroup, sink: ReadingSink) -> None:
+    async def _poll(
+        self,
+        client: AsyncModbusTcpClient,
+        interval_s: float,
+        requests: list[Request[ModbusPoint]],
+        scan: ScanTimes,
+        sink: ReadingSink,
+    ) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
-            samples = [await self._sample(client, point) for point in group.points]
+            started = loop.time()
+            samples = [sample for request in requests for sample in await self._block(client, request)]
+            # the device's part only: a slow sink is the publisher's to report, not the device's
+            scan.finished(loop.time() - started, loop.time())
             readings = [reading for sample in samples if (reading := self._report(sample)) is not None]
             if readings:
                 await sink.submit(readings)
-            next_at += group.interval_s
+            next_at += interval_s
             if next_at < loop.time():  # fell behind (slow device or sink): don't burst to catch up
                 next_at = loop.time()
             await pause(next_at - loop.time())
@@ -259,32 +392,49 @@ class ModbusAdapter(ReconnectingAdapter):
     def _report(self, sample: _Sample) -> Reading | None:
         return self._reporter.sample(sample.point, sample.raw, sample.quality, sample.timestamp, reason=sample.reason)
 
-    async def _sample(self, client: AsyncModbusTcpClient, point: ModbusPoint) -> _Sample:
-        response = await self._read(client, point)
+    async def _block(self, client: AsyncModbusTcpClient, request: Request[ModbusPoint]) -> list[_Sample]:
+        response = await self._read(client, request)
         self._reconnect.contact()
         stamp = utc_now_iso()
         if response.isError():
             code = getattr(response, "exception_code", None)
-            logger.debug("adapter %s: %s %d answered exception %s", self.name, point.table, point.address, code)
-            return _Sample(point, None, "BAD", stamp, "device_error")
-        if point.table == "coil":
-            raw = 1.0 if response.bits[0] else 0.0
-        else:
-            raw = decode(list(response.registers[: point.count]), point)
-        if not math.isfinite(raw):  # a NaN or infinite float register: the device has no value
-            return _Sample(point, None, "BAD", stamp, "device_error")
-        return _Sample(point, raw, "GOOD", stamp)
+            logger.debug(
+                "adapter %s: unit %d %s %d+%d answered exception %s",
+                self.name,
+                request.unit,
+                request.table,
+                request.start,
+                request.count,
+                code,
+            )
+            return [_Sample(slot.point, None, "BAD", stamp, "device_error") for slot in request.slots]
+        if request.table in BIT_TABLES:
+            bits: list[bool] = list(response.bits)
+            return [_Sample(slot.point, 1.0 if bits[slot.offset] else 0.0, "GOOD", stamp) for slot in request.slots]
+        registers: list[int] = list(response.registers)
+        return [_sampled(slot, registers, stamp) for slot in request.slots]
 
-    async def _read(self, client: AsyncModbusTcpClient, point: ModbusPoint) -> ModbusPDU:
+    async def _read(self, client: AsyncModbusTcpClient, request: Request[ModbusPoint]) -> ModbusPDU:
         if not client.connected:
             raise ConnectionLost(self.name, "connection dropped")
-        unit, count = self._connection.unit_id, point.count
-        address = point.address + self._connection.address_offset
+        read = {
+            "holding": client.read_holding_registers,
+            "input": client.read_input_registers,
+            "coil": client.read_coils,
+            "discrete_input": client.read_discrete_inputs,
+        }[request.table]
         try:
-            if point.table == "coil":
-                return await client.read_coils(address, count=count, device_id=unit)
-            if point.table == "input":
-                return await client.read_input_registers(address, count=count, device_id=unit)
-            return await client.read_holding_registers(address, count=count, device_id=unit)
+            return await read(request.start, count=request.count, device_id=request.unit)
         except Exception as exc:
             raise ConnectionLost(self.name, describe(exc)) from exc
+
+
+def _sampled(slot: Slot[ModbusPoint], registers: Sequence[int], stamp: str) -> _Sample:
+    """The sample of one point from its request's registers."""
+    point = slot.point
+    if point.bit is not None:
+        return _Sample(point, float(registers[slot.offset] >> point.bit & 1), "GOOD", stamp)
+    raw = decode(registers[slot.offset : slot.offset + slot.count], point)
+    if not math.isfinite(raw):  # a NaN or infinite float register: the device has no value
+        return _Sample(point, None, "BAD", stamp, "device_error")
+    return _Sample(point, raw, "GOOD", stamp)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,6 +18,46 @@ if TYPE_CHECKING:
 
 def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
+
+
+class ScanTimes(Protocol):
+    """One polled group's scans: the last one's duration (None before the first) and the overruns so far."""
+
+    @property
+    def last_scan_s(self) -> float | None: ...
+
+    @property
+    def overruns(self) -> int: ...
+
+
+@runtime_checkable
+class Scanning(Protocol):
+    """An adapter that polls in scans (Modbus): its groups' scan times, by group name.
+
+    Optional beside `Adapter`, as a broker's health is beside `Broker`: only polling adapters scan.
+    """
+
+    @property
+    def scans(self) -> Mapping[str, ScanTimes]: ...
+
+
+def scan_metrics(connections: list[ConnectionHealth]) -> tuple[GaugeMetricFamily, CounterMetricFamily]:
+    labels = ["connection", "group"]
+    seconds = GaugeMetricFamily(
+        "wellstream_ingest_scan_seconds", "How long the group's last scan of its device took", labels=labels
+    )
+    overruns = CounterMetricFamily(
+        "wellstream_ingest_scan_overruns", "Scans that took longer than the group's interval", labels=labels
+    )
+    for health in connections:
+        adapter = health.adapter
+        if not isinstance(adapter, Scanning):
+            continue
+        for group, scan in adapter.scans.items():
+            if scan.last_scan_s is not None:
+                seconds.add_metric([adapter.name, group], scan.last_scan_s)
+            overruns.add_metric([adapter.name, group], scan.overruns)
+    return seconds, overruns
 
 
 class IngestCollector(Collector):
@@ -45,6 +85,7 @@ class IngestCollector(Collector):
             if isinstance(report["last_reading_age_s"], float):
                 age.add_metric(names, report["last_reading_age_s"])
         yield from (readings, connected, errors, age)
+        yield from scan_metrics(self._connections)
         publisher = self._publisher
         yield counter("wellstream_ingest_accepted", "Readings handed to the publisher", publisher.counters.accepted)
         yield counter(

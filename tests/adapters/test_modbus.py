@@ -331,7 +331,8 @@ async def test_each_value_is_stamped_when_its_own_request_is_answered(device: De
     with anyio.fail_after(15):
         await device.write(0, [1, 2])
         points = [{"table": "holding", "address": n, "tag": f"t{n}"} for n in (0, 1)]
-        async with running(connection(device, *points, interval_s=10)) as sink:
+        # adjacent points share a block read: one register a request keeps them two requests
+        async with running(connection(device, *points, interval_s=10, max_registers=1)) as sink:
             await wait_until(lambda: len(sink.batches) >= 1)
         first, second = sink.batches[0]
     # One scan, two requests: the second answer cannot be stamped before the first.
