@@ -30,7 +30,7 @@ Quality = Literal["GOOD", "BAD", "UNCERTAIN"]
 # Why a reading is not plainly GOOD (or, for `override`, GOOD with a caveat); the README's contract says each one.
 Reason = Literal["comm_failure", "device_error", "out_of_range", "override", "retained", "stale"]
 _STATUS_CODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
-SourceProtocol = Literal["opcua", "modbus", "mqtt", "simulator"]
+SourceProtocol = Literal["opcua", "modbus", "mqtt", "sparkplug", "simulator"]
 
 
 def is_valid_id(value: str) -> bool:

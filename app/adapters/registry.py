@@ -19,6 +19,7 @@ from app.adapters.modbus import ModbusAdapter, ModbusConnection
 from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.adapters.opcua import OpcuaAdapter, OpcuaConnection
 from app.adapters.simulator import SimulatorAdapter, SimulatorConnection
+from app.adapters.sparkplug import SparkplugAdapter, SparkplugConnection
 from app.errors import SiteError
 
 
@@ -80,6 +81,7 @@ PROTOCOLS: dict[str, AdapterKind] = {
         _kind(ModbusConnection, lambda c, _: ModbusAdapter(c)),
         _kind(MqttConnection, lambda c, credentials: MqttAdapter(c, credentials=credentials)),
         _kind(OpcuaConnection, lambda c, credentials: OpcuaAdapter(c, credentials=credentials)),
+        _kind(SparkplugConnection, lambda c, credentials: SparkplugAdapter(c, credentials=credentials)),
     )
 }
 

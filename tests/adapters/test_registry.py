@@ -16,6 +16,7 @@ from app.adapters.mqtt import MqttAdapter
 from app.adapters.opcua import OpcuaAdapter
 from app.adapters.registry import PROTOCOLS, build_adapter
 from app.adapters.simulator import SimulatorAdapter
+from app.adapters.sparkplug import SparkplugAdapter
 from app.errors import SiteError
 from app.ingest.sitefile import Site
 from app.ingest.worker import adapters_for
@@ -30,13 +31,19 @@ def union_members() -> set[type]:
 
 
 def test_the_site_files_union_is_the_registry() -> None:
-    assert list(PROTOCOLS) == ["simulator", "modbus", "mqtt", "opcua"]
+    assert list(PROTOCOLS) == ["simulator", "modbus", "mqtt", "opcua", "sparkplug"]
     assert union_members() == {kind.model for kind in PROTOCOLS.values()}
 
 
 def test_every_protocol_loads_from_the_site_file_and_builds_its_adapter(tmp_path: Path) -> None:
     site = example_site(tmp_path)
-    expected = {"simulator": SimulatorAdapter, "modbus": ModbusAdapter, "mqtt": MqttAdapter, "opcua": OpcuaAdapter}
+    expected = {
+        "simulator": SimulatorAdapter,
+        "modbus": ModbusAdapter,
+        "mqtt": MqttAdapter,
+        "opcua": OpcuaAdapter,
+        "sparkplug": SparkplugAdapter,
+    }
     assert {c.protocol for c in site.connections} == set(PROTOCOLS) == set(expected)
 
     adapters = adapters_for(site, {})

@@ -145,7 +145,7 @@ def example_site(directory: Path) -> Site:
 
 def test_the_commented_protocol_examples_in_the_site_file_are_valid_too(tmp_path: Path) -> None:
     site = example_site(tmp_path)
-    assert sorted({c.protocol for c in site.connections}) == ["modbus", "mqtt", "opcua", "simulator"]
+    assert sorted({c.protocol for c in site.connections}) == ["modbus", "mqtt", "opcua", "simulator", "sparkplug"]
 
 
 TENANT = '[tenants.acme]\nwells = ["well-01", "well-02"]\n'
