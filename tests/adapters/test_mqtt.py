@@ -184,6 +184,7 @@ async def test_wildcard_filters_map_to_one_tag_each(broker: MosquittoBroker) -> 
         tags = [
             {"topic": "site/+/tubing", "well": "w1", "tag": "tubing"},
             {"topic": "site/#", "well": "w2", "tag": "anything"},
+            {"topic": "site/a/tubing", "well": "w3", "tag": "exact"},  # a plain filter beside the wildcards
         ]
         async with running(connection(broker.port, tags), broker.port) as (sink, publisher):
             await publisher.publish("site/a/tubing", b"1")  # both filters
@@ -191,16 +192,21 @@ async def test_wildcard_filters_map_to_one_tag_each(broker: MosquittoBroker) -> 
             await publisher.publish("site", b"3")  # `#` includes the parent level
             await publisher.publish("other/a/tubing", b"4")  # neither
             await publisher.publish("site/b/tubing", b"5")
-            readings = await sink.wait_for(6)
+            await publisher.publish("site/a/tubing", b"6")  # a topic seen before: the same three tags
+            readings = await sink.wait_for(10)
             await anyio.sleep(0.1)
     got = sorted((r.well_id, r.tag_name, r.value) for r in readings)
     assert got == [
         ("w1", "tubing", 1.0),
         ("w1", "tubing", 5.0),
+        ("w1", "tubing", 6.0),
         ("w2", "anything", 1.0),
         ("w2", "anything", 2.0),
         ("w2", "anything", 3.0),
         ("w2", "anything", 5.0),
+        ("w2", "anything", 6.0),
+        ("w3", "exact", 1.0),
+        ("w3", "exact", 6.0),
     ]
 
 
