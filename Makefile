@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := redis-server mosquitto curl nginx caddy chromium
+APT_PACKAGES := redis-server mosquitto curl nginx caddy chromium socat
 
 .PHONY: run test check pytest bench bench-deps system-deps clean
 
@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The tests start their own redis-server, mosquitto, nginx, caddy and Chromium on free loopback ports; they need the binaries.
+# The tests start their own redis-server, mosquitto, nginx, caddy and Chromium on free loopback ports, and socat for a
+# pseudo-terminal pair (the Modbus RTU serial tests); they need the binaries.
 system-deps:
-	@missing=""; for cmd in redis-server mosquitto curl nginx caddy chromium; do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
+	@missing=""; for cmd in redis-server mosquitto curl nginx caddy chromium socat; do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \

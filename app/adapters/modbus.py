@@ -1,4 +1,10 @@
-"""Modbus TCP: poll holding/input registers, coils and discrete inputs, decode them, report by exception.
+"""Modbus TCP, RTU over TCP and RTU over serial: poll holding/input registers, coils and discrete
+inputs, decode them, report by exception.
+
+A connection's `transport` is "tcp" (MBAP framing), "rtu-over-tcp" (RTU frames with their CRC
+over a TCP socket, as serial-to-Ethernet converters pass them) or "serial" (RTU on a serial
+port). Every request of a connection, whatever its group, goes on the wire alone and at least
+`inter_request_delay_s` after the previous one ended (app/adapters/modbusline.py).
 
 Each group of points is polled on its own interval over one shared connection, in block reads
 (app/adapters/modbusplan.py): adjacent points, and points a small gap apart, of one unit id and
@@ -30,13 +36,15 @@ import math
 import struct
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, ModbusBaseClient
+from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
 from app.adapters.base import PointTarget, ReadingSink
+from app.adapters.modbusline import Line, silent_interval_s
 from app.adapters.modbusplan import BIT_TABLES, MAX_BITS, MAX_REGISTERS, Limits, Request, Slot, Span, Table, plan
 from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop, describe
 from app.adapters.reporter import STALE_FACTOR, Reporter, Source
@@ -46,10 +54,19 @@ from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 OVERRUN_WARNING_EVERY_S = 60.0
 
 PointType = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
 Order = Literal["big", "little"]
+Transport = Literal["tcp", "rtu-over-tcp", "serial"]
+
+# What each transport needs and what it must not be given; the defaults apply only where a field belongs.
+_SOCKET_DEFAULTS: dict[str, object] = {"port": 502}
+_SERIAL_DEFAULTS: dict[str, object] = {"baudrate": 9600, "bytesize": 8, "parity": "N", "stopbits": 1}
+_SOCKET_FIELDS = ("host", "port")
+_SERIAL_FIELDS = ("serial_port", *_SERIAL_DEFAULTS)
 
 # struct format and size in 16-bit registers of each type
 _LAYOUT: dict[PointType, tuple[str, int]] = {
@@ -123,7 +140,14 @@ class ModbusGroup(BaseModel):
 
 
 class ModbusConnection(BaseModel):
-    """One Modbus TCP device (`unit_id` is its slave/device id) and the groups polled from it.
+    """One Modbus device, or several behind one gateway or serial line (`unit_id` is the slave/device
+    id, which a group or point may override), and the groups polled from it.
+
+    `transport` "tcp" and "rtu-over-tcp" take `host` and `port` (502); "serial" takes
+    `serial_port` and the line's `baudrate` (9600), `bytesize` (8: RTU carries whole bytes),
+    `parity` ("N", "E" or "O") and `stopbits` (1 or 2). `inter_request_delay_s` is the quiet time
+    between two requests: 0 over TCP, and on a serial line the RTU silent interval of 3.5
+    characters at its baud rate; a slow radio may need more.
 
     A point's `address` is the zero-based protocol address; `address_offset` is added to every
     point's address before it is read (-1 for a device documented with one-based addresses).
@@ -141,8 +165,15 @@ class ModbusConnection(BaseModel):
     protocol: Literal["modbus"]
     id: Identifier
     tenant: Identifier
-    host: str = Field(min_length=1)
-    port: int = Field(502, ge=1, lt=65536)
+    transport: Transport = "tcp"
+    host: str | None = Field(None, min_length=1)
+    port: int | None = Field(None, ge=1, lt=65536)
+    serial_port: str | None = Field(None, min_length=1)
+    baudrate: int | None = Field(None, ge=50, le=4_000_000)
+    bytesize: Literal[8] | None = None
+    parity: Literal["N", "E", "O"] | None = None
+    stopbits: Literal[1, 2] | None = None
+    inter_request_delay_s: float | None = Field(None, ge=0, le=60)
     unit_id: int = Field(1, ge=0, le=255)
     address_offset: int = 0
     timeout_s: float = Field(2.0, gt=0, le=60)
@@ -152,6 +183,50 @@ class ModbusConnection(BaseModel):
     max_bits: int = Field(MAX_BITS, ge=1, le=MAX_BITS)
     max_gap: int = Field(10, ge=0, le=MAX_BITS)
     groups: list[ModbusGroup] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _transport_defaults(cls, data: Any) -> Any:
+        # Defaults by transport, so a dumped connection validates again: a serial one has no port.
+        if not isinstance(data, dict):
+            return data
+        serial = data.get("transport") == "serial"
+        defaults = _SERIAL_DEFAULTS if serial else _SOCKET_DEFAULTS
+        return data | {field: value for field, value in defaults.items() if data.get(field) is None}
+
+    @model_validator(mode="after")
+    def _fields_fit_the_transport(self) -> ModbusConnection:
+        serial = self.transport == "serial"
+        misplaced = [
+            field for field in (_SOCKET_FIELDS if serial else _SERIAL_FIELDS) if getattr(self, field) is not None
+        ]
+        needed = "serial_port" if serial else "host"
+        problems = [
+            f"{field} does not apply to transport {self.transport!r}: "
+            + ("a serial line is named by serial_port" if serial else "serial line settings are for transport 'serial'")
+            for field in misplaced
+        ]
+        if getattr(self, needed) is None:
+            problems.append(f"{needed} is required for transport {self.transport!r}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """`host` and `port` of a TCP transport."""
+        if self.host is None or self.port is None:
+            raise ValueError(f"transport {self.transport!r} has no host and port")
+        return self.host, self.port
+
+    @property
+    def request_gap_s(self) -> float:
+        """`inter_request_delay_s`, or by default 0 over TCP and the RTU silent interval on a serial line."""
+        if self.inter_request_delay_s is not None:
+            return self.inter_request_delay_s
+        if self.transport != "serial" or self.baudrate is None:
+            return 0.0
+        return silent_interval_s(self.baudrate)
 
     def requests(self, group: ModbusGroup) -> list[Request[ModbusPoint]]:
         """The requests one scan of `group` sends, at the addresses on the wire."""
@@ -301,7 +376,7 @@ class _Sample:
 
 
 class ModbusAdapter(ReconnectingAdapter):
-    """Polls one Modbus TCP device until cancelled, reconnecting by itself.
+    """Polls one Modbus connection (TCP, RTU over TCP or serial) until cancelled, reconnecting by itself.
 
     Args:
         connection: the device, its groups of points and their reporting rules.
@@ -315,6 +390,7 @@ class ModbusAdapter(ReconnectingAdapter):
         loop = ReconnectLoop("modbus", connection.id, first_s=0.1, cap_s=2.0, logger=logger)
         super().__init__(loop, reporter, connection.comm_timeout)
         self._connection = connection
+        self._line = Line(connection.request_gap_s)
         self._plans = [connection.requests(group) for group in connection.groups]
         self._scans = {
             str(index): ScanTimes(connection.id, str(index), group.interval_s, len(group.points), len(requests))
@@ -330,7 +406,7 @@ class ModbusAdapter(ReconnectingAdapter):
         await self._run_watched(sink, self._session, lambda client: self._poll_groups(client, sink))
 
     @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[AsyncModbusTcpClient]:
+    async def _session(self) -> AsyncIterator[ModbusBaseClient]:
         client = self._client()
         try:
             if not await client.connect():
@@ -347,20 +423,40 @@ class ModbusAdapter(ReconnectingAdapter):
 
     @property
     def _address(self) -> str:
-        return f"{self._connection.host}:{self._connection.port}"
+        conn = self._connection
+        if conn.transport == "serial":
+            return f"{conn.serial_port} ({conn.baudrate} baud {conn.bytesize}{conn.parity}{conn.stopbits})"
+        host, port = conn.endpoint
+        return f"{host}:{port}" + (" (RTU framing)" if conn.transport == "rtu-over-tcp" else "")
 
-    def _client(self) -> AsyncModbusTcpClient:
+    def _client(self) -> ModbusBaseClient:
         # Reconnection is ours (capped backoff, one place); pymodbus's own would retry behind our back.
+        conn = self._connection
+        if conn.transport == "serial":
+            return AsyncModbusSerialClient(
+                _given(conn.serial_port),
+                framer=FramerType.RTU,
+                baudrate=_given(conn.baudrate),
+                bytesize=_given(conn.bytesize),
+                parity=_given(conn.parity),
+                stopbits=_given(conn.stopbits),
+                timeout=conn.timeout_s,
+                retries=0,
+                reconnect_delay=0,
+                name=self.name,
+            )
+        host, port = conn.endpoint
         return AsyncModbusTcpClient(
-            self._connection.host,
-            port=self._connection.port,
-            timeout=self._connection.timeout_s,
+            host,
+            port=port,
+            framer=FramerType.RTU if conn.transport == "rtu-over-tcp" else FramerType.SOCKET,
+            timeout=conn.timeout_s,
             retries=0,
             reconnect_delay=0,
             name=self.name,
         )
 
-    async def _poll_groups(self, client: AsyncModbusTcpClient, sink: ReadingSink) -> None:
+    async def _poll_groups(self, client: ModbusBaseClient, sink: ReadingSink) -> None:
         """Poll every group until one loses the connection (which ends them all)."""
         async with asyncio.TaskGroup() as tasks:
             for group, requests, scan in zip(self._connection.groups, self._plans, self._scans.values(), strict=True):
@@ -368,7 +464,7 @@ class ModbusAdapter(ReconnectingAdapter):
 
     async def _poll(
         self,
-        client: AsyncModbusTcpClient,
+        client: ModbusBaseClient,
         interval_s: float,
         requests: list[Request[ModbusPoint]],
         scan: ScanTimes,
@@ -392,7 +488,7 @@ class ModbusAdapter(ReconnectingAdapter):
     def _report(self, sample: _Sample) -> Reading | None:
         return self._reporter.sample(sample.point, sample.raw, sample.quality, sample.timestamp, reason=sample.reason)
 
-    async def _block(self, client: AsyncModbusTcpClient, request: Request[ModbusPoint]) -> list[_Sample]:
+    async def _block(self, client: ModbusBaseClient, request: Request[ModbusPoint]) -> list[_Sample]:
         response = await self._read(client, request)
         self._reconnect.contact()
         stamp = utc_now_iso()
@@ -414,7 +510,7 @@ class ModbusAdapter(ReconnectingAdapter):
         registers: list[int] = list(response.registers)
         return [_sampled(slot, registers, stamp) for slot in request.slots]
 
-    async def _read(self, client: AsyncModbusTcpClient, request: Request[ModbusPoint]) -> ModbusPDU:
+    async def _read(self, client: ModbusBaseClient, request: Request[ModbusPoint]) -> ModbusPDU:
         if not client.connected:
             raise ConnectionLost(self.name, "connection dropped")
         read = {
@@ -424,9 +520,17 @@ class ModbusAdapter(ReconnectingAdapter):
             "discrete_input": client.read_discrete_inputs,
         }[request.table]
         try:
-            return await read(request.start, count=request.count, device_id=request.unit)
+            async with self._line.turn():
+                return await read(request.start, count=request.count, device_id=request.unit)
         except Exception as exc:
             raise ConnectionLost(self.name, describe(exc)) from exc
+
+
+def _given(value: T | None) -> T:
+    """A serial line setting, which the connection's validation filled in for transport 'serial'."""
+    if value is None:
+        raise ValueError("a serial line setting is missing")
+    return value
 
 
 def _sampled(slot: Slot[ModbusPoint], registers: Sequence[int], stamp: str) -> _Sample:
