@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, ModbusBaseClient
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 OVERRUN_WARNING_EVERY_S = 60.0
 
-PointType = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
+PointType = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "string"]
 Order = Literal["big", "little"]
 Transport = Literal["tcp", "rtu-over-tcp", "serial"]
 
@@ -102,18 +102,8 @@ class ModbusPoint(PointTarget):
     byte_order: Order = "big"
     bit: int | None = Field(None, ge=0, le=15)
     unit_id: int | None = Field(None, ge=0, le=255)
-
-    @field_validator("type", mode="before")
-    @classmethod
-    def _no_strings(cls, value: object) -> object:
-        if value == "string":
-            # A Reading's value is a finite number (app/models.py): text has no place in it, and a
-            # number made up from the text (its length, a hash) would be reported as if measured.
-            raise ValueError(
-                "type 'string' is not supported: a reading's value is a number, and a string register run has none; "
-                "read the registers as uint16 points if their raw codes are wanted"
-            )
-        return value
+    length: int | None = Field(None, ge=1, le=MAX_REGISTERS)
+    states: dict[str, float] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _bit_of_a_register(self) -> ModbusPoint:
@@ -121,11 +111,34 @@ class ModbusPoint(PointTarget):
             raise ValueError(f"bit applies to holding and input registers, not to a {self.table}")
         return self
 
+    @model_validator(mode="after")
+    def _a_string_is_a_state(self) -> ModbusPoint:
+        # A Reading's value is a finite number (app/models.py): a string register run is read as
+        # a multistate tag, its text mapped by `states` to the number the tag reports (a status
+        # word such as "RUNNING" -> 1). A number made up from arbitrary text would be reported as
+        # if measured, so without `states` a string is refused.
+        if self.type == "string":
+            if self.length is None or self.states is None:
+                raise ValueError(
+                    "type 'string' needs length (registers) and states (each text the device may show -> "
+                    "the number the tag reports, e.g. {RUNNING = 1, STOPPED = 0}): a reading's value is a number"
+                )
+            if self.table in BIT_TABLES or self.bit is not None:
+                what = "bit" if self.bit is not None else self.table
+                raise ValueError(f"a string is read from holding or input registers, not a {what}")
+            if not all(math.isfinite(number) for number in self.states.values()):
+                raise ValueError("states map each text to a finite number")
+        elif self.length is not None or self.states is not None:
+            raise ValueError("length and states apply to type 'string' only")
+        return self
+
     @property
     def count(self) -> int:
         """How many registers (or bits) one read of this point takes."""
         if self.table in BIT_TABLES or self.bit is not None:
             return 1
+        if self.type == "string":
+            return self.length or 1
         return _LAYOUT[self.type][1]
 
 
@@ -316,8 +329,17 @@ class ModbusConnection(BaseModel):
         return [(point.well, point.tag) for group in self.groups for point in group.points]
 
 
+def text(registers: Sequence[int], point: ModbusPoint) -> str:
+    """A string point's text: two ASCII characters a register, the first in the high byte unless
+    `byte_order` is "little"; trailing NULs and spaces (a device's padding) dropped."""
+    raw = b"".join((word & 0xFFFF).to_bytes(2, point.byte_order) for word in registers)
+    return raw.decode("ascii", "replace").rstrip("\x00 ")
+
+
 def decode(registers: Sequence[int], point: ModbusPoint) -> float:
     """The raw (unscaled) value of `point` from its registers, in the point's word and byte order."""
+    if point.type == "string":
+        raise ValueError("a string point has a text, not a number (see `text`)")
     fmt, count = _LAYOUT[point.type]
     if len(registers) != count:
         raise ValueError(f"{point.type} needs {count} registers, got {len(registers)}")
@@ -538,6 +560,12 @@ def _sampled(slot: Slot[ModbusPoint], registers: Sequence[int], stamp: str) -> _
     point = slot.point
     if point.bit is not None:
         return _Sample(point, float(registers[slot.offset] >> point.bit & 1), "GOOD", stamp)
+    if point.type == "string":
+        assert point.states is not None  # validated
+        state = point.states.get(text(registers[slot.offset : slot.offset + slot.count], point))
+        if state is None:  # a text the site file does not know: no number to report
+            return _Sample(point, None, "BAD", stamp, "device_error")
+        return _Sample(point, state, "GOOD", stamp)
     raw = decode(registers[slot.offset : slot.offset + slot.count], point)
     if not math.isfinite(raw):  # a NaN or infinite float register: the device has no value
         return _Sample(point, None, "BAD", stamp, "device_error")

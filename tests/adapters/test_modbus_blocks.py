@@ -202,6 +202,32 @@ async def test_int64_and_uint64_decode_in_all_four_orders() -> None:
         assert values(sink) == expected
 
 
+def ascii_registers(text: str, length: int, byte_order: str = "big") -> list[int]:
+    """`text` as a device holds it: two characters a register, NUL-padded to `length` registers."""
+    raw = text.encode("ascii").ljust(2 * length, b"\x00")
+    return [int.from_bytes(raw[n : n + 2], "big" if byte_order == "big" else "little") for n in range(0, len(raw), 2)]
+
+
+async def test_a_string_is_a_multistate_tag_mapped_by_its_states() -> None:
+    with anyio.fail_after(15):
+        devices = CountingDevices()
+        states = {"RUNNING": 1, "STOPPED": 0, "TRIPPED": -1}
+        devices.holding[1][0:4] = ascii_registers("RUNNING", 4)
+        devices.holding[1][4:8] = ascii_registers("STOPPED ", 4, "little")  # space-padded, low byte first
+        devices.holding[1][8:12] = ascii_registers("FAULT 7", 4)  # a text the site file does not know
+        points = [
+            holding(0, "pump", type="string", length=4, states=states),
+            holding(4, "valve", type="string", length=4, states=states, byte_order="little"),
+            holding(8, "panel", type="string", length=4, states=states),
+        ]
+        async with serving(devices):
+            sink = await first_scan(connection(devices, *points))
+        assert values(sink) == {"pump": 1.0, "valve": 0.0, "panel": None}
+        panel = next(r for r in sink.batches[0] if r.tag_name == "panel")
+        assert (panel.quality, panel.reason) == ("BAD", "device_error")
+        assert devices.scan_reads() == [(1, "holding", 0, 12)], "one block, as any registers"
+
+
 async def test_an_exception_response_turns_only_the_points_of_its_block_bad() -> None:
     with anyio.fail_after(15):
         devices = CountingDevices()
@@ -259,7 +285,12 @@ async def test_a_scan_longer_than_its_interval_is_an_overrun_warned_once_and_in_
         ({"max_bits": 2001}, "less than or equal to 2000"),
         ({"max_gap": -1}, "greater than or equal to 0"),
         ({"max_registers": 2, "point": {"type": "float64"}}, "max_registers 2 is less than a point's 4 registers"),
-        ({"point": {"type": "string", "length": 8}}, "a reading's value is a number"),
+        ({"point": {"type": "string", "length": 8}}, "needs length .registers. and states"),
+        ({"point": {"type": "string", "states": {"ON": 1}}}, "needs length .registers. and states"),
+        ({"point": {"type": "string", "length": 2, "states": {"ON": float("nan")}}}, "each text to a finite number"),
+        ({"point": {"type": "string", "length": 2, "states": {"ON": 1}, "table": "coil"}}, "not a coil"),
+        ({"point": {"length": 2}}, "apply to type 'string' only"),
+        ({"point": {"type": "string", "length": 126, "states": {"ON": 1}}}, "less than or equal to 125"),
         ({"point": {"bit": 16}}, "less than or equal to 15"),
         ({"point": {"table": "coil", "bit": 0}}, "bit applies to holding and input registers"),
         ({"point": {"unit_id": 256}}, "less than or equal to 255"),
