@@ -62,7 +62,38 @@ class MqttTag(PointTarget):
         return value
 
 
-class MqttConnection(BaseModel):
+class BrokerAccess(BaseModel):
+    """Where an MQTT client connects and as whom, for the mqtt and sparkplug connections alike.
+    Credentials are named environment variables, never values."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(1883, ge=1, le=65535)
+    username_env: str | None = None
+    password_env: str | None = None
+    tls: bool = False
+    keepalive_s: int = Field(10, ge=1, le=3600)
+    client_id: str | None = Field(None, min_length=1, max_length=128)
+
+    def client(self, loop: ReconnectLoop, *, clean_session: bool, will: aiomqtt.Will | None = None) -> aiomqtt.Client:
+        """A client of this broker, its credentials read (by `loop`, which warns if unset) now."""
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            username=loop.secret(self.username_env),
+            password=loop.secret(self.password_env),
+            identifier=self.client_id,
+            clean_session=clean_session,
+            keepalive=self.keepalive_s,
+            timeout=max(5.0, float(self.keepalive_s)),
+            tls_context=ssl.create_default_context() if self.tls else None,
+            will=will,
+            logger=logger,
+        )
+
+
+class MqttConnection(BrokerAccess):
     """A broker and the tags read from it. Credentials are named environment variables, never values."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -70,14 +101,7 @@ class MqttConnection(BaseModel):
     protocol: Literal["mqtt"]
     id: Identifier
     tenant: Identifier
-    host: str = Field(min_length=1, max_length=255)
-    port: int = Field(1883, ge=1, le=65535)
-    username_env: str | None = None
-    password_env: str | None = None
-    tls: bool = False
     qos: Literal[0, 1, 2] = 1
-    keepalive_s: int = Field(10, ge=1, le=3600)
-    client_id: str | None = Field(None, min_length=1, max_length=128)
     persistent_session: bool = False
     value_field: str = Field("value", min_length=1)
     quality_field: str = Field("quality", min_length=1)
@@ -180,19 +204,7 @@ class MqttAdapter(ReconnectingAdapter):
                 logger.warning("mqtt %s: broker refused the subscription to %s", self.name, topic_filter)
 
     def _client(self) -> aiomqtt.Client:
-        c = self._connection
-        return aiomqtt.Client(
-            c.host,
-            c.port,
-            username=self._reconnect.secret(c.username_env),
-            password=self._reconnect.secret(c.password_env),
-            identifier=c.client_id,
-            clean_session=not c.persistent_session,
-            keepalive=c.keepalive_s,
-            timeout=max(5.0, float(c.keepalive_s)),
-            tls_context=ssl.create_default_context() if c.tls else None,
-            logger=logger,
-        )
+        return self._connection.client(self._reconnect, clean_session=not self._connection.persistent_session)
 
     async def _handle(self, topic: aiomqtt.Topic, payload: object, sink: ReadingSink, retained: bool = False) -> None:
         self._reconnect.contact()

@@ -26,16 +26,16 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Literal
 
 import aiomqtt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.adapters.base import PointTarget, ReadingSink
+from app.adapters.mqtt import BrokerAccess
 from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop
 from app.adapters.reporter import Reporter, Source
 from app.adapters.sparkplug_payload import NAMESPACE, SparkplugError, Topic, decode, number, rebirth_request, state
@@ -74,7 +74,7 @@ class SparkplugMetric(PointTarget):
         )
 
 
-class SparkplugConnection(BaseModel):
+class SparkplugConnection(BrokerAccess):
     """A broker, the Sparkplug groups read from it, and the metrics that feed tags."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -82,13 +82,6 @@ class SparkplugConnection(BaseModel):
     protocol: Literal["sparkplug"]
     id: Identifier
     tenant: Identifier
-    host: str = Field(min_length=1, max_length=255)
-    port: int = Field(1883, ge=1, le=65535)
-    username_env: str | None = None
-    password_env: str | None = None
-    tls: bool = False
-    keepalive_s: int = Field(10, ge=1, le=3600)
-    client_id: str | None = Field(None, min_length=1, max_length=128)
     groups: list[str] = Field(min_length=1)
     host_id: str | None = Field(None, pattern=_ID_PATTERN)
     rebirth_interval_s: float = Field(5.0, gt=0, le=3600)
@@ -208,19 +201,7 @@ class SparkplugAdapter(ReconnectingAdapter):
         will = None
         if c.host_id is not None:
             will = aiomqtt.Will(self._state_topic, state(False, born_ms), qos=1, retain=True)
-        return aiomqtt.Client(
-            c.host,
-            c.port,
-            username=self._reconnect.secret(c.username_env),
-            password=self._reconnect.secret(c.password_env),
-            identifier=c.client_id,
-            clean_session=True,
-            keepalive=c.keepalive_s,
-            timeout=max(5.0, float(c.keepalive_s)),
-            tls_context=ssl.create_default_context() if c.tls else None,
-            will=will,
-            logger=logger,
-        )
+        return c.client(self._reconnect, clean_session=True, will=will)
 
     async def _serve(self, client: aiomqtt.Client, sink: ReadingSink) -> None:
         async for message in client.messages:
