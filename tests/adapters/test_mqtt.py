@@ -6,10 +6,8 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,56 +18,12 @@ from pydantic import ValidationError
 
 from app.adapters.mqtt import MqttAdapter, MqttConnection
 from app.models import Reading
-from tests.conftest import free_port, stop_process, wait_until
+from tests.adapters.mosquitto import MosquittoBroker
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
 
 PROBE = {"topic": "probe/ready", "well": "w9", "tag": "probe"}
-
-
-class MosquittoBroker:
-    """A mosquitto subprocess on a free loopback port; can be stopped and started again on that port."""
-
-    def __init__(self, workdir: Path, extra_config: str = "") -> None:
-        binary = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/sbin/mosquitto") if Path(p).exists()), None
-        )
-        if binary is None:
-            pytest.fail("mosquitto is not installed: run `make test`, which installs it (apt-get install mosquitto)")
-        self.port = free_port()
-        self.workdir = workdir
-        config = workdir / "mosquitto.conf"
-        config.write_text(
-            f"listener {self.port} 127.0.0.1\npersistence false\nlog_dest stderr\n"
-            + (extra_config or "allow_anonymous true\n")
-        )
-        self._cmd = [binary, "-c", str(config)]
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        log = (self.workdir / "mosquitto.log").open("ab")
-        self.process = subprocess.Popen(self._cmd, stdout=log, stderr=log)
-        log.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("mosquitto did not start; see " + str(self.workdir / "mosquitto.log")) from None
-                time.sleep(0.01)
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    server = MosquittoBroker(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 class CollectingSink:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiomqtt
@@ -17,8 +16,8 @@ from pydantic import ValidationError
 from app.adapters import sparkplug_b_pb2 as pb
 from app.adapters.registry import build_adapter
 from app.adapters.sparkplug import SparkplugAdapter, SparkplugConnection
+from tests.adapters.mosquitto import MosquittoBroker
 from tests.adapters.sinks import CollectingSink, running
-from tests.adapters.test_mqtt import MosquittoBroker
 
 pytestmark = pytest.mark.anyio
 
@@ -36,14 +35,6 @@ POINTS = [
     {"node": "pad-*", "device": "rtu-1", "metric": "*/Casing Pressure", "well": "w7", "tag": "casing_pressure"},
     {"node": "pad-7", "device": "rtu-2", "metric": "Flow Rate", "well": "w8", "tag": "flow_rate"},
 ]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    server = MosquittoBroker(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def connection(port: int, **fields: Any) -> SparkplugConnection:
