@@ -12,7 +12,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.adapters.test_mqtt import MosquittoBroker
+from tests.adapters.mosquitto import MosquittoBroker
 from tests.conftest import ROOT, ingest_command, ingest_env, make_settings, running_gateway
 from tests.sse_client import SSEReader
 
