@@ -8,6 +8,8 @@
 - each third-party library stays in its layer (`redis` in app/streams/redis/, `joserfc` in
   app/auth/, each field protocol library in its own adapter file, the web stack in the gateway);
 - the shared vocabulary (models, errors, settings, logs, backoff, cancellation) imports nothing else of ours;
+- app/alarms/ (a point's limits, the pure alarm state machine) is vocabulary for adapters, ingest and
+  the gateway: it imports only app/models, so never Redis, the gateway or the ingest worker;
 - nothing but app/settings.py reads `os.environ`.
 """
 
@@ -39,16 +41,19 @@ CONFINED = {
 VOCABULARY = ("app.models", "app.errors", "app.settings", "app.logs", "app.backoff", "app.cancellation")
 # folder (or file) -> the app modules it may import, besides its own folder
 MAY_IMPORT = {
-    "adapters/": ("app.models", "app.errors", "app.backoff", "app.cancellation", "app.adapters"),
+    "adapters/": ("app.models", "app.errors", "app.backoff", "app.cancellation", "app.alarms.limits", "app.adapters"),
+    # the alarm vocabulary: limits (a point's `alarms`) and the pure state machine; no Redis, no process
+    "alarms/": ("app.models", "app.alarms"),
     "streams/": (*VOCABULARY, "app.streams"),
     "auth/": (*VOCABULARY, "app.streams.seams", "app.auth"),
-    "ingest/": (*VOCABULARY, "app.streams.seams", "app.adapters", "app.ingest"),
+    "ingest/": (*VOCABULARY, "app.streams.seams", "app.adapters", "app.alarms", "app.ingest"),
     "gateway/": (
         *VOCABULARY,
         "app.streams.seams",
         "app.streams.codec",
         "app.streams.connect",
         "app.auth",
+        "app.alarms",
         "app.gateway",
     ),
     "models.py": (),

@@ -8,6 +8,7 @@ from typing import ClassVar, NamedTuple, Protocol, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from app.adapters.deadband import Deadband
+from app.alarms.limits import TagAlarms
 from app.models import Identifier, Quality, Reading, Reason
 
 
@@ -31,7 +32,8 @@ class PointTarget(BaseModel):
 
     `deadband` is in the engineering unit, or with `deadband_percent` a percent of the EU span
     (`eu_max - eu_min`, so a range is then required). `stale_after_s` overrides the expected
-    update interval the protocol derives (see each connection's `stale_after`).
+    update interval the protocol derives (see each connection's `stale_after`). `alarms`: the
+    tag's alarm limits (app/alarms/limits.py), checked here and run by the alarm engine.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -53,6 +55,7 @@ class PointTarget(BaseModel):
     deadband: float = Field(0.0, ge=0, allow_inf_nan=False)
     deadband_percent: bool = False
     stale_after_s: float | None = Field(None, gt=0, le=86_400)
+    alarms: TagAlarms | None = None
 
     @model_validator(mode="after")
     def _one_consistent_conversion(self) -> Self:

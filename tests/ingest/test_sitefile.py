@@ -323,3 +323,64 @@ def test_a_point_whose_registers_fall_outside_0_to_65535_is_refused(
 
     assert line.startswith("connection 'pad-7-plc' (modbus): point well-01/tubing_pressure: ")
     assert line.endswith(f"{problem}, outside 0..65535")
+
+
+def alarmed(alarms: str) -> str:
+    return TENANT + modbus_connection(holding(0, extra=f", alarms = {{ {alarms} }}"))
+
+
+def test_a_points_alarms_are_read_from_the_site_file(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(alarmed('hihi = { value = 100, priority = "critical" }, hi = 90, deadband = 2, on_delay_s = 5'))
+
+    (connection,) = load_site(path).connections
+    assert isinstance(connection, ModbusConnection)
+    alarms = connection.groups[0].points[0].alarms
+    assert alarms is not None
+    assert [(s.kind, s.priority, s.setpoint) for s in alarms.specs()] == [
+        ("HIHI", "critical", 100.0),
+        ("HI", "medium", 90.0),
+        ("COMMS", "high", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("alarms", "problem"),
+    [
+        ("hi = 120, hihi = 100", "alarms: hi 120 is above hihi 100: limits rise lolo < lo < hi < hihi"),
+        (
+            "hi = 95, hihi = 100, deadband = 5",
+            "alarms: the deadband of hihi (5) must be smaller than the gap between hi 95 and hihi 100 (5)",
+        ),
+        ("hi = { value = 1, on_delay_s = -1 }", "alarms.hi.on_delay_s: Input should be greater than or equal to 0"),
+        ("hi = nan", "alarms.hi.value: Input should be a finite number"),
+        ('comms = "urgent"', "alarms.comms: comms is true, false or a priority: critical, high, medium or low"),
+    ],
+)
+def test_check_config_refuses_bad_alarm_limits_naming_the_point(tmp_path: Path, alarms: str, problem: str) -> None:
+    lines = problems(tmp_path, alarmed(alarms))
+
+    assert lines == [f"connection 'pad-7-plc' (modbus), point well-01/tubing_pressure: {problem}"]
+
+
+def test_every_protocols_points_take_alarms(tmp_path: Path) -> None:
+    bad = ", alarms = { lo = 5, lolo = 6 }"
+    mqtt = mqtt_connection(f'{{ topic = "pads/7/flow", well = "well-02", tag = "flow"{bad} }}')
+    opcua = OPCUA_CONNECTION.replace("deadband = -1", bad.removeprefix(", "))
+
+    assert problems(tmp_path, TENANT + mqtt + opcua) == [
+        "connection 'field-mqtt' (mqtt), tag well-02/flow: alarms: lolo 6 is above lo 5:"
+        " limits rise lolo < lo < hi < hihi",
+        "connection 'pad-7-opcua' (opcua), node well-01/pressure: alarms: lolo 6 is above lo 5:"
+        " limits rise lolo < lo < hi < hihi",
+    ]
+
+
+def test_check_config_refuses_bad_alarm_limits(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(alarmed("hi = 120, hihi = 100"))
+
+    broken = subprocess.run([sys.executable, "-m", "app", "check-config", str(bad)], capture_output=True, text=True)
+
+    assert broken.returncode != 0
+    assert f"{bad}: connection 'pad-7-plc' (modbus), point well-01/tubing_pressure: alarms: hi 120" in broken.stderr
