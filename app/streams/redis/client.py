@@ -61,11 +61,14 @@ class _InTurn:
 
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         turns = self._turns()
-        try:
-            async with asyncio.timeout(self.turn_timeout_s):
-                await turns.acquire()
-        except TimeoutError:
-            raise RedisConnectionError("No connection available.") from None  # what the pool itself raises
+        if turns.locked():  # a turn to wait for, bounded; else acquire() takes one without suspending
+            try:
+                async with asyncio.timeout(self.turn_timeout_s):
+                    await turns.acquire()
+            except TimeoutError:
+                raise RedisConnectionError("No connection available.") from None  # what the pool itself raises
+        else:
+            await turns.acquire()  # no timer to arm and cancel on every command of an idle pool
         try:
             connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[misc]
         except BaseException:
