@@ -56,6 +56,9 @@ class RedisSettings(BaseModel):
     max_connections: int = Field(
         32, ge=1, le=10_000, description="pooled command connections per process; a burst of opens waits its turn"
     )
+    sentinel_password: SecretStr | None = Field(
+        None, description="the Redis Sentinels' own password (their requirepass); the primary's is in the URL"
+    )
     pool_timeout_s: float = Field(
         10, gt=0, description="a command waits this long, in turn, for a pooled connection; then a stream open gets 503"
     )

@@ -34,7 +34,7 @@ def _wait(what: str, check: object, timeout_s: float) -> None:
 class SentinelGroup:
     """`with SentinelGroup(tmp) as group:` a primary, a replica and three sentinels watching them."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, sentinel_password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is needed: run `make test`, which installs it")
@@ -45,6 +45,7 @@ class SentinelGroup:
         self.primary = RedisServer(workdir / "primary")
         self.replica: RedisServer | None = None
         self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinel_password = sentinel_password  # the sentinels' own requirepass, and among themselves
         self._sentinels: list[subprocess.Popen[bytes]] = []
 
     @property
@@ -77,6 +78,10 @@ class SentinelGroup:
                 f"sentinel down-after-milliseconds {SERVICE} 1000\n"
                 f"sentinel failover-timeout {SERVICE} 5000\n"
             )
+            if self.sentinel_password is not None:
+                password = self.sentinel_password
+                with conf.open("a") as extra:
+                    extra.write(f"requirepass {password}\nsentinel sentinel-pass {password}\n")
             command = [self._binary, str(conf), "--sentinel"]
             self._sentinels.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         # A failover needs a majority of sentinels that know each other and the replica.
@@ -84,15 +89,18 @@ class SentinelGroup:
 
     def _sentinels_ready(self) -> bool:
         for port in self.sentinel_ports:
-            with redis.Redis(port=port, socket_timeout=1) as sentinel:
+            with self._sentinel(port) as sentinel:
                 master = sentinel.sentinel_master(SERVICE)
                 if int(master["num-other-sentinels"]) < 2 or int(master["num-slaves"]) < 1:
                     return False
         return True
 
+    def _sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=1, password=self.sentinel_password)
+
     def primary_port(self) -> int:
         """Where the sentinels say the primary is now."""
-        with redis.Redis(port=self.sentinel_ports[0], socket_timeout=1) as sentinel:
+        with self._sentinel(self.sentinel_ports[0]) as sentinel:
             _, port = sentinel.sentinel_get_master_addr_by_name(SERVICE)
         return int(port)
 

@@ -27,6 +27,7 @@ async def open_broker(settings: Settings) -> AsyncIterator[Broker]:
         ping_interval_s=redis.ping_interval_s,
         max_connections=redis.max_connections,
         pool_timeout_s=redis.pool_timeout_s,
+        sentinel_password=redis.sentinel_password.get_secret_value() if redis.sentinel_password else None,
         cluster=redis.cluster,
         min_replicas_ack=redis.min_replicas_ack,
     ) as broker:

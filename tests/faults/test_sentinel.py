@@ -15,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from app.errors import BrokerError
 from app.models import StreamId, Topic
 from app.streams.redis import connect_redis
 from app.streams.redis.client import parse_sentinel_url
@@ -101,3 +102,15 @@ async def test_a_burst_through_sentinel_waits_its_turn_instead_of_failing(tmp_pa
             await broker.log.publish([make_reading(1.0)])
             reads = await asyncio.gather(*(broker.log.read("acme", ["w1"], None, 0) for _ in range(200)))
     assert all("w1" in read.wells for read in reads)
+
+
+async def test_sentinels_with_a_password_of_their_own_are_asked_with_it(tmp_path: Path) -> None:
+    with SentinelGroup(tmp_path / "redis", sentinel_password="s3ntinel") as group, anyio.fail_after(30):
+        async with connect_redis(group.url, timeout_s=2, sentinel_password="s3ntinel") as broker:
+            ids = await broker.log.publish([make_reading(1.0)])
+            read = await broker.log.read("acme", ["w1"], None, 0)
+        assert ids
+        assert "w1" in read.wells
+        async with connect_redis(group.url, timeout_s=2) as broker:
+            with pytest.raises(BrokerError):  # the sentinels refuse to name the primary
+                await broker.log.publish([make_reading(2.0)])

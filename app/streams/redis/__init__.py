@@ -47,6 +47,7 @@ async def connect_redis(
     max_connections: int = 32,
     timeout_s: float = 5.0,
     pool_timeout_s: float = 10.0,
+    sentinel_password: str | None = None,
     ping_interval_s: float = 5.0,
     cluster: bool = False,
     min_replicas_ack: int | None = None,
@@ -54,12 +55,13 @@ async def connect_redis(
     """Every store on one connection pool, closed (live feeds first) on exit.
 
     `timeout_s` bounds every command and connect; `pool_timeout_s` a command's wait for its turn
-    at one of the `max_connections` pooled connections; `ping_interval_s` is the live feed's health
+    at one of the `max_connections` pooled connections; `sentinel_password` the Sentinels' own
+    (a redis+sentinel:// URL's credentials are the primary's); `ping_interval_s` is the live feed's health
     check (three missed pongs: reconnect). `cluster`: `url` names any one node of a Redis Cluster.
     `min_replicas_ack`: replicas that must have a published batch before it counts as stored
     (None: 1 where the primary has replicas; replicas.py).
     """
-    client = open_client(url, max_connections, timeout_s, cluster, pool_timeout_s)
+    client = open_client(url, max_connections, timeout_s, cluster, pool_timeout_s, sentinel_password)
     malformed = MalformedValues()
     log = RedisStreamLog(client, max_len, max_age_s, ping_interval_s, malformed, min_replicas_ack, timeout_s / 2)
     try:

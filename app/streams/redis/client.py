@@ -102,7 +102,12 @@ class FairSentinelPool(_InTurn, SentinelConnectionPool):
 
 
 def open_client(
-    url: str, max_connections: int, timeout_s: float, cluster: bool = False, pool_timeout_s: float = 10.0
+    url: str,
+    max_connections: int,
+    timeout_s: float,
+    cluster: bool = False,
+    pool_timeout_s: float = 10.0,
+    sentinel_password: str | None = None,
 ) -> RedisClient:
     """`timeout_s` bounds every command and connect, so a frozen Redis (SIGSTOP, a dead host
     without a RST) turns into a BrokerError instead of a request that hangs for ever.
@@ -117,7 +122,7 @@ def open_client(
     if url.startswith(SENTINEL_SCHEME):
         if cluster:
             raise ValueError("a redis+sentinel:// URL names one primary, not a cluster: unset redis.cluster")
-        return _sentinel_client(url, max_connections, timeout_s, pool_timeout_s)
+        return _sentinel_client(url, max_connections, timeout_s, pool_timeout_s, sentinel_password)
     if cluster:
         return RedisCluster.from_url(
             url,
@@ -180,9 +185,13 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     return SentinelTarget(sentinels, unquote(service), int(db or 0), username, password)
 
 
-def _sentinel_client(url: str, max_connections: int, timeout_s: float, pool_timeout_s: float) -> Redis:
+def _sentinel_client(
+    url: str, max_connections: int, timeout_s: float, pool_timeout_s: float, sentinel_password: str | None
+) -> Redis:
     target = parse_sentinel_url(url)
     options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if sentinel_password is not None:  # the sentinels' own requirepass; the URL's credentials are the primary's
+        options["password"] = sentinel_password
     sentinel = Sentinel(
         target.sentinels, sentinel_kwargs=options, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
     )
