@@ -184,7 +184,13 @@ class Field:
         """Stop the worker (it drains its spool), then wait for every stream to have the log's last id."""
         self.worker.terminate()
         assert await self.worker.wait() == 0
-        logs = {well: await asyncio.to_thread(cluster_readings, cluster, well) for well in SIMULATED}
+        # Once its lease runs out, a gateway's sweep appends the stopped worker's tags as stale:
+        # read the logs after that, or a stream could receive entries a log read earlier lacks.
+        while True:
+            logs = {well: await asyncio.to_thread(cluster_readings, cluster, well) for well in SIMULATED}
+            if all(entries and entries[-1][1].reason == "stale" for entries in logs.values()):
+                break
+            await asyncio.sleep(0.1)
         for stream in self.streams:
             last = logs[stream.well][-1][0]
             await wait_until(lambda: bool(stream.ids) and stream.ids[-1] >= last)  # noqa: B023
