@@ -48,6 +48,7 @@ from app.adapters.modbusline import Line, silent_interval_s
 from app.adapters.modbusplan import BIT_TABLES, MAX_BITS, MAX_REGISTERS, Limits, Request, Slot, Span, Table, plan
 from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop, describe
 from app.adapters.reporter import STALE_FACTOR, Reporter, Source
+from app.adapters.throttle import WarningThrottle
 from app.cancellation import pause
 from app.errors import ConnectionLost
 from app.models import Identifier, Quality, Reading, Reason, utc_now_iso
@@ -329,11 +330,15 @@ class ModbusConnection(BaseModel):
         return [(point.well, point.tag) for group in self.groups for point in group.points]
 
 
+def _bytes(registers: Sequence[int], byte_order: Order) -> bytes:
+    """The registers' bytes, each register's in `byte_order`."""
+    return b"".join((word & 0xFFFF).to_bytes(2, byte_order) for word in registers)
+
+
 def text(registers: Sequence[int], point: ModbusPoint) -> str:
     """A string point's text: two ASCII characters a register, the first in the high byte unless
     `byte_order` is "little"; trailing NULs and spaces (a device's padding) dropped."""
-    raw = b"".join((word & 0xFFFF).to_bytes(2, point.byte_order) for word in registers)
-    return raw.decode("ascii", "replace").rstrip("\x00 ")
+    return _bytes(registers, point.byte_order).decode("ascii", "replace").rstrip("\x00 ")
 
 
 def decode(registers: Sequence[int], point: ModbusPoint) -> float:
@@ -344,8 +349,7 @@ def decode(registers: Sequence[int], point: ModbusPoint) -> float:
     if len(registers) != count:
         raise ValueError(f"{point.type} needs {count} registers, got {len(registers)}")
     words = list(registers) if point.word_order == "big" else list(reversed(registers))
-    byteorder: Order = point.byte_order
-    raw = b"".join((word & 0xFFFF).to_bytes(2, byteorder) for word in words)
+    raw = _bytes(words, point.byte_order)
     value: float = struct.unpack(">" + fmt, raw)[0]
     return float(value)
 
@@ -362,30 +366,19 @@ class ScanTimes:
         self._points, self._requests = points, requests
         self.last_scan_s: float | None = None
         self.overruns = 0
-        self._warned_at: float | None = None
-        self._unwarned = 0
+        self._warnings = WarningThrottle(logger, OVERRUN_WARNING_EVERY_S)
 
-    def finished(self, took_s: float, now: float) -> None:
-        """A scan took `took_s`; `now` is the monotonic clock, for the warning's rate limit."""
+    def finished(self, took_s: float) -> None:
+        """A scan took `took_s`."""
         self.last_scan_s = took_s
         if took_s <= self._interval_s:
             return
         self.overruns += 1
-        self._unwarned += 1
-        if self._warned_at is not None and now - self._warned_at < OVERRUN_WARNING_EVERY_S:
-            return
-        logger.warning(
-            "modbus %s: scan took %.3g s for a %.3g s interval (%d points in %d requests; group %s, %d overruns since "
-            "the last warning)",
-            self._connection,
-            took_s,
-            self._interval_s,
-            self._points,
-            self._requests,
-            self._group,
-            self._unwarned,
+        self._warnings.warn(
+            "overrun",
+            f"modbus {self._connection}: scan took {took_s:.3g} s for a {self._interval_s:.3g} s interval "
+            f"({self._points} points in {self._requests} requests; group {self._group})",
         )
-        self._warned_at, self._unwarned = now, 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,7 +491,7 @@ class ModbusAdapter(ReconnectingAdapter):
             started = loop.time()
             samples = [sample for request in requests for sample in await self._block(client, request)]
             # the device's part only: a slow sink is the publisher's to report, not the device's
-            scan.finished(loop.time() - started, loop.time())
+            scan.finished(loop.time() - started)
             readings = [reading for sample in samples if (reading := self._report(sample)) is not None]
             if readings:
                 await sink.submit(readings)

@@ -40,6 +40,7 @@ from app.adapters.reconnect import ReconnectingAdapter, ReconnectLoop
 from app.adapters.reporter import Reporter, Source
 from app.adapters.sparkplug_payload import NAMESPACE, SparkplugError, Topic, decode, number, rebirth_request, state
 from app.adapters.sparkplug_session import Outcome, Sample, Sessions
+from app.adapters.throttle import WarningThrottle
 from app.errors import ConnectionLost
 from app.models import Identifier, Reading, utc_now_iso
 
@@ -130,24 +131,6 @@ class SparkplugConnection(BrokerAccess):
         return [point for point in self.metrics if point.matches(group, node, device, metric)]
 
 
-class _Throttle:
-    """At most one warning per key every `_WARN_EVERY_S`; says how many were held back."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def warn(self, key: str, text: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -_WARN_EVERY_S) < _WARN_EVERY_S:
-            self._held[key] = self._held.get(key, 0) + 1
-            logger.debug("%s", text)
-            return
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        logger.warning("%s%s", text, f" (and {held} more since the last warning)" if held else "")
-
-
 class SparkplugAdapter(ReconnectingAdapter):
     """A Sparkplug B host application for one connection, until cancelled.
 
@@ -170,7 +153,7 @@ class SparkplugAdapter(ReconnectingAdapter):
         self._connection = connection
         self._sessions: Sessions[SparkplugMetric] = Sessions(connection.points_for)
         self._rebirth_asked: dict[tuple[str, str], float] = {}
-        self._throttle = _Throttle()
+        self._throttle = WarningThrottle(logger, _WARN_EVERY_S)
 
     async def run(self, sink: ReadingSink) -> None:
         await self._run_watched(sink, self._session, lambda client: self._serve(client, sink))
